@@ -1,0 +1,2 @@
+mod store;
+fn main() {}

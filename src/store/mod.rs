@@ -1,0 +1,757 @@
+//! The store: the only module that opens LMDB.
+//!
+//! Layout of the environment (all named databases, raw bytes):
+//! - `kv`: key path → `[create_revision u64 BE][mod_revision u64 BE][value as JSON]`
+//! - `changes`: revision u64 BE → the events of that revision, a JSON array
+//! - `meta`: `revision` and `compacted` → u64 BE
+//!
+//! Reads open their own LMDB read transaction and never wait for a writer. Every
+//! mutation goes through one writer thread that drains all queued mutations into a
+//! single write transaction and one fsync (group commit); each mutation runs in a
+//! nested transaction so one failure cannot spoil the others in its batch.
+
+mod key;
+mod writer;
+
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use heed::types::Bytes;
+use heed::{Database, Env, EnvOpenOptions, RoTxn, WithoutTls};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use key::{Key, KeyError, Prefix, MAX_KEY_BYTES};
+
+const META_REVISION: &[u8] = b"revision";
+const META_COMPACTED: &[u8] = b"compacted";
+const LOCK_FILE: &str = "cordon.lock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create store directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store directory {path} is owned by uid {owner}, not by this process (uid {me}); refusing to use it")]
+    ForeignDir { path: PathBuf, owner: u32, me: u32 },
+    #[error("cannot lock {path}: {source}")]
+    LockFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("store {path} is in use by another cordon gateway (lock held on {path}/cordon.lock)")]
+    Locked { path: PathBuf },
+    #[error("cannot open LMDB environment {path}: {source}")]
+    OpenStore { path: PathBuf, source: heed::Error },
+    #[error("LMDB on this build accepts keys of at most {max} bytes; cordon needs {need}")]
+    KeySizeUnsupported { max: usize, need: usize },
+    #[error("cannot start the store writer thread: {source}")]
+    SpawnWriter { source: std::io::Error },
+    #[error("store read failed: {source}")]
+    Read { source: heed::Error },
+    #[error("store write failed: {source}")]
+    Write { source: heed::Error },
+    #[error("store data is corrupt: {what}")]
+    Corrupt { what: String },
+    #[error("the store is shutting down")]
+    Closed,
+    #[error("store commit failed: {message}")]
+    BatchFailed { message: String },
+
+    // Outcomes a client caused and can act on: rendered as tool errors.
+    #[error(transparent)]
+    InvalidKey(#[from] KeyError),
+    #[error("value is {size} bytes; the limit is {max}")]
+    ValueTooLarge { size: usize, max: usize },
+    #[error("transaction has {count} operations; the limit is {max}")]
+    TooManyOps { count: usize, max: usize },
+    #[error("key {key} not found")]
+    NotFound { key: String },
+    #[error("revision conflict on {key}: expected {expected}, found {actual}")]
+    Conflict {
+        key: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("check {index} failed on {key}: {reason}")]
+    CheckFailed {
+        index: usize,
+        key: String,
+        reason: String,
+    },
+    #[error("history before revision {compacted} has been compacted (asked for events after {since}); re-read the current state and watch from revision {current}")]
+    Compacted {
+        since: u64,
+        compacted: u64,
+        current: u64,
+    },
+}
+
+impl StoreError {
+    /// A stable machine-readable code, part of the tool-result contract.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StoreError::InvalidKey(_) => "invalid_key",
+            StoreError::ValueTooLarge { .. } | StoreError::TooManyOps { .. } => "too_large",
+            StoreError::NotFound { .. } => "not_found",
+            StoreError::Conflict { .. } => "conflict",
+            StoreError::CheckFailed { .. } => "check_failed",
+            StoreError::Compacted { .. } => "compacted",
+            StoreError::Closed => "unavailable",
+            _ => "store_error",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub path: PathBuf,
+    pub map_size: usize,
+    pub max_value_bytes: usize,
+    pub max_txn_ops: usize,
+    /// How many revisions of change history `kv_watch` can replay.
+    pub history: u64,
+}
+
+/// One key's current state.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Entry {
+    pub key: String,
+    pub value: Value,
+    /// The revision of the last change to this key (its mod revision).
+    pub revision: u64,
+    pub create_revision: u64,
+}
+
+/// A key without its value, as `kv_list` returns it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct KeyInfo {
+    pub key: String,
+    pub revision: u64,
+    pub create_revision: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase", tag = "type")]
+pub enum EventKind {
+    Put {
+        value: Value,
+        create_revision: u64,
+    },
+    Delete,
+}
+
+/// One change, as `kv_watch` returns it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    #[serde(default)]
+    pub revision: u64,
+    pub key: String,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    /// Pass back as `cursor` to continue; absent on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WatchResult {
+    pub events: Vec<Event>,
+    /// Every revision up to this one has been looked at: pass it as the next
+    /// `since_revision`.
+    pub revision: u64,
+    /// True when the event cap cut the reply short and more events are waiting.
+    pub more: bool,
+    pub timed_out: bool,
+}
+
+/// A precondition of `kv_txn`.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub key: Key,
+    /// Expected mod revision; 0 means the key must not exist.
+    pub revision: Option<u64>,
+    /// Expected value (JSON equality).
+    pub value: Option<Value>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Op {
+    Put {
+        key: Key,
+        value: Value,
+        if_revision: Option<u64>,
+    },
+    Delete {
+        key: Key,
+        if_revision: Option<u64>,
+    },
+    Get {
+        key: Key,
+    },
+}
+
+#[derive(Debug)]
+pub enum Mutation {
+    Put {
+        key: Key,
+        value: Value,
+        if_revision: Option<u64>,
+    },
+    Delete {
+        key: Key,
+        if_revision: Option<u64>,
+    },
+    Txn {
+        checks: Vec<Check>,
+        ops: Vec<Op>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PutOutcome {
+    pub key: String,
+    pub revision: u64,
+    pub create_revision: u64,
+    /// The key's mod revision before this put; absent when the key was new.
+    pub previous_revision: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeleteOutcome {
+    pub key: String,
+    pub deleted: bool,
+    /// The revision of the deletion, or the current revision when nothing was there.
+    pub revision: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "op", rename_all = "lowercase")]
+pub enum OpResult {
+    Put(PutOutcome),
+    Delete(DeleteOutcome),
+    Get {
+        key: String,
+        found: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        entry: Option<Entry>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TxnOutcome {
+    /// The revision the transaction committed at (unchanged when it only read).
+    pub revision: u64,
+    pub results: Vec<OpResult>,
+}
+
+#[derive(Debug)]
+pub enum Outcome {
+    Put(PutOutcome),
+    Delete(DeleteOutcome),
+    Txn(TxnOutcome),
+}
+
+#[derive(Clone, Copy)]
+struct Dbs {
+    kv: Database<Bytes, Bytes>,
+    changes: Database<Bytes, Bytes>,
+    meta: Database<Bytes, Bytes>,
+}
+
+struct Job {
+    mutation: Mutation,
+    reply: oneshot::Sender<Result<Outcome, StoreError>>,
+}
+
+/// A handle on the store; cheap to clone, shared by every session.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    env: Env<WithoutTls>,
+    dbs: Dbs,
+    opts: StoreOptions,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    revision: watch::Receiver<u64>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    _lock: File,
+}
+
+impl Store {
+    /// Opens (creating if needed) the environment at `opts.path`, takes the
+    /// store's exclusive lock and starts the writer thread.
+    pub fn open(opts: StoreOptions) -> Result<Store, StoreError> {
+        let path = opts.path.clone();
+        prepare_dir(&path)?;
+        let lock = lock_store(&path)?;
+
+        let mut env_opts = EnvOpenOptions::new().read_txn_without_tls();
+        env_opts.map_size(opts.map_size).max_dbs(8).max_readers(1024);
+        // SAFETY: the environment is opened once per process (the flock above keeps
+        // other cordon processes out of it), never with NO_LOCK/NO_SYNC, and its
+        // files live in a 0700 directory that no agent can reach, so nothing
+        // modifies the map behind LMDB's back.
+        let env = unsafe { env_opts.open(&path) }.map_err(|source| StoreError::OpenStore {
+            path: path.clone(),
+            source,
+        })?;
+        if env.max_key_size() < MAX_KEY_BYTES {
+            return Err(StoreError::KeySizeUnsupported {
+                max: env.max_key_size(),
+                need: MAX_KEY_BYTES,
+            });
+        }
+        let open_err = |source| StoreError::OpenStore {
+            path: path.clone(),
+            source,
+        };
+        let mut wtxn = env.write_txn().map_err(open_err)?;
+        let dbs = Dbs {
+            kv: env
+                .create_database(&mut wtxn, Some("kv"))
+                .map_err(open_err)?,
+            changes: env
+                .create_database(&mut wtxn, Some("changes"))
+                .map_err(open_err)?,
+            meta: env
+                .create_database(&mut wtxn, Some("meta"))
+                .map_err(open_err)?,
+        };
+        wtxn.commit().map_err(open_err)?;
+
+        let rtxn = env.read_txn().map_err(open_err)?;
+        let revision = read_meta(&rtxn, dbs.meta, META_REVISION)?;
+        let compacted = read_meta(&rtxn, dbs.meta, META_COMPACTED)?;
+        drop(rtxn);
+
+        let (rev_tx, rev_rx) = watch::channel(revision);
+        let (job_tx, job_rx) = mpsc::channel(4096);
+        let writer = writer::Writer {
+            env: env.clone(),
+            dbs,
+            revision,
+            compacted,
+            history: opts.history.max(1),
+            jobs: job_rx,
+            published: rev_tx,
+        };
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|source| StoreError::SpawnWriter { source })?;
+
+        Ok(Store {
+            inner: Arc::new(Inner {
+                env,
+                dbs,
+                opts,
+                jobs: Mutex::new(Some(job_tx)),
+                revision: rev_rx,
+                writer: Mutex::new(Some(handle)),
+                _lock: lock,
+            }),
+        })
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.inner.opts
+    }
+
+    /// The last committed revision.
+    pub fn revision(&self) -> u64 {
+        *self.inner.revision.borrow()
+    }
+
+    fn read_txn(&self) -> Result<RoTxn<'_, WithoutTls>, StoreError> {
+        self.inner
+            .env
+            .read_txn()
+            .map_err(|source| StoreError::Read { source })
+    }
+
+    pub fn get(&self, key: &Key) -> Result<Option<Entry>, StoreError> {
+        let rtxn = self.read_txn()?;
+        get_entry(&rtxn, self.inner.dbs.kv, key.as_bytes())
+    }
+
+    /// Keys covered by `prefix` in byte order, starting after `cursor`.
+    pub fn list(
+        &self,
+        prefix: &Prefix,
+        cursor: Option<&Key>,
+        limit: usize,
+    ) -> Result<Page<KeyInfo>, StoreError> {
+        self.walk(prefix, cursor, limit, |key, raw| {
+            let (create_revision, revision, _) = split_record(key, raw)?;
+            Ok(KeyInfo {
+                key: key.to_string(),
+                revision,
+                create_revision,
+            })
+        })
+    }
+
+    /// Like `list`, with values.
+    pub fn scan(
+        &self,
+        prefix: &Prefix,
+        cursor: Option<&Key>,
+        limit: usize,
+    ) -> Result<Page<Entry>, StoreError> {
+        self.walk(prefix, cursor, limit, decode_entry)
+    }
+
+    fn walk<T>(
+        &self,
+        prefix: &Prefix,
+        cursor: Option<&Key>,
+        limit: usize,
+        decode: impl Fn(&str, &[u8]) -> Result<T, StoreError>,
+    ) -> Result<Page<T>, StoreError> {
+        use std::ops::Bound;
+        let limit = limit.max(1);
+        let rtxn = self.read_txn()?;
+        let kv = self.inner.dbs.kv;
+        let mut items = Vec::new();
+        let mut last: Option<String> = None;
+        let read_err = |source| StoreError::Read { source };
+
+        // The prefix itself sorts before its children ("/a" < "/a/…"), so the
+        // walk is: the exact key, then the contiguous children range.
+        if let Some(exact) = prefix.as_key() {
+            if cursor.is_none_or(|c| c.as_bytes() < exact) {
+                if let Some(raw) = kv.get(&rtxn, exact).map_err(read_err)? {
+                    items.push(decode(prefix.as_str(), raw)?);
+                    last = Some(prefix.as_str().to_string());
+                }
+            }
+        }
+        let (lo, hi) = prefix.children_range();
+        let lower = match cursor {
+            Some(c) if c.as_bytes() >= lo.as_slice() => Bound::Excluded(c.as_bytes()),
+            _ => Bound::Included(lo.as_slice()),
+        };
+        let range = (lower, Bound::Excluded(hi.as_slice()));
+        let mut more = false;
+        for item in kv.range(&rtxn, &range).map_err(read_err)? {
+            let (k, raw) = item.map_err(read_err)?;
+            if items.len() >= limit {
+                more = true;
+                break;
+            }
+            let key = std::str::from_utf8(k).map_err(|_| StoreError::Corrupt {
+                what: format!("key is not UTF-8: {k:?}"),
+            })?;
+            items.push(decode(key, raw)?);
+            last = Some(key.to_string());
+        }
+        Ok(Page {
+            items,
+            next_cursor: if more { last } else { None },
+        })
+    }
+
+    /// Queues a mutation for the next group commit and waits until it is durable.
+    pub async fn mutate(&self, mutation: Mutation) -> Result<Outcome, StoreError> {
+        self.check_mutation(&mutation)?;
+        let sender = self
+            .inner
+            .jobs
+            .lock()
+            .map_err(|_| StoreError::Closed)?
+            .clone()
+            .ok_or(StoreError::Closed)?;
+        let (reply, rx) = oneshot::channel();
+        sender
+            .send(Job { mutation, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    fn check_mutation(&self, mutation: &Mutation) -> Result<(), StoreError> {
+        let max = self.inner.opts.max_value_bytes;
+        let check_value = |v: &Value| {
+            let size = json_size(v);
+            if size > max {
+                Err(StoreError::ValueTooLarge { size, max })
+            } else {
+                Ok(())
+            }
+        };
+        match mutation {
+            Mutation::Put { value, .. } => check_value(value),
+            Mutation::Delete { .. } => Ok(()),
+            Mutation::Txn { checks, ops } => {
+                let count = checks.len() + ops.len();
+                if count > self.inner.opts.max_txn_ops {
+                    return Err(StoreError::TooManyOps {
+                        count,
+                        max: self.inner.opts.max_txn_ops,
+                    });
+                }
+                for op in ops {
+                    if let Op::Put { value, .. } = op {
+                        check_value(value)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Events under `prefix` after `since`, waiting up to `timeout` for the first
+    /// one. Woken by the writer's commits (never polls); returns early, empty,
+    /// when `stop` resolves.
+    pub async fn watch(
+        &self,
+        prefix: &Prefix,
+        since: u64,
+        timeout: Duration,
+        max_events: usize,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<WatchResult, StoreError> {
+        let mut rev = self.inner.revision.clone();
+        let deadline = tokio::time::Instant::now() + timeout;
+        tokio::pin!(stop);
+        let mut scanned = since;
+        loop {
+            rev.borrow_and_update();
+            let (events, upto, more) = self.changes_since(prefix, scanned, max_events.max(1))?;
+            if !events.is_empty() {
+                return Ok(WatchResult {
+                    events,
+                    revision: upto,
+                    more,
+                    timed_out: false,
+                });
+            }
+            scanned = upto.max(scanned);
+            let idle = |timed_out| WatchResult {
+                events: Vec::new(),
+                revision: scanned,
+                more: false,
+                timed_out,
+            };
+            tokio::select! {
+                changed = rev.changed() => {
+                    if changed.is_err() {
+                        return Ok(idle(false));
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => return Ok(idle(true)),
+                _ = &mut stop => return Ok(idle(false)),
+            }
+        }
+    }
+
+    /// Returns (events, last revision looked at, whether the cap cut it short).
+    /// Events of one revision are never split across replies.
+    fn changes_since(
+        &self,
+        prefix: &Prefix,
+        since: u64,
+        max_events: usize,
+    ) -> Result<(Vec<Event>, u64, bool), StoreError> {
+        let rtxn = self.read_txn()?;
+        let dbs = self.inner.dbs;
+        let current = read_meta(&rtxn, dbs.meta, META_REVISION)?;
+        let compacted = read_meta(&rtxn, dbs.meta, META_COMPACTED)?;
+        if since < compacted {
+            return Err(StoreError::Compacted {
+                since,
+                compacted,
+                current,
+            });
+        }
+        let mut events = Vec::new();
+        let mut upto = since.min(current);
+        if since >= current {
+            return Ok((events, current.max(since), false));
+        }
+        let lo = (since + 1).to_be_bytes();
+        let range = (std::ops::Bound::Included(&lo[..]), std::ops::Bound::Unbounded);
+        let read_err = |source| StoreError::Read { source };
+        for item in dbs.changes.range(&rtxn, &range).map_err(read_err)? {
+            let (k, raw) = item.map_err(read_err)?;
+            let revision = decode_u64(k)?;
+            if revision > current {
+                break;
+            }
+            if events.len() >= max_events {
+                return Ok((events, upto, true));
+            }
+            let batch: Vec<Event> =
+                serde_json::from_slice(raw).map_err(|e| StoreError::Corrupt {
+                    what: format!("change record {revision}: {e}"),
+                })?;
+            events.extend(
+                batch
+                    .into_iter()
+                    .filter(|e| prefix.covers(&e.key))
+                    .map(|mut e| {
+                        e.revision = revision;
+                        e
+                    }),
+            );
+            upto = revision;
+        }
+        Ok((events, current, false))
+    }
+
+    /// Stops taking mutations, lets the writer commit what it has queued, and
+    /// waits for it. Reads keep working on the still-open environment.
+    pub fn close(&self) {
+        if let Ok(mut jobs) = self.inner.jobs.lock() {
+            jobs.take();
+        }
+        let handle = self.inner.writer.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("store writer thread panicked");
+            }
+        }
+        if let Err(e) = self.inner.env.force_sync() {
+            tracing::error!(error = %e, "final store sync failed");
+        }
+    }
+}
+
+fn prepare_dir(path: &Path) -> Result<(), StoreError> {
+    let create_err = |source| StoreError::CreateDir {
+        path: path.to_path_buf(),
+        source,
+    };
+    if !path.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .map_err(create_err)?;
+    }
+    let meta = fs::metadata(path).map_err(create_err)?;
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(StoreError::ForeignDir {
+            path: path.to_path_buf(),
+            owner: meta.uid(),
+            me,
+        });
+    }
+    // The store must never be readable by agents, whatever umask created it.
+    if meta.permissions().mode() & 0o077 != 0 {
+        fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(create_err)?;
+    }
+    Ok(())
+}
+
+fn lock_store(path: &Path) -> Result<File, StoreError> {
+    let lock_path = path.join(LOCK_FILE);
+    let lock_err = |source| StoreError::LockFile {
+        path: lock_path.clone(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(lock_err)?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(file),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(StoreError::Locked {
+            path: path.to_path_buf(),
+        }),
+        Err(e) => Err(lock_err(e.into())),
+    }
+}
+
+fn decode_u64(raw: &[u8]) -> Result<u64, StoreError> {
+    let bytes: [u8; 8] = raw.try_into().map_err(|_| StoreError::Corrupt {
+        what: format!("expected 8 bytes, found {}", raw.len()),
+    })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+fn read_meta(txn: &RoTxn<'_>, meta: Database<Bytes, Bytes>, name: &[u8]) -> Result<u64, StoreError> {
+    match meta
+        .get(txn, name)
+        .map_err(|source| StoreError::Read { source })?
+    {
+        Some(raw) => decode_u64(raw),
+        None => Ok(0),
+    }
+}
+
+fn split_record<'a>(key: &str, raw: &'a [u8]) -> Result<(u64, u64, &'a [u8]), StoreError> {
+    if raw.len() < 16 {
+        return Err(StoreError::Corrupt {
+            what: format!("record of {key} is {} bytes", raw.len()),
+        });
+    }
+    Ok((decode_u64(&raw[..8])?, decode_u64(&raw[8..16])?, &raw[16..]))
+}
+
+fn decode_entry(key: &str, raw: &[u8]) -> Result<Entry, StoreError> {
+    let (create_revision, revision, json) = split_record(key, raw)?;
+    let value = serde_json::from_slice(json).map_err(|e| StoreError::Corrupt {
+        what: format!("value of {key}: {e}"),
+    })?;
+    Ok(Entry {
+        key: key.to_string(),
+        value,
+        revision,
+        create_revision,
+    })
+}
+
+fn get_entry(
+    txn: &RoTxn<'_>,
+    kv: Database<Bytes, Bytes>,
+    key: &[u8],
+) -> Result<Option<Entry>, StoreError> {
+    let key_str = std::str::from_utf8(key).map_err(|_| StoreError::Corrupt {
+        what: "key is not UTF-8".into(),
+    })?;
+    match kv
+        .get(txn, key)
+        .map_err(|source| StoreError::Read { source })?
+    {
+        Some(raw) => decode_entry(key_str, raw).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Size of a value as stored (compact JSON).
+pub fn json_size(v: &Value) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Counter(0);
+    // Writing a Value into a counter cannot fail: Value has only string keys.
+    let _ = serde_json::to_writer(&mut c, v);
+    c.0
+}
+
+#[cfg(test)]
+mod tests;

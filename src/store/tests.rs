@@ -1,0 +1,223 @@
+use super::*;
+use serde_json::json;
+
+fn open(dir: &Path) -> Store {
+    Store::open(StoreOptions {
+        path: dir.join("store"),
+        map_size: 64 << 20,
+        max_value_bytes: 1024,
+        max_txn_ops: 16,
+        history: 1000,
+    })
+    .unwrap()
+}
+
+fn key(s: &str) -> Key {
+    Key::parse(s).unwrap()
+}
+
+fn put(k: &str, v: Value) -> Mutation {
+    Mutation::Put {
+        key: key(k),
+        value: v,
+        if_revision: None,
+    }
+}
+
+#[tokio::test]
+async fn put_get_revisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let Outcome::Put(p) = s.mutate(put("/a", json!(1))).await.unwrap() else { panic!() };
+    assert_eq!((p.revision, p.create_revision, p.previous_revision), (1, 1, None));
+    let Outcome::Put(p) = s.mutate(put("/a", json!(2))).await.unwrap() else { panic!() };
+    assert_eq!((p.revision, p.create_revision, p.previous_revision), (2, 1, Some(1)));
+    let e = s.get(&key("/a")).unwrap().unwrap();
+    assert_eq!((e.value, e.revision, e.create_revision), (json!(2), 2, 1));
+    assert_eq!(s.revision(), 2);
+    assert!(s.get(&key("/b")).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn cas_conflicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let create = |rev| Mutation::Put {
+        key: key("/c"),
+        value: json!("x"),
+        if_revision: Some(rev),
+    };
+    s.mutate(create(0)).await.unwrap();
+    let err = s.mutate(create(0)).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { expected: 0, actual: 1, .. }), "{err}");
+    let err = s.mutate(create(7)).await.unwrap_err();
+    assert_eq!(err.code(), "conflict");
+    s.mutate(create(1)).await.unwrap();
+    // A failed CAS consumes no revision.
+    assert_eq!(s.revision(), 2);
+}
+
+#[tokio::test]
+async fn delete_missing_and_present() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let del = || Mutation::Delete {
+        key: key("/d"),
+        if_revision: None,
+    };
+    let Outcome::Delete(d) = s.mutate(del()).await.unwrap() else { panic!() };
+    assert!(!d.deleted);
+    assert_eq!(s.revision(), 0);
+    s.mutate(put("/d", json!(null))).await.unwrap();
+    let Outcome::Delete(d) = s.mutate(del()).await.unwrap() else { panic!() };
+    assert!(d.deleted);
+    assert_eq!(d.revision, 2);
+    assert!(s.get(&key("/d")).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn txn_is_all_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.mutate(put("/t/x", json!(1))).await.unwrap();
+    let ops = vec![
+        Op::Put { key: key("/t/a"), value: json!(1), if_revision: None },
+        Op::Put { key: key("/t/b"), value: json!(2), if_revision: None },
+    ];
+    let bad = Mutation::Txn {
+        checks: vec![Check { key: key("/t/x"), revision: Some(9), value: None }],
+        ops: ops.clone(),
+    };
+    let err = s.mutate(bad).await.unwrap_err();
+    assert_eq!(err.code(), "check_failed");
+    assert!(s.get(&key("/t/a")).unwrap().is_none());
+    // A conflict in the second op undoes the first.
+    let bad_op = Mutation::Txn {
+        checks: vec![],
+        ops: vec![
+            Op::Put { key: key("/t/a"), value: json!(1), if_revision: None },
+            Op::Put { key: key("/t/x"), value: json!(1), if_revision: Some(0) },
+        ],
+    };
+    assert_eq!(s.mutate(bad_op).await.unwrap_err().code(), "conflict");
+    assert!(s.get(&key("/t/a")).unwrap().is_none());
+    assert_eq!(s.revision(), 1);
+
+    let good = Mutation::Txn {
+        checks: vec![Check { key: key("/t/x"), revision: Some(1), value: Some(json!(1)) }],
+        ops,
+    };
+    let Outcome::Txn(t) = s.mutate(good).await.unwrap() else { panic!() };
+    assert_eq!(t.revision, 2);
+    assert_eq!(s.get(&key("/t/b")).unwrap().unwrap().revision, 2);
+    let too_many = Mutation::Txn {
+        checks: vec![],
+        ops: (0..17).map(|i| Op::Get { key: key(&format!("/k{i}")) }).collect(),
+    };
+    assert_eq!(s.mutate(too_many).await.unwrap_err().code(), "too_large");
+}
+
+#[tokio::test]
+async fn value_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let err = s.mutate(put("/big", json!("x".repeat(2000)))).await.unwrap_err();
+    assert!(matches!(err, StoreError::ValueTooLarge { max: 1024, .. }));
+}
+
+#[tokio::test]
+async fn list_pages_pathwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    for k in ["/a", "/a!", "/a/1", "/a/2", "/a/2/x", "/ab", "/b"] {
+        s.mutate(put(k, json!(k))).await.unwrap();
+    }
+    let p = Prefix::parse("/a").unwrap();
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = s.list(&p, cursor.as_ref(), 2).unwrap();
+        seen.extend(page.items.iter().map(|i| i.key.clone()));
+        match page.next_cursor {
+            Some(c) => cursor = Some(key(&c)),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["/a", "/a/1", "/a/2", "/a/2/x"]);
+    let all = s.scan(&Prefix::root(), None, 100).unwrap();
+    assert_eq!(all.items.len(), 7);
+    assert!(all.next_cursor.is_none());
+    assert_eq!(all.items[0].value, json!("/a"));
+}
+
+#[tokio::test]
+async fn watch_replays_and_wakes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.mutate(put("/w/1", json!(1))).await.unwrap();
+    s.mutate(put("/other", json!(1))).await.unwrap();
+    s.mutate(Mutation::Delete { key: key("/w/1"), if_revision: None }).await.unwrap();
+    let p = Prefix::parse("/w").unwrap();
+    let never = std::future::pending::<()>();
+    let r = s.watch(&p, 0, Duration::from_millis(0), 100, never).await.unwrap();
+    let revs: Vec<_> = r.events.iter().map(|e| e.revision).collect();
+    assert_eq!(revs, [1, 3]);
+    assert_eq!(r.events[1].kind, EventKind::Delete);
+    assert_eq!(r.revision, 3);
+
+    // Nothing new: a zero timeout returns empty and says so.
+    let r = s.watch(&p, 3, Duration::ZERO, 100, std::future::pending()).await.unwrap();
+    assert!(r.events.is_empty() && r.timed_out);
+
+    // A commit wakes a waiting watcher (the timeout is far away).
+    let s2 = s.clone();
+    let waiter = tokio::spawn(async move {
+        let p = Prefix::parse("/w").unwrap();
+        s2.watch(&p, 3, Duration::from_secs(3600), 100, std::future::pending()).await
+    });
+    s.mutate(put("/elsewhere", json!(0))).await.unwrap();
+    s.mutate(put("/w/2", json!(2))).await.unwrap();
+    let r = waiter.await.unwrap().unwrap();
+    assert_eq!(r.events.len(), 1);
+    assert_eq!(r.events[0].key, "/w/2");
+    assert_eq!(r.revision, 5);
+}
+
+#[tokio::test]
+async fn watch_compaction_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(StoreOptions {
+        path: dir.path().join("s"),
+        map_size: 64 << 20,
+        max_value_bytes: 1024,
+        max_txn_ops: 16,
+        history: 3,
+    })
+    .unwrap();
+    for i in 0..10 {
+        s.mutate(put("/k", json!(i))).await.unwrap();
+    }
+    let err = s
+        .watch(&Prefix::root(), 2, Duration::ZERO, 10, std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Compacted { compacted: 7, current: 10, .. }), "{err}");
+    let r = s.watch(&Prefix::root(), 7, Duration::ZERO, 10, std::future::pending()).await.unwrap();
+    assert_eq!(r.events.len(), 3);
+}
+
+#[tokio::test]
+async fn second_open_is_refused_and_data_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    s.mutate(put("/keep", json!({"x": [1, 2]}))).await.unwrap();
+    let err = Store::open(s.options().clone()).err().unwrap();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    s.close();
+    drop(s);
+    let s = open(dir.path());
+    assert_eq!(s.get(&key("/keep")).unwrap().unwrap().value, json!({"x": [1, 2]}));
+    assert_eq!(s.revision(), 1);
+    let mode = fs::metadata(dir.path().join("store")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o700);
+}
