@@ -86,6 +86,7 @@ impl Key {
         }
     }
 
+    #[cfg(test)]
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -112,6 +113,7 @@ impl Prefix {
         validate_path(raw).map(|p| Prefix(p.to_string()))
     }
 
+    #[cfg(test)]
     pub fn root() -> Prefix {
         Prefix("/".to_string())
     }

@@ -366,6 +366,7 @@ impl Store {
         })
     }
 
+    #[cfg(test)]
     pub fn options(&self) -> &StoreOptions {
         &self.inner.opts
     }
@@ -396,22 +397,32 @@ impl Store {
     ) -> Result<Page<KeyInfo>, StoreError> {
         self.walk(prefix, cursor, limit, |key, raw| {
             let (create_revision, revision, _) = split_record(key, raw)?;
-            Ok(KeyInfo {
+            Ok(Some(KeyInfo {
                 key: key.to_string(),
                 revision,
                 create_revision,
-            })
+            }))
         })
     }
 
-    /// Like `list`, with values.
+    /// Like `list`, with values. Stops early (with a cursor) once the values
+    /// read reach `max_bytes`, so one reply stays bounded; at least one entry is
+    /// always returned.
     pub fn scan(
         &self,
         prefix: &Prefix,
         cursor: Option<&Key>,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<Page<Entry>, StoreError> {
-        self.walk(prefix, cursor, limit, decode_entry)
+        let budget = std::cell::Cell::new(max_bytes);
+        self.walk(prefix, cursor, limit, |key, raw| {
+            if raw.len() > budget.get() && budget.get() != max_bytes {
+                return Ok(None);
+            }
+            budget.set(budget.get().saturating_sub(raw.len()));
+            decode_entry(key, raw).map(Some)
+        })
     }
 
     fn walk<T>(
@@ -419,7 +430,8 @@ impl Store {
         prefix: &Prefix,
         cursor: Option<&Key>,
         limit: usize,
-        decode: impl Fn(&str, &[u8]) -> Result<T, StoreError>,
+        // Returns None to end the page before this item.
+        decode: impl Fn(&str, &[u8]) -> Result<Option<T>, StoreError>,
     ) -> Result<Page<T>, StoreError> {
         use std::ops::Bound;
         let limit = limit.max(1);
@@ -434,8 +446,10 @@ impl Store {
         if let Some(exact) = prefix.as_key() {
             if cursor.is_none_or(|c| c.as_bytes() < exact) {
                 if let Some(raw) = kv.get(&rtxn, exact).map_err(read_err)? {
-                    items.push(decode(prefix.as_str(), raw)?);
-                    last = Some(prefix.as_str().to_string());
+                    if let Some(item) = decode(prefix.as_str(), raw)? {
+                        items.push(item);
+                        last = Some(prefix.as_str().to_string());
+                    }
                 }
             }
         }
@@ -455,7 +469,13 @@ impl Store {
             let key = std::str::from_utf8(k).map_err(|_| StoreError::Corrupt {
                 what: format!("key is not UTF-8: {k:?}"),
             })?;
-            items.push(decode(key, raw)?);
+            match decode(key, raw)? {
+                Some(item) => items.push(item),
+                None => {
+                    more = true;
+                    break;
+                }
+            }
             last = Some(key.to_string());
         }
         Ok(Page {
@@ -522,6 +542,7 @@ impl Store {
         since: u64,
         timeout: Duration,
         max_events: usize,
+        max_bytes: usize,
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<WatchResult, StoreError> {
         let mut rev = self.inner.revision.clone();
@@ -530,7 +551,7 @@ impl Store {
         let mut scanned = since;
         loop {
             rev.borrow_and_update();
-            let (events, upto, more) = self.changes_since(prefix, scanned, max_events.max(1))?;
+            let (events, upto, more) = self.changes_since(prefix, scanned, max_events.max(1), max_bytes)?;
             if !events.is_empty() {
                 return Ok(WatchResult {
                     events,
@@ -565,6 +586,7 @@ impl Store {
         prefix: &Prefix,
         since: u64,
         max_events: usize,
+        max_bytes: usize,
     ) -> Result<(Vec<Event>, u64, bool), StoreError> {
         let rtxn = self.read_txn()?;
         let dbs = self.inner.dbs;
@@ -578,6 +600,7 @@ impl Store {
             });
         }
         let mut events = Vec::new();
+        let mut bytes = 0usize;
         let mut upto = since.min(current);
         if since >= current {
             return Ok((events, current.max(since), false));
@@ -591,22 +614,18 @@ impl Store {
             if revision > current {
                 break;
             }
-            if events.len() >= max_events {
+            if events.len() >= max_events || (bytes + raw.len() > max_bytes && !events.is_empty()) {
                 return Ok((events, upto, true));
             }
             let batch: Vec<Event> =
                 serde_json::from_slice(raw).map_err(|e| StoreError::Corrupt {
                     what: format!("change record {revision}: {e}"),
                 })?;
-            events.extend(
-                batch
-                    .into_iter()
-                    .filter(|e| prefix.covers(&e.key))
-                    .map(|mut e| {
-                        e.revision = revision;
-                        e
-                    }),
-            );
+            let before = events.len();
+            events.extend(batch.into_iter().filter(|e| prefix.covers(&e.key)));
+            if events.len() > before {
+                bytes += raw.len();
+            }
             upto = revision;
         }
         Ok((events, current, false))

@@ -144,7 +144,7 @@ async fn list_pages_pathwise() {
         }
     }
     assert_eq!(seen, ["/a", "/a/1", "/a/2", "/a/2/x"]);
-    let all = s.scan(&Prefix::root(), None, 100).unwrap();
+    let all = s.scan(&Prefix::root(), None, 100, 1 << 20).unwrap();
     assert_eq!(all.items.len(), 7);
     assert!(all.next_cursor.is_none());
     assert_eq!(all.items[0].value, json!("/a"));
@@ -159,21 +159,21 @@ async fn watch_replays_and_wakes() {
     s.mutate(Mutation::Delete { key: key("/w/1"), if_revision: None }).await.unwrap();
     let p = Prefix::parse("/w").unwrap();
     let never = std::future::pending::<()>();
-    let r = s.watch(&p, 0, Duration::from_millis(0), 100, never).await.unwrap();
+    let r = s.watch(&p, 0, Duration::from_millis(0), 100, 1 << 20, never).await.unwrap();
     let revs: Vec<_> = r.events.iter().map(|e| e.revision).collect();
     assert_eq!(revs, [1, 3]);
     assert_eq!(r.events[1].kind, EventKind::Delete);
     assert_eq!(r.revision, 3);
 
     // Nothing new: a zero timeout returns empty and says so.
-    let r = s.watch(&p, 3, Duration::ZERO, 100, std::future::pending()).await.unwrap();
+    let r = s.watch(&p, 3, Duration::ZERO, 100, 1 << 20, std::future::pending()).await.unwrap();
     assert!(r.events.is_empty() && r.timed_out);
 
     // A commit wakes a waiting watcher (the timeout is far away).
     let s2 = s.clone();
     let waiter = tokio::spawn(async move {
         let p = Prefix::parse("/w").unwrap();
-        s2.watch(&p, 3, Duration::from_secs(3600), 100, std::future::pending()).await
+        s2.watch(&p, 3, Duration::from_secs(3600), 100, 1 << 20, std::future::pending()).await
     });
     s.mutate(put("/elsewhere", json!(0))).await.unwrap();
     s.mutate(put("/w/2", json!(2))).await.unwrap();
@@ -198,11 +198,11 @@ async fn watch_compaction_is_an_error() {
         s.mutate(put("/k", json!(i))).await.unwrap();
     }
     let err = s
-        .watch(&Prefix::root(), 2, Duration::ZERO, 10, std::future::pending())
+        .watch(&Prefix::root(), 2, Duration::ZERO, 10, 1 << 20, std::future::pending())
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Compacted { compacted: 7, current: 10, .. }), "{err}");
-    let r = s.watch(&Prefix::root(), 7, Duration::ZERO, 10, std::future::pending()).await.unwrap();
+    let r = s.watch(&Prefix::root(), 7, Duration::ZERO, 10, 1 << 20, std::future::pending()).await.unwrap();
     assert_eq!(r.events.len(), 3);
 }
 

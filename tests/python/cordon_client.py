@@ -39,11 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, TextIO
 
 import anyio
-import anyio.abc
-import anyio.lowlevel
 import mcp_types as types
 from mcp import Client, StdioServerParameters, stdio_client
-from mcp.client.stdio import get_default_environment
 from mcp.shared.exceptions import MCPError
 from mcp.shared.message import SessionMessage
 

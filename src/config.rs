@@ -1,0 +1,332 @@
+//! The deployment config (`configs/*.toml`): where the gateway keeps its store and
+//! sockets, its bounds, and the agents it serves.
+//!
+//! Unknown fields are errors: a misspelt bound that silently falls back to a
+//! default is how a deployment ends up less confined than its operator thinks.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// A size in bytes, written as an integer or as a string such as `"64MiB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<ByteSize, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size (try \"64MiB\" or 67108864)"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "K" | "KiB" => 1 << 10,
+            "M" | "MiB" => 1 << 20,
+            "G" | "GiB" => 1 << 30,
+            "T" | "TiB" => 1 << 40,
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} in {s:?} (use B, KiB, MiB, GiB or TiB)"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size: an integer number of bytes or a string like \"64MiB\"")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("a size cannot be negative"))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                ByteSize::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} bytes", self.0)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    #[serde(default)]
+    pub agents: BTreeMap<String, AgentConfig>,
+    /// The file this was read from; relative paths in it are resolved against
+    /// its directory.
+    #[serde(skip)]
+    pub path: PathBuf,
+}
+
+fn default_map_size() -> ByteSize {
+    ByteSize(1 << 30)
+}
+fn default_max_message() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_max_value() -> ByteSize {
+    ByteSize(256 << 10)
+}
+fn default_max_connections() -> usize {
+    16
+}
+fn default_max_txn_ops() -> usize {
+    128
+}
+fn default_max_list() -> usize {
+    1000
+}
+fn default_max_watch_ms() -> u64 {
+    300_000
+}
+fn default_history() -> u64 {
+    100_000
+}
+fn default_grace_ms() -> u64 {
+    10_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// LMDB environment directory; created 0700 if missing.
+    pub store: PathBuf,
+    /// Sockets live under here: `agents/<name>/mcp.sock`.
+    pub runtime_dir: PathBuf,
+    #[serde(default = "default_map_size")]
+    pub map_size: ByteSize,
+    /// Largest JSON-RPC message (one line) a client may send.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: ByteSize,
+    /// Largest value (as compact JSON) `kv_put` accepts.
+    #[serde(default = "default_max_value")]
+    pub max_value_bytes: ByteSize,
+    /// Simultaneous connections on one agent's socket.
+    #[serde(default = "default_max_connections")]
+    pub max_connections_per_agent: usize,
+    /// Checks plus operations in one `kv_txn`.
+    #[serde(default = "default_max_txn_ops")]
+    pub max_txn_ops: usize,
+    /// Largest `limit` of `kv_list` / `kv_scan`.
+    #[serde(default = "default_max_list")]
+    pub max_list_limit: usize,
+    /// Longest `timeout_ms` of `kv_watch`.
+    #[serde(default = "default_max_watch_ms")]
+    pub max_watch_ms: u64,
+    /// Revisions of change history kept for `kv_watch`.
+    #[serde(default = "default_history")]
+    pub watch_history: u64,
+    /// How long shutdown waits for in-flight calls before closing connections.
+    #[serde(default = "default_grace_ms")]
+    pub shutdown_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub role: String,
+    /// The only uid allowed to connect to this agent's socket. Unset: the uid the
+    /// gateway runs as.
+    pub uid: Option<u32>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.path = path.to_path_buf();
+        let base = path.parent().unwrap_or(Path::new("."));
+        let base = if base.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            base
+        };
+        config.gateway.store = base.join(&config.gateway.store);
+        config.gateway.runtime_dir = base.join(&config.gateway.runtime_dir);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn invalid(&self, message: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            message,
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, agent) in &self.agents {
+            validate_agent_name(name).map_err(|m| self.invalid(m))?;
+            if agent.role.trim().is_empty() {
+                return Err(self.invalid(format!("agent {name:?} has an empty role")));
+            }
+        }
+        let g = &self.gateway;
+        if g.map_size.0 < (1 << 20) {
+            return Err(self.invalid(format!(
+                "gateway.map_size is {}; it must be at least 1MiB",
+                g.map_size
+            )));
+        }
+        if g.max_message_bytes.0 < 4096 {
+            return Err(self.invalid(
+                "gateway.max_message_bytes must be at least 4096 (initialize alone needs ~1 KiB)".into(),
+            ));
+        }
+        if g.max_value_bytes.0 >= g.max_message_bytes.0 {
+            return Err(self.invalid(format!(
+                "gateway.max_value_bytes ({}) must be below gateway.max_message_bytes ({}): a value travels inside a message",
+                g.max_value_bytes, g.max_message_bytes
+            )));
+        }
+        for (field, v) in [
+            ("max_connections_per_agent", g.max_connections_per_agent),
+            ("max_txn_ops", g.max_txn_ops),
+            ("max_list_limit", g.max_list_limit),
+        ] {
+            if v == 0 {
+                return Err(self.invalid(format!("gateway.{field} must be at least 1")));
+            }
+        }
+        if g.watch_history == 0 {
+            return Err(self.invalid("gateway.watch_history must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// LMDB needs a map size that is a multiple of the page size.
+    pub fn map_size_bytes(&self) -> usize {
+        let page = rustix::param::page_size() as u64;
+        let rounded = self.gateway.map_size.0.div_ceil(page) * page;
+        usize::try_from(rounded).unwrap_or(usize::MAX)
+    }
+
+    pub fn agent_dir(&self, agent: &str) -> PathBuf {
+        self.gateway.runtime_dir.join("agents").join(agent)
+    }
+
+    pub fn agent_socket(&self, agent: &str) -> PathBuf {
+        self.agent_dir(agent).join("mcp.sock")
+    }
+}
+
+/// Agent names become directory names and appear in logs: keep them plain.
+fn validate_agent_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "agent name {name:?} is invalid: use 1-64 letters, digits, '-' or '_' (not starting with '-')"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(ByteSize::parse("1GiB").unwrap().0, 1 << 30);
+        assert_eq!(ByteSize::parse("64 MiB").unwrap().0, 64 << 20);
+        assert_eq!(ByteSize::parse("4096").unwrap().0, 4096);
+        assert!(ByteSize::parse("12 parsecs").is_err());
+        assert!(ByteSize::parse("MiB").is_err());
+    }
+
+    #[test]
+    fn parses_and_resolves_relative_paths() {
+        let c = Config::parse(
+            "[gateway]\nstore = \"state/store\"\nruntime_dir = \"/run/x\"\nmap_size = \"64MiB\"\n[agents.coder]\nrole = \"coder\"\nuid = 1001\n",
+            Path::new("/etc/cordon/deploy.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.gateway.store, Path::new("/etc/cordon/state/store"));
+        assert_eq!(c.gateway.runtime_dir, Path::new("/run/x"));
+        assert_eq!(c.agents["coder"].uid, Some(1001));
+        assert_eq!(c.agent_socket("coder"), Path::new("/run/x/agents/coder/mcp.sock"));
+        assert_eq!(c.gateway.max_message_bytes.0, 1 << 20);
+    }
+
+    #[test]
+    fn rejects_unknown_fields_with_position() {
+        let err = Config::parse(
+            "[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\nmax_mesage_bytes = 5\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("max_mesage_bytes"), "{err}");
+        assert!(err.contains("line 4"), "{err}");
+    }
+
+    #[test]
+    fn rejects_bad_agent_names_and_bounds() {
+        let bad = |extra: &str| {
+            Config::parse(
+                &format!("[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\n{extra}"),
+                Path::new("c.toml"),
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(bad("[agents.\"../x\"]\nrole = \"r\"\n").contains("agent name"));
+        assert!(bad("max_value_bytes = \"2MiB\"\n").contains("max_value_bytes"));
+        assert!(bad("max_connections_per_agent = 0\n").contains("at least 1"));
+    }
+}

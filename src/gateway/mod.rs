@@ -1,0 +1,417 @@
+//! `cordon gateway`: owns the store and serves it as MCP tools, one Unix socket
+//! per agent. The socket a connection arrives on names the agent; the kernel's
+//! peer credentials must match the agent's uid before a single byte is served.
+
+mod session;
+pub mod tools;
+mod transport;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rmcp::ServiceExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{AgentConfig, Config};
+use crate::store::{Store, StoreError, StoreOptions};
+use session::{Identity, Session, Shared};
+use tools::ToolLimits;
+
+/// A client that connects and never completes `initialize` is dropped after this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// After in-flight calls finished (or the grace ran out), how long sessions get
+/// to flush their last replies.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+const MAX_CALLS_PER_CONNECTION: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("config {path} defines no agents: add at least one [agents.<name>] with a role")]
+    NoAgents { path: PathBuf },
+    #[error("agent {agent}: uid {uid} is set, but the gateway runs as uid {me} and only root can hand the socket to another uid")]
+    ForeignUid { agent: String, uid: u32, me: u32 },
+    #[error("cannot prepare runtime directory {path}: {source}")]
+    RuntimeDir { path: PathBuf, source: io::Error },
+    #[error("{path} exists and is not a directory owned by this gateway; refusing to use it")]
+    UnsafeDir { path: PathBuf },
+    #[error("{path} exists and is not a socket; refusing to replace it")]
+    NotASocket { path: PathBuf },
+    #[error("gateway already running: {path} accepts connections")]
+    AlreadyRunning { path: PathBuf },
+    #[error("cannot listen on {path}: {source}")]
+    Bind { path: PathBuf, source: io::Error },
+    #[error("cannot give {path} to uid {uid}: {source}")]
+    Chown {
+        path: PathBuf,
+        uid: u32,
+        source: io::Error,
+    },
+    #[error("cannot install signal handler: {source}")]
+    Signal { source: io::Error },
+}
+
+struct Listener {
+    agent: String,
+    path: PathBuf,
+    ino: u64,
+    listener: UnixListener,
+    expected_uid: u32,
+}
+
+/// Runs the gateway until SIGTERM or SIGINT, then shuts down in order: stop
+/// accepting, let in-flight calls finish, close sessions, commit, remove sockets.
+pub async fn run(config: Config) -> Result<(), GatewayError> {
+    if config.agents.is_empty() {
+        return Err(GatewayError::NoAgents {
+            path: config.path.clone(),
+        });
+    }
+    let me = rustix::process::geteuid().as_raw();
+    for (name, agent) in &config.agents {
+        if let Some(uid) = agent.uid {
+            if me != 0 && uid != me {
+                return Err(GatewayError::ForeignUid {
+                    agent: name.clone(),
+                    uid,
+                    me,
+                });
+            }
+        }
+    }
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(|source| GatewayError::Signal { source })?;
+    let mut sigint =
+        signal(SignalKind::interrupt()).map_err(|source| GatewayError::Signal { source })?;
+
+    let g = &config.gateway;
+    let store = Store::open(StoreOptions {
+        path: g.store.clone(),
+        map_size: config.map_size_bytes(),
+        max_value_bytes: usize::try_from(g.max_value_bytes.0).unwrap_or(usize::MAX),
+        max_txn_ops: g.max_txn_ops,
+        history: g.watch_history,
+    })?;
+    let listeners = match bind_all(&config, me) {
+        Ok(l) => l,
+        Err(e) => {
+            store.close();
+            return Err(e);
+        }
+    };
+
+    let max_message = usize::try_from(g.max_message_bytes.0).unwrap_or(usize::MAX);
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        tools: Arc::new(tools::definitions()),
+        limits: ToolLimits {
+            max_list_limit: g.max_list_limit,
+            max_watch: Duration::from_millis(g.max_watch_ms),
+            // Leave room for the JSON-RPC envelope and metadata around values.
+            max_reply_bytes: max_message / 2,
+        },
+        shutdown: CancellationToken::new(),
+        calls: TaskTracker::new(),
+        max_calls_per_connection: MAX_CALLS_PER_CONNECTION,
+    });
+    let sessions_token = CancellationToken::new();
+    let sessions = TaskTracker::new();
+    let accepting = TaskTracker::new();
+    let next_conn = Arc::new(AtomicU64::new(1));
+    let mut sockets = BTreeMap::new();
+    let mut owned = Vec::new();
+    for l in listeners {
+        sockets.insert(l.agent.clone(), l.path.display().to_string());
+        owned.push((l.path.clone(), l.ino));
+        let agent_cfg = config.agents[&l.agent].clone();
+        accepting.spawn(accept_loop(
+            l,
+            agent_cfg,
+            shared.clone(),
+            sessions.clone(),
+            sessions_token.clone(),
+            next_conn.clone(),
+            g.max_connections_per_agent,
+            max_message,
+        ));
+    }
+    accepting.close();
+
+    tracing::info!(store = %g.store.display(), agents = sockets.len(), revision = store.revision(), "gateway ready");
+    // One line on stdout tells a supervisor (or a test) that every socket is
+    // bound and accepting; logs go to stderr.
+    println!(
+        "{}",
+        serde_json::json!({"ready": true, "pid": std::process::id(), "sockets": sockets})
+    );
+
+    let signal_name = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
+    tracing::info!(signal = signal_name, "shutting down");
+
+    // 1. Stop accepting; refuse new calls; wake waiting watches.
+    shared.shutdown.cancel();
+    accepting.wait().await;
+    for (path, ino) in &owned {
+        remove_our_socket(path, *ino);
+    }
+    // 2. Let calls already running finish (their mutations commit).
+    shared.calls.close();
+    let grace = Duration::from_millis(g.shutdown_grace_ms);
+    if tokio::time::timeout(grace, shared.calls.wait()).await.is_err() {
+        tracing::warn!(
+            in_flight = shared.calls.len(),
+            "shutdown grace ran out with calls still in flight"
+        );
+    }
+    // 3. Close sessions; rmcp flushes replies already produced.
+    sessions_token.cancel();
+    sessions.close();
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sessions.wait()).await;
+    // 4. The writer commits whatever is queued, then the final sync.
+    store.close();
+    tracing::info!(revision = store.revision(), "gateway stopped");
+    Ok(())
+}
+
+fn bind_all(config: &Config, me: u32) -> Result<Vec<Listener>, GatewayError> {
+    let runtime = &config.gateway.runtime_dir;
+    let agents_dir = runtime.join("agents");
+    // Agents must traverse these to reach their own socket, but not list them.
+    make_dir(runtime, 0o711, false)?;
+    make_dir(&agents_dir, 0o711, true)?;
+    let mut out = Vec::new();
+    for (name, agent) in &config.agents {
+        out.push(bind_agent(config, name, agent, me)?);
+    }
+    Ok(out)
+}
+
+fn make_dir(path: &Path, mode: u32, enforce_mode: bool) -> Result<(), GatewayError> {
+    let dir_err = |source| GatewayError::RuntimeDir {
+        path: path.to_path_buf(),
+        source,
+    };
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            if enforce_mode {
+                if meta.uid() != rustix::process::geteuid().as_raw() {
+                    return Err(GatewayError::UnsafeDir {
+                        path: path.to_path_buf(),
+                    });
+                }
+                fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(dir_err)?;
+            }
+            Ok(())
+        }
+        Ok(_) => Err(GatewayError::UnsafeDir {
+            path: path.to_path_buf(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(mode)
+                .create(path)
+                .map_err(dir_err)?;
+            // The umask may have narrowed the mode; set it exactly.
+            fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(dir_err)
+        }
+        Err(e) => Err(dir_err(e)),
+    }
+}
+
+fn chown(path: &Path, uid: u32) -> Result<(), GatewayError> {
+    std::os::unix::fs::lchown(path, Some(uid), None).map_err(|source| GatewayError::Chown {
+        path: path.to_path_buf(),
+        uid,
+        source,
+    })
+}
+
+fn bind_agent(
+    config: &Config,
+    name: &str,
+    agent: &AgentConfig,
+    me: u32,
+) -> Result<Listener, GatewayError> {
+    let dir = config.agent_dir(name);
+    let path = config.agent_socket(name);
+    // A previous run may have chowned the directory to the agent; take it back
+    // before checking it, then hand it over again below.
+    if me == 0 && fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+        chown(&dir, me)?;
+    }
+    make_dir(&dir, 0o700, true)?;
+
+    match fs::symlink_metadata(&path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(&path) {
+                Ok(_) => return Err(GatewayError::AlreadyRunning { path }),
+                // Nobody listens: a crashed run left it behind.
+                Err(_) => {
+                    tracing::info!(path = %path.display(), "replacing stale socket");
+                    fs::remove_file(&path).map_err(|source| GatewayError::Bind {
+                        path: path.clone(),
+                        source,
+                    })?;
+                }
+            }
+        }
+        Ok(_) => return Err(GatewayError::NotASocket { path }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => return Err(GatewayError::Bind { path, source }),
+    }
+    let listener = UnixListener::bind(&path).map_err(|source| GatewayError::Bind {
+        path: path.clone(),
+        source,
+    })?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(|source| {
+        GatewayError::Bind {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    let ino = fs::symlink_metadata(&path)
+        .map_err(|source| GatewayError::Bind {
+            path: path.clone(),
+            source,
+        })?
+        .ino();
+    if let (Some(uid), 0) = (agent.uid, me) {
+        chown(&path, uid)?;
+        chown(&dir, uid)?;
+    }
+    Ok(Listener {
+        agent: name.to_string(),
+        path,
+        ino,
+        listener,
+        expected_uid: agent.uid.unwrap_or(me),
+    })
+}
+
+/// Removes a socket only if it is still the one this gateway bound: a newer
+/// gateway may already have replaced it.
+fn remove_our_socket(path: &Path, ino: u64) {
+    if fs::symlink_metadata(path).is_ok_and(|m| m.ino() == ino) {
+        if let Err(e) = fs::remove_file(path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove socket");
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn accept_loop(
+    l: Listener,
+    agent: AgentConfig,
+    shared: Arc<Shared>,
+    sessions: TaskTracker,
+    sessions_token: CancellationToken,
+    next_conn: Arc<AtomicU64>,
+    max_connections: usize,
+    max_message: usize,
+) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let agent_name: Arc<str> = Arc::from(l.agent.as_str());
+    let role: Arc<str> = Arc::from(agent.role.as_str());
+    loop {
+        let accepted = tokio::select! {
+            r = l.listener.accept() => r,
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let mut stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: keep serving the connections we have.
+                tracing::error!(agent = %agent_name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let conn = next_conn.fetch_add(1, Ordering::Relaxed);
+        let cred = match stream.peer_cred() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(agent = %agent_name, conn, error = %e, "connection refused: cannot read peer credentials");
+                continue;
+            }
+        };
+        if cred.uid() != l.expected_uid {
+            tracing::warn!(
+                agent = %agent_name, conn, peer_uid = cred.uid(), peer_pid = cred.pid(),
+                expected_uid = l.expected_uid, "connection refused: peer uid does not match the agent's"
+            );
+            transport::refuse(
+                &mut stream,
+                -32001,
+                &format!("connection refused: peer credentials do not match agent {agent_name}"),
+            )
+            .await;
+            continue;
+        }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(agent = %agent_name, conn, limit = max_connections, "connection refused: too many connections");
+            transport::refuse(
+                &mut stream,
+                -32000,
+                &format!("connection refused: agent {agent_name} already has {max_connections} connections (the limit)"),
+            )
+            .await;
+            continue;
+        };
+        let id = Identity {
+            agent: agent_name.clone(),
+            role: role.clone(),
+            uid: cred.uid(),
+            pid: cred.pid(),
+            conn,
+        };
+        tracing::info!(agent = %id.agent, role = %id.role, uid = id.uid, pid = id.pid, conn, "connection accepted");
+        let session = Session {
+            id,
+            shared: shared.clone(),
+            inflight: Arc::new(Semaphore::new(shared.max_calls_per_connection)),
+        };
+        let token = sessions_token.child_token();
+        sessions.spawn(async move {
+            serve(session, stream, token, max_message).await;
+            drop(slot);
+        });
+    }
+}
+
+async fn serve(session: Session, stream: UnixStream, token: CancellationToken, max_message: usize) {
+    let agent = session.id.agent.clone();
+    let conn = session.id.conn;
+    let transport = transport::LineTransport::new(stream, max_message);
+    let handshake = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, session.serve_with_ct(transport, token.clone())) => r,
+        _ = token.cancelled() => return,
+    };
+    let running = match handshake {
+        Ok(Ok(running)) => running,
+        Ok(Err(e)) => {
+            tracing::info!(agent = %agent, conn, error = %e, "session ended before initialize");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(agent = %agent, conn, "session closed: no initialize within {HANDSHAKE_TIMEOUT:?}");
+            return;
+        }
+    };
+    let reason = running.waiting().await;
+    tracing::debug!(agent = %agent, conn, ?reason, "session closed");
+}
