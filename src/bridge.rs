@@ -36,8 +36,10 @@ pub async fn run(path: &Path) -> Result<(), BridgeError> {
             path: path.to_path_buf(),
             source,
         })?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|source| BridgeError::Signal { source })?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|source| BridgeError::Signal { source })?;
+    let mut sigint =
+        signal(SignalKind::interrupt()).map_err(|source| BridgeError::Signal { source })?;
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(|source| BridgeError::Signal { source })?;
     let (mut sock_rd, mut sock_wr) = stream.into_split();
     let relay_err = |source| BridgeError::Relay {
         path: path.to_path_buf(),

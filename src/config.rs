@@ -30,9 +30,7 @@ pub struct ByteSize(pub u64);
 impl ByteSize {
     pub fn parse(s: &str) -> Result<ByteSize, String> {
         let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(s.len());
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
         let n: u64 = num
             .parse()
@@ -219,7 +217,8 @@ impl Config {
         }
         if g.max_message_bytes.0 < 4096 {
             return Err(self.invalid(
-                "gateway.max_message_bytes must be at least 4096 (initialize alone needs ~1 KiB)".into(),
+                "gateway.max_message_bytes must be at least 4096 (initialize alone needs ~1 KiB)"
+                    .into(),
             ));
         }
         if g.max_value_bytes.0 >= g.max_message_bytes.0 {
@@ -299,7 +298,10 @@ mod tests {
         assert_eq!(c.gateway.store, Path::new("/etc/cordon/state/store"));
         assert_eq!(c.gateway.runtime_dir, Path::new("/run/x"));
         assert_eq!(c.agents["coder"].uid, Some(1001));
-        assert_eq!(c.agent_socket("coder"), Path::new("/run/x/agents/coder/mcp.sock"));
+        assert_eq!(
+            c.agent_socket("coder"),
+            Path::new("/run/x/agents/coder/mcp.sock")
+        );
         assert_eq!(c.gateway.max_message_bytes.0, 1 << 20);
     }
 

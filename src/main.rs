@@ -80,10 +80,24 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("cordon: {e:#}");
+            eprintln!("cordon: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// One line: each cause in turn, skipping causes that an outer message already
+/// quotes (our error types name their source in their own message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn run_gateway(path: PathBuf) -> anyhow::Result<()> {

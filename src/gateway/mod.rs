@@ -46,6 +46,8 @@ pub enum GatewayError {
     RuntimeDir { path: PathBuf, source: io::Error },
     #[error("{path} exists and is not a directory owned by this gateway; refusing to use it")]
     UnsafeDir { path: PathBuf },
+    #[error("{path} is not searchable by other users (mode lacks o+x), so agents with their own uid could not reach their sockets; move runtime_dir or chmod o+x {path}")]
+    NotTraversable { path: PathBuf },
     #[error("{path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
     #[error("gateway already running: {path} accepts connections")]
@@ -171,7 +173,10 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
     // 2. Let calls already running finish (their mutations commit).
     shared.calls.close();
     let grace = Duration::from_millis(g.shutdown_grace_ms);
-    if tokio::time::timeout(grace, shared.calls.wait()).await.is_err() {
+    if tokio::time::timeout(grace, shared.calls.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             in_flight = shared.calls.len(),
             "shutdown grace ran out with calls still in flight"
@@ -193,6 +198,13 @@ fn bind_all(config: &Config, me: u32) -> Result<Vec<Listener>, GatewayError> {
     // Agents must traverse these to reach their own socket, but not list them.
     make_dir(runtime, 0o711, false)?;
     make_dir(&agents_dir, 0o711, true)?;
+    if config
+        .agents
+        .values()
+        .any(|a| a.uid.is_some_and(|uid| uid != me))
+    {
+        check_traversable(&agents_dir)?;
+    }
     let mut out = Vec::new();
     for (name, agent) in &config.agents {
         out.push(bind_agent(config, name, agent, me)?);
@@ -221,8 +233,10 @@ fn make_dir(path: &Path, mode: u32, enforce_mode: bool) -> Result<(), GatewayErr
             path: path.to_path_buf(),
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent).map_err(dir_err)?;
+            }
             fs::DirBuilder::new()
-                .recursive(true)
                 .mode(mode)
                 .create(path)
                 .map_err(dir_err)?;
@@ -231,6 +245,27 @@ fn make_dir(path: &Path, mode: u32, enforce_mode: bool) -> Result<(), GatewayErr
         }
         Err(e) => Err(dir_err(e)),
     }
+}
+
+/// Agents with their own uid reach their socket through every ancestor of the
+/// runtime directory; a private ancestor would lock them all out, silently.
+fn check_traversable(dir: &Path) -> Result<(), GatewayError> {
+    let abs = fs::canonicalize(dir).map_err(|source| GatewayError::RuntimeDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    for ancestor in abs.ancestors() {
+        let meta = fs::metadata(ancestor).map_err(|source| GatewayError::RuntimeDir {
+            path: ancestor.to_path_buf(),
+            source,
+        })?;
+        if meta.permissions().mode() & 0o001 == 0 {
+            return Err(GatewayError::NotTraversable {
+                path: ancestor.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
 }
 
 fn chown(path: &Path, uid: u32) -> Result<(), GatewayError> {

@@ -66,7 +66,9 @@ impl ServerHandler for Session {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        Ok(ListToolsResult::with_all_items(self.shared.tools.as_ref().clone()))
+        Ok(ListToolsResult::with_all_items(
+            self.shared.tools.as_ref().clone(),
+        ))
     }
 
     async fn call_tool(
@@ -76,11 +78,18 @@ impl ServerHandler for Session {
     ) -> Result<CallToolResponse, ErrorData> {
         let shared = &self.shared;
         if shared.shutdown.is_cancelled() {
-            return Err(ErrorData::new(UNAVAILABLE, "gateway is shutting down", None));
+            return Err(ErrorData::new(
+                UNAVAILABLE,
+                "gateway is shutting down",
+                None,
+            ));
         }
         let name = request.name.as_ref();
         if !TOOL_NAMES.contains(&name) {
-            return Err(ErrorData::invalid_params(format!("unknown tool: {name}"), None));
+            return Err(ErrorData::invalid_params(
+                format!("unknown tool: {name}"),
+                None,
+            ));
         }
         let Ok(_permit) = self.inflight.try_acquire() else {
             return Err(ErrorData::new(

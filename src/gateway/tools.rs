@@ -31,7 +31,11 @@ pub enum ToolError {
     #[error("invalid arguments for {tool}: {message}")]
     InvalidArguments { tool: String, message: String },
     #[error("{what} is {got}; the limit is {max}")]
-    OverLimit { what: &'static str, got: u64, max: u64 },
+    OverLimit {
+        what: &'static str,
+        got: u64,
+        max: u64,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -55,7 +59,8 @@ fn schema(v: Value) -> Arc<JsonObject> {
 }
 
 const KEY_DOC: &str = "Key path: '/'-separated segments starting with '/', e.g. /projects/p1/tasks/t7 (no empty, '.' or '..' segments; at most 1024 bytes)";
-const PREFIX_DOC: &str = "Path prefix: '/' for everything, or a key path; '/a' covers '/a' and '/a/...', never '/ab'";
+const PREFIX_DOC: &str =
+    "Path prefix: '/' for everything, or a key path; '/a' covers '/a' and '/a/...', never '/ab'";
 
 /// Every tool the gateway serves, in a fixed order.
 pub fn definitions() -> Vec<Tool> {
@@ -121,7 +126,13 @@ pub fn definitions() -> Vec<Tool> {
 }
 
 pub const TOOL_NAMES: [&str; 7] = [
-    "kv_get", "kv_put", "kv_delete", "kv_list", "kv_scan", "kv_txn", "kv_watch",
+    "kv_get",
+    "kv_put",
+    "kv_delete",
+    "kv_list",
+    "kv_scan",
+    "kv_txn",
+    "kv_watch",
 ];
 
 #[derive(Deserialize)]
@@ -271,7 +282,12 @@ pub async fn call(
             let a: ListArgs = parse(name, args)?;
             let p = prefix(&a.prefix)?;
             let cursor = a.cursor.as_deref().map(key).transpose()?;
-            let limit = bounded("limit", a.limit, DEFAULT_LIST_LIMIT as u64, limits.max_list_limit as u64)? as usize;
+            let limit = bounded(
+                "limit",
+                a.limit,
+                DEFAULT_LIST_LIMIT as u64,
+                limits.max_list_limit as u64,
+            )? as usize;
             if name == "kv_list" {
                 let page = store.list(&p, cursor.as_ref(), limit)?;
                 Ok(json!({"keys": page.items, "next_cursor": page.next_cursor}))
@@ -320,7 +336,9 @@ pub async fn call(
                             if_revision: o.if_revision,
                         },
                         OpKind::Get if o.value.is_some() => return Err(misplaced("value")),
-                        OpKind::Get if o.if_revision.is_some() => return Err(misplaced("if_revision")),
+                        OpKind::Get if o.if_revision.is_some() => {
+                            return Err(misplaced("if_revision"))
+                        }
                         OpKind::Get => Op::Get { key: k },
                     })
                 })
@@ -331,14 +349,21 @@ pub async fn call(
                     message: "`ops` is empty".into(),
                 });
             }
-            Ok(outcome_json(store.mutate(Mutation::Txn { checks, ops }).await?))
+            Ok(outcome_json(
+                store.mutate(Mutation::Txn { checks, ops }).await?,
+            ))
         }
         "kv_watch" => {
             let a: WatchArgs = parse(name, args)?;
             let p = prefix(&a.prefix)?;
             let max_ms = u64::try_from(limits.max_watch.as_millis()).unwrap_or(u64::MAX);
             let timeout = bounded("timeout_ms", a.timeout_ms, DEFAULT_WATCH_MS, max_ms)?;
-            let limit = bounded("limit", a.limit, DEFAULT_LIST_LIMIT as u64, limits.max_list_limit as u64)? as usize;
+            let limit = bounded(
+                "limit",
+                a.limit,
+                DEFAULT_LIST_LIMIT as u64,
+                limits.max_list_limit as u64,
+            )? as usize;
             let result = store
                 .watch(
                     &p,

@@ -120,14 +120,20 @@ impl LineTransport {
         }
     }
 
-    fn write_line(writer: &Writer, mut line: Vec<u8>) -> impl Future<Output = io::Result<()>> + Send + 'static {
+    fn write_line(
+        writer: &Writer,
+        mut line: Vec<u8>,
+    ) -> impl Future<Output = io::Result<()>> + Send + 'static {
         line.push(b'\n');
         let writer = writer.clone();
         async move {
             let mut guard = writer.lock().await;
             match guard.as_mut() {
                 Some(w) => w.write_all(&line).await,
-                None => Err(io::Error::new(io::ErrorKind::NotConnected, "connection closed")),
+                None => Err(io::Error::new(
+                    io::ErrorKind::NotConnected,
+                    "connection closed",
+                )),
             }
         }
     }
@@ -228,7 +234,11 @@ mod tests {
     use super::*;
 
     fn decode_all(max: usize, input: &[u8]) -> Vec<Option<Vec<u8>>> {
-        let mut d = BoundedLines { max, scanned: 0, discarding: false };
+        let mut d = BoundedLines {
+            max,
+            scanned: 0,
+            discarding: false,
+        };
         let mut buf = BytesMut::from(input);
         let mut out = Vec::new();
         while let Some(f) = d.decode(&mut buf).unwrap() {
@@ -242,12 +252,25 @@ mod tests {
 
     #[test]
     fn splits_lines_and_flags_oversized_once() {
-        assert_eq!(decode_all(8, b"ab\ncd\r\n"), [Some(b"ab".to_vec()), Some(b"cd".to_vec())]);
-        assert_eq!(decode_all(4, b"123456789\nok\n"), [None, Some(b"ok".to_vec())]);
+        assert_eq!(
+            decode_all(8, b"ab\ncd\r\n"),
+            [Some(b"ab".to_vec()), Some(b"cd".to_vec())]
+        );
+        assert_eq!(
+            decode_all(4, b"123456789\nok\n"),
+            [None, Some(b"ok".to_vec())]
+        );
         // Oversized with no newline yet: flagged once, the rest discarded.
-        let mut d = BoundedLines { max: 4, scanned: 0, discarding: false };
+        let mut d = BoundedLines {
+            max: 4,
+            scanned: 0,
+            discarding: false,
+        };
         let mut buf = BytesMut::from(&b"1234567"[..]);
-        assert!(matches!(d.decode(&mut buf).unwrap(), Some(Frame::Oversized)));
+        assert!(matches!(
+            d.decode(&mut buf).unwrap(),
+            Some(Frame::Oversized)
+        ));
         buf.extend_from_slice(b"89");
         assert!(d.decode(&mut buf).unwrap().is_none());
         buf.extend_from_slice(b"0\nok\n");

@@ -160,23 +160,59 @@ mod tests {
     fn accepts_and_normalises() {
         assert_eq!(Key::parse("/a/b").unwrap().as_str(), "/a/b");
         assert_eq!(Key::parse("/a/b/").unwrap().as_str(), "/a/b");
-        assert_eq!(Key::parse("/projects/p1/tasks/t 7").unwrap().as_str(), "/projects/p1/tasks/t 7");
+        assert_eq!(
+            Key::parse("/projects/p1/tasks/t 7").unwrap().as_str(),
+            "/projects/p1/tasks/t 7"
+        );
         assert_eq!(Key::parse("/ünï/…").unwrap().as_str(), "/ünï/…");
     }
 
     #[test]
     fn rejects_bad_keys() {
-        assert!(matches!(Key::parse("a/b"), Err(KeyError::NoLeadingSlash { .. })));
-        assert!(matches!(Key::parse(""), Err(KeyError::NoLeadingSlash { .. })));
-        assert!(matches!(Key::parse("/a//b"), Err(KeyError::EmptySegment { .. })));
-        assert!(matches!(Key::parse("/a/b//"), Err(KeyError::EmptySegment { .. })));
-        assert!(matches!(Key::parse("/a/../b"), Err(KeyError::DotSegment { .. })));
-        assert!(matches!(Key::parse("/a/./b"), Err(KeyError::DotSegment { .. })));
-        assert!(matches!(Key::parse("/.."), Err(KeyError::DotSegment { .. })));
-        assert!(matches!(Key::parse("/a\0b"), Err(KeyError::ControlChar { code: 0, .. })));
-        assert!(matches!(Key::parse("/a\nb"), Err(KeyError::ControlChar { code: 10, .. })));
-        assert!(matches!(Key::parse("/a\u{7f}"), Err(KeyError::ControlChar { .. })));
-        assert!(matches!(Key::parse("/a\u{85}"), Err(KeyError::ControlChar { .. })));
+        assert!(matches!(
+            Key::parse("a/b"),
+            Err(KeyError::NoLeadingSlash { .. })
+        ));
+        assert!(matches!(
+            Key::parse(""),
+            Err(KeyError::NoLeadingSlash { .. })
+        ));
+        assert!(matches!(
+            Key::parse("/a//b"),
+            Err(KeyError::EmptySegment { .. })
+        ));
+        assert!(matches!(
+            Key::parse("/a/b//"),
+            Err(KeyError::EmptySegment { .. })
+        ));
+        assert!(matches!(
+            Key::parse("/a/../b"),
+            Err(KeyError::DotSegment { .. })
+        ));
+        assert!(matches!(
+            Key::parse("/a/./b"),
+            Err(KeyError::DotSegment { .. })
+        ));
+        assert!(matches!(
+            Key::parse("/.."),
+            Err(KeyError::DotSegment { .. })
+        ));
+        assert!(matches!(
+            Key::parse("/a\0b"),
+            Err(KeyError::ControlChar { code: 0, .. })
+        ));
+        assert!(matches!(
+            Key::parse("/a\nb"),
+            Err(KeyError::ControlChar { code: 10, .. })
+        ));
+        assert!(matches!(
+            Key::parse("/a\u{7f}"),
+            Err(KeyError::ControlChar { .. })
+        ));
+        assert!(matches!(
+            Key::parse("/a\u{85}"),
+            Err(KeyError::ControlChar { .. })
+        ));
         assert_eq!(Key::parse("/"), Err(KeyError::Root));
         let long = format!("/{}", "x".repeat(MAX_KEY_BYTES));
         assert!(matches!(Key::parse(&long), Err(KeyError::TooLong { .. })));

@@ -140,10 +140,7 @@ pub struct KeyInfo {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "lowercase", tag = "type")]
 pub enum EventKind {
-    Put {
-        value: Value,
-        create_revision: u64,
-    },
+    Put { value: Value, create_revision: u64 },
     Delete,
 }
 
@@ -299,7 +296,10 @@ impl Store {
         let lock = lock_store(&path)?;
 
         let mut env_opts = EnvOpenOptions::new().read_txn_without_tls();
-        env_opts.map_size(opts.map_size).max_dbs(8).max_readers(1024);
+        env_opts
+            .map_size(opts.map_size)
+            .max_dbs(8)
+            .max_readers(1024);
         // SAFETY: the environment is opened once per process (the flock above keeps
         // other cordon processes out of it), never with NO_LOCK/NO_SYNC, and its
         // files live in a 0700 directory that no agent can reach, so nothing
@@ -551,7 +551,8 @@ impl Store {
         let mut scanned = since;
         loop {
             rev.borrow_and_update();
-            let (events, upto, more) = self.changes_since(prefix, scanned, max_events.max(1), max_bytes)?;
+            let (events, upto, more) =
+                self.changes_since(prefix, scanned, max_events.max(1), max_bytes)?;
             if !events.is_empty() {
                 return Ok(WatchResult {
                     events,
@@ -606,7 +607,10 @@ impl Store {
             return Ok((events, current.max(since), false));
         }
         let lo = (since + 1).to_be_bytes();
-        let range = (std::ops::Bound::Included(&lo[..]), std::ops::Bound::Unbounded);
+        let range = (
+            std::ops::Bound::Included(&lo[..]),
+            std::ops::Bound::Unbounded,
+        );
         let read_err = |source| StoreError::Read { source };
         for item in dbs.changes.range(&rtxn, &range).map_err(read_err)? {
             let (k, raw) = item.map_err(read_err)?;
@@ -655,8 +659,12 @@ fn prepare_dir(path: &Path) -> Result<(), StoreError> {
         source,
     };
     if !path.exists() {
+        // Parents get the usual mode: they may also hold the runtime directory
+        // that agents must traverse. Only the store itself is private.
+        if let Some(parent) = path.parent() {
+            fs::create_dir_all(parent).map_err(create_err)?;
+        }
         fs::DirBuilder::new()
-            .recursive(true)
             .mode(0o700)
             .create(path)
             .map_err(create_err)?;
@@ -705,7 +713,11 @@ fn decode_u64(raw: &[u8]) -> Result<u64, StoreError> {
     Ok(u64::from_be_bytes(bytes))
 }
 
-fn read_meta(txn: &RoTxn<'_>, meta: Database<Bytes, Bytes>, name: &[u8]) -> Result<u64, StoreError> {
+fn read_meta(
+    txn: &RoTxn<'_>,
+    meta: Database<Bytes, Bytes>,
+    name: &[u8],
+) -> Result<u64, StoreError> {
     match meta
         .get(txn, name)
         .map_err(|source| StoreError::Read { source })?

@@ -28,10 +28,20 @@ fn put(k: &str, v: Value) -> Mutation {
 async fn put_get_revisions() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    let Outcome::Put(p) = s.mutate(put("/a", json!(1))).await.unwrap() else { panic!() };
-    assert_eq!((p.revision, p.create_revision, p.previous_revision), (1, 1, None));
-    let Outcome::Put(p) = s.mutate(put("/a", json!(2))).await.unwrap() else { panic!() };
-    assert_eq!((p.revision, p.create_revision, p.previous_revision), (2, 1, Some(1)));
+    let Outcome::Put(p) = s.mutate(put("/a", json!(1))).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        (p.revision, p.create_revision, p.previous_revision),
+        (1, 1, None)
+    );
+    let Outcome::Put(p) = s.mutate(put("/a", json!(2))).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(
+        (p.revision, p.create_revision, p.previous_revision),
+        (2, 1, Some(1))
+    );
     let e = s.get(&key("/a")).unwrap().unwrap();
     assert_eq!((e.value, e.revision, e.create_revision), (json!(2), 2, 1));
     assert_eq!(s.revision(), 2);
@@ -49,7 +59,17 @@ async fn cas_conflicts() {
     };
     s.mutate(create(0)).await.unwrap();
     let err = s.mutate(create(0)).await.unwrap_err();
-    assert!(matches!(err, StoreError::Conflict { expected: 0, actual: 1, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            StoreError::Conflict {
+                expected: 0,
+                actual: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
     let err = s.mutate(create(7)).await.unwrap_err();
     assert_eq!(err.code(), "conflict");
     s.mutate(create(1)).await.unwrap();
@@ -65,11 +85,15 @@ async fn delete_missing_and_present() {
         key: key("/d"),
         if_revision: None,
     };
-    let Outcome::Delete(d) = s.mutate(del()).await.unwrap() else { panic!() };
+    let Outcome::Delete(d) = s.mutate(del()).await.unwrap() else {
+        panic!()
+    };
     assert!(!d.deleted);
     assert_eq!(s.revision(), 0);
     s.mutate(put("/d", json!(null))).await.unwrap();
-    let Outcome::Delete(d) = s.mutate(del()).await.unwrap() else { panic!() };
+    let Outcome::Delete(d) = s.mutate(del()).await.unwrap() else {
+        panic!()
+    };
     assert!(d.deleted);
     assert_eq!(d.revision, 2);
     assert!(s.get(&key("/d")).unwrap().is_none());
@@ -81,11 +105,23 @@ async fn txn_is_all_or_nothing() {
     let s = open(dir.path());
     s.mutate(put("/t/x", json!(1))).await.unwrap();
     let ops = vec![
-        Op::Put { key: key("/t/a"), value: json!(1), if_revision: None },
-        Op::Put { key: key("/t/b"), value: json!(2), if_revision: None },
+        Op::Put {
+            key: key("/t/a"),
+            value: json!(1),
+            if_revision: None,
+        },
+        Op::Put {
+            key: key("/t/b"),
+            value: json!(2),
+            if_revision: None,
+        },
     ];
     let bad = Mutation::Txn {
-        checks: vec![Check { key: key("/t/x"), revision: Some(9), value: None }],
+        checks: vec![Check {
+            key: key("/t/x"),
+            revision: Some(9),
+            value: None,
+        }],
         ops: ops.clone(),
     };
     let err = s.mutate(bad).await.unwrap_err();
@@ -95,8 +131,16 @@ async fn txn_is_all_or_nothing() {
     let bad_op = Mutation::Txn {
         checks: vec![],
         ops: vec![
-            Op::Put { key: key("/t/a"), value: json!(1), if_revision: None },
-            Op::Put { key: key("/t/x"), value: json!(1), if_revision: Some(0) },
+            Op::Put {
+                key: key("/t/a"),
+                value: json!(1),
+                if_revision: None,
+            },
+            Op::Put {
+                key: key("/t/x"),
+                value: json!(1),
+                if_revision: Some(0),
+            },
         ],
     };
     assert_eq!(s.mutate(bad_op).await.unwrap_err().code(), "conflict");
@@ -104,15 +148,25 @@ async fn txn_is_all_or_nothing() {
     assert_eq!(s.revision(), 1);
 
     let good = Mutation::Txn {
-        checks: vec![Check { key: key("/t/x"), revision: Some(1), value: Some(json!(1)) }],
+        checks: vec![Check {
+            key: key("/t/x"),
+            revision: Some(1),
+            value: Some(json!(1)),
+        }],
         ops,
     };
-    let Outcome::Txn(t) = s.mutate(good).await.unwrap() else { panic!() };
+    let Outcome::Txn(t) = s.mutate(good).await.unwrap() else {
+        panic!()
+    };
     assert_eq!(t.revision, 2);
     assert_eq!(s.get(&key("/t/b")).unwrap().unwrap().revision, 2);
     let too_many = Mutation::Txn {
         checks: vec![],
-        ops: (0..17).map(|i| Op::Get { key: key(&format!("/k{i}")) }).collect(),
+        ops: (0..17)
+            .map(|i| Op::Get {
+                key: key(&format!("/k{i}")),
+            })
+            .collect(),
     };
     assert_eq!(s.mutate(too_many).await.unwrap_err().code(), "too_large");
 }
@@ -121,7 +175,10 @@ async fn txn_is_all_or_nothing() {
 async fn value_limit() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    let err = s.mutate(put("/big", json!("x".repeat(2000)))).await.unwrap_err();
+    let err = s
+        .mutate(put("/big", json!("x".repeat(2000))))
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::ValueTooLarge { max: 1024, .. }));
 }
 
@@ -156,24 +213,43 @@ async fn watch_replays_and_wakes() {
     let s = open(dir.path());
     s.mutate(put("/w/1", json!(1))).await.unwrap();
     s.mutate(put("/other", json!(1))).await.unwrap();
-    s.mutate(Mutation::Delete { key: key("/w/1"), if_revision: None }).await.unwrap();
+    s.mutate(Mutation::Delete {
+        key: key("/w/1"),
+        if_revision: None,
+    })
+    .await
+    .unwrap();
     let p = Prefix::parse("/w").unwrap();
     let never = std::future::pending::<()>();
-    let r = s.watch(&p, 0, Duration::from_millis(0), 100, 1 << 20, never).await.unwrap();
+    let r = s
+        .watch(&p, 0, Duration::from_millis(0), 100, 1 << 20, never)
+        .await
+        .unwrap();
     let revs: Vec<_> = r.events.iter().map(|e| e.revision).collect();
     assert_eq!(revs, [1, 3]);
     assert_eq!(r.events[1].kind, EventKind::Delete);
     assert_eq!(r.revision, 3);
 
     // Nothing new: a zero timeout returns empty and says so.
-    let r = s.watch(&p, 3, Duration::ZERO, 100, 1 << 20, std::future::pending()).await.unwrap();
+    let r = s
+        .watch(&p, 3, Duration::ZERO, 100, 1 << 20, std::future::pending())
+        .await
+        .unwrap();
     assert!(r.events.is_empty() && r.timed_out);
 
     // A commit wakes a waiting watcher (the timeout is far away).
     let s2 = s.clone();
     let waiter = tokio::spawn(async move {
         let p = Prefix::parse("/w").unwrap();
-        s2.watch(&p, 3, Duration::from_secs(3600), 100, 1 << 20, std::future::pending()).await
+        s2.watch(
+            &p,
+            3,
+            Duration::from_secs(3600),
+            100,
+            1 << 20,
+            std::future::pending(),
+        )
+        .await
     });
     s.mutate(put("/elsewhere", json!(0))).await.unwrap();
     s.mutate(put("/w/2", json!(2))).await.unwrap();
@@ -198,11 +274,38 @@ async fn watch_compaction_is_an_error() {
         s.mutate(put("/k", json!(i))).await.unwrap();
     }
     let err = s
-        .watch(&Prefix::root(), 2, Duration::ZERO, 10, 1 << 20, std::future::pending())
+        .watch(
+            &Prefix::root(),
+            2,
+            Duration::ZERO,
+            10,
+            1 << 20,
+            std::future::pending(),
+        )
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::Compacted { compacted: 7, current: 10, .. }), "{err}");
-    let r = s.watch(&Prefix::root(), 7, Duration::ZERO, 10, 1 << 20, std::future::pending()).await.unwrap();
+    assert!(
+        matches!(
+            err,
+            StoreError::Compacted {
+                compacted: 7,
+                current: 10,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let r = s
+        .watch(
+            &Prefix::root(),
+            7,
+            Duration::ZERO,
+            10,
+            1 << 20,
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.events.len(), 3);
 }
 
@@ -216,8 +319,14 @@ async fn second_open_is_refused_and_data_survives_reopen() {
     s.close();
     drop(s);
     let s = open(dir.path());
-    assert_eq!(s.get(&key("/keep")).unwrap().unwrap().value, json!({"x": [1, 2]}));
+    assert_eq!(
+        s.get(&key("/keep")).unwrap().unwrap().value,
+        json!({"x": [1, 2]})
+    );
     assert_eq!(s.revision(), 1);
-    let mode = fs::metadata(dir.path().join("store")).unwrap().permissions().mode();
+    let mode = fs::metadata(dir.path().join("store"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o700);
 }

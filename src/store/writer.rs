@@ -11,8 +11,8 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
 use super::{
-    get_entry, Check, DeleteOutcome, Dbs, Event, EventKind, Job, Key, Mutation, Op,
-    OpResult, Outcome, PutOutcome, StoreError, TxnOutcome, META_COMPACTED, META_REVISION,
+    get_entry, Check, Dbs, DeleteOutcome, Event, EventKind, Job, Key, Mutation, Op, OpResult,
+    Outcome, PutOutcome, StoreError, TxnOutcome, META_COMPACTED, META_REVISION,
 };
 
 /// Upper bound on one batch, so that one commit's latency stays bounded under load.
@@ -99,7 +99,10 @@ impl Writer {
             if revision > compacted + self.history {
                 compacted = revision - self.history;
                 let upto = compacted.to_be_bytes();
-                let range = (std::ops::Bound::Unbounded, std::ops::Bound::Included(&upto[..]));
+                let range = (
+                    std::ops::Bound::Unbounded,
+                    std::ops::Bound::Included(&upto[..]),
+                );
                 self.dbs.changes.delete_range(&mut wtxn, &range)?;
                 self.dbs
                     .meta
@@ -191,10 +194,7 @@ fn delete(
             revision: ctx.next - 1,
         });
     }
-    ctx.dbs
-        .kv
-        .delete(txn, key.as_bytes())
-        .map_err(write_err)?;
+    ctx.dbs.kv.delete(txn, key.as_bytes()).map_err(write_err)?;
     ctx.events.push(Event {
         revision: ctx.next,
         key: key.to_string(),

@@ -1,0 +1,227 @@
+//! Test support: the real `cordon` binary on a temp store, and a lean JSON-RPC
+//! client over the agent's real Unix socket.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+pub use rustix::process::Signal;
+use rustix::process::{kill_process, Pid};
+use serde_json::{json, Value};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cordon");
+
+pub struct Gateway {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub child: Option<Child>,
+    pub ready: Value,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// The `[gateway]` section plus one agent `coder` (and whatever `extra` adds).
+pub fn config_text(extra_gateway: &str, agents: &str) -> String {
+    format!(
+        "[gateway]\nstore = \"state/store\"\nruntime_dir = \"state/run\"\nmap_size = \"256MiB\"\n{extra_gateway}\n{agents}"
+    )
+}
+
+pub const CODER: &str = "[agents.coder]\nrole = \"coder\"\n";
+
+impl Gateway {
+    /// Starts a gateway in a fresh temp dir with agent `coder`.
+    pub fn start() -> Gateway {
+        Gateway::start_with("", CODER)
+    }
+
+    pub fn start_with(extra_gateway: &str, agents: &str) -> Gateway {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        // Agents running under other uids must be able to traverse to their socket.
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let config = dir.join("cordon.toml");
+        std::fs::write(&config, config_text(extra_gateway, agents)).unwrap();
+        let mut g = Gateway {
+            dir,
+            config,
+            child: None,
+            ready: Value::Null,
+            _tmp: Some(tmp),
+        };
+        g.launch().expect("gateway did not become ready");
+        g
+    }
+
+    /// Starts (again) on the same dir; returns the gateway's stderr on failure.
+    pub fn launch(&mut self) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("gateway.log"))
+            .unwrap();
+        let mut child = Command::new(BIN)
+            .args(["gateway", "--config"])
+            .arg(&self.config)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        // The gateway prints one JSON line on stdout once every socket accepts;
+        // EOF instead means it exited.
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        if line.is_empty() {
+            let status = child.wait().unwrap();
+            return Err(format!("gateway exited ({status}): {}", self.log()));
+        }
+        self.ready = serde_json::from_str(&line).unwrap();
+        self.child = Some(child);
+        Ok(())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
+    }
+
+    pub fn socket(&self, agent: &str) -> PathBuf {
+        self.dir
+            .join("state/run/agents")
+            .join(agent)
+            .join("mcp.sock")
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(&self.socket("coder"))
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        let pid = self.child.as_ref().unwrap().id() as i32;
+        kill_process(Pid::from_raw(pid).unwrap(), sig).unwrap();
+    }
+
+    /// SIGTERM, and the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal(Signal::TERM);
+        self.child.take().unwrap().wait().unwrap()
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self) {
+        self.signal(Signal::KILL);
+        self.child.take().unwrap().wait().unwrap();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A minimal MCP client: newline-delimited JSON-RPC, requests answered in order
+/// unless pipelined on purpose.
+pub struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    next_id: u64,
+}
+
+impl Client {
+    pub fn connect(path: &Path) -> Client {
+        let mut c = Client::connect_raw(path).unwrap();
+        let r = c.request(
+            "initialize",
+            json!({"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "cordon-tests", "version": "0"}}),
+        );
+        assert_eq!(r["result"]["protocolVersion"], "2025-11-25", "{r}");
+        c.notify("notifications/initialized", json!({}));
+        c
+    }
+
+    pub fn connect_raw(path: &Path) -> std::io::Result<Client> {
+        let s = UnixStream::connect(path)?;
+        Ok(Client {
+            reader: BufReader::new(s.try_clone()?),
+            writer: s,
+            next_id: 1,
+        })
+    }
+
+    pub fn send_line(&mut self, line: &[u8]) {
+        self.writer.write_all(line).unwrap();
+        self.writer.write_all(b"\n").unwrap();
+    }
+
+    /// Sends, ignoring a peer that already closed.
+    pub fn try_send(&mut self, msg: &Value) {
+        let _ = self.writer.write_all(format!("{msg}\n").as_bytes());
+    }
+
+    pub fn send(&mut self, msg: &Value) {
+        self.send_line(msg.to_string().as_bytes());
+    }
+
+    /// The next line, or None at EOF.
+    pub fn recv(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return None;
+        }
+        Some(serde_json::from_str(&line).unwrap())
+    }
+
+    pub fn notify(&mut self, method: &str, params: Value) {
+        self.send(&json!({"jsonrpc": "2.0", "method": method, "params": params}));
+    }
+
+    /// Sends a request and returns its id without waiting.
+    pub fn start(&mut self, method: &str, params: Value) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}));
+        id
+    }
+
+    pub fn request(&mut self, method: &str, params: Value) -> Value {
+        let id = self.start(method, params);
+        let r = self.recv().expect("connection closed");
+        assert_eq!(r["id"], id, "out-of-order reply {r}");
+        r
+    }
+
+    /// `tools/call`: the whole result object (structuredContent, isError, content).
+    pub fn call(&mut self, tool: &str, args: Value) -> Value {
+        let r = self.request("tools/call", json!({"name": tool, "arguments": args}));
+        assert!(r.get("error").is_none(), "protocol error from {tool}: {r}");
+        r["result"].clone()
+    }
+
+    /// A call that must succeed: its structured content.
+    pub fn ok(&mut self, tool: &str, args: Value) -> Value {
+        let r = self.call(tool, args);
+        assert_eq!(r["isError"], false, "{tool} failed: {r}");
+        r["structuredContent"].clone()
+    }
+
+    /// A call that must fail as a tool error: its error code.
+    pub fn err(&mut self, tool: &str, args: Value) -> String {
+        let r = self.call(tool, args);
+        assert_eq!(r["isError"], true, "{tool} should have failed: {r}");
+        r["structuredContent"]["error"]["code"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
