@@ -182,14 +182,15 @@ impl Config {
             message: e.to_string(),
         })?;
         config.path = path.to_path_buf();
-        let base = path.parent().unwrap_or(Path::new("."));
-        let base = if base.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            base
-        };
-        config.gateway.store = base.join(&config.gateway.store);
-        config.gateway.runtime_dir = base.join(&config.gateway.runtime_dir);
+        // Absolute paths, so that socket paths handed to agents and printed in
+        // logs do not depend on anyone's working directory.
+        let abs = std::path::absolute(path).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: format!("cannot resolve the config's directory: {e}"),
+        })?;
+        let base = abs.parent().unwrap_or(Path::new("/"));
+        config.gateway.store = normalize(&base.join(&config.gateway.store));
+        config.gateway.runtime_dir = normalize(&base.join(&config.gateway.runtime_dir));
         config.validate()?;
         Ok(config)
     }
@@ -256,6 +257,22 @@ impl Config {
     pub fn agent_socket(&self, agent: &str) -> PathBuf {
         self.agent_dir(agent).join("mcp.sock")
     }
+}
+
+/// Drops `.` and folds `..` lexically, so `configs/../state` reads as `state`.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// Agent names become directory names and appear in logs: keep them plain.
