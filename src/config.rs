@@ -128,8 +128,10 @@ fn default_grace_ms() -> u64 {
 pub struct GatewayConfig {
     /// LMDB environment directory; created 0700 if missing.
     pub store: PathBuf,
-    /// Sockets live under here: `agents/<name>/mcp.sock`.
+    /// Sockets live under here: `agents/<name>/mcp.sock`, `admin.sock`.
     pub runtime_dir: PathBuf,
+    /// The role policy (TOML). Required: there is no implicit allow-all.
+    pub policy: PathBuf,
     #[serde(default = "default_map_size")]
     pub map_size: ByteSize,
     /// Largest JSON-RPC message (one line) a client may send.
@@ -191,6 +193,7 @@ impl Config {
         let base = abs.parent().unwrap_or(Path::new("/"));
         config.gateway.store = normalize(&base.join(&config.gateway.store));
         config.gateway.runtime_dir = normalize(&base.join(&config.gateway.runtime_dir));
+        config.gateway.policy = normalize(&base.join(&config.gateway.policy));
         config.validate()?;
         Ok(config)
     }
@@ -254,6 +257,10 @@ impl Config {
         self.gateway.runtime_dir.join("agents").join(agent)
     }
 
+    pub fn admin_socket(&self) -> PathBuf {
+        self.gateway.runtime_dir.join("admin.sock")
+    }
+
     pub fn agent_socket(&self, agent: &str) -> PathBuf {
         self.agent_dir(agent).join("mcp.sock")
     }
@@ -308,7 +315,7 @@ mod tests {
     #[test]
     fn parses_and_resolves_relative_paths() {
         let c = Config::parse(
-            "[gateway]\nstore = \"state/store\"\nruntime_dir = \"/run/x\"\nmap_size = \"64MiB\"\n[agents.coder]\nrole = \"coder\"\nuid = 1001\n",
+            "[gateway]\nstore = \"state/store\"\nruntime_dir = \"/run/x\"\npolicy = \"p.toml\"\nmap_size = \"64MiB\"\n[agents.coder]\nrole = \"coder\"\nuid = 1001\n",
             Path::new("/etc/cordon/deploy.toml"),
         )
         .unwrap();
@@ -325,20 +332,20 @@ mod tests {
     #[test]
     fn rejects_unknown_fields_with_position() {
         let err = Config::parse(
-            "[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\nmax_mesage_bytes = 5\n",
+            "[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"p\"\nmax_mesage_bytes = 5\n",
             Path::new("c.toml"),
         )
         .unwrap_err()
         .to_string();
         assert!(err.contains("max_mesage_bytes"), "{err}");
-        assert!(err.contains("line 4"), "{err}");
+        assert!(err.contains("line 5"), "{err}");
     }
 
     #[test]
     fn rejects_bad_agent_names_and_bounds() {
         let bad = |extra: &str| {
             Config::parse(
-                &format!("[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\n{extra}"),
+                &format!("[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"p\"\n{extra}"),
                 Path::new("c.toml"),
             )
             .unwrap_err()

@@ -1,16 +1,13 @@
 //! cordon: run AI agents in kernel-enforced sandboxes that share state only
 //! through one policy-checked, audited MCP gateway.
 
-mod bridge;
-mod config;
-mod gateway;
-mod store;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use cordon::policy::{explain, Policy};
+use cordon::{bridge, config, gateway};
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +51,51 @@ enum Command {
         #[arg(long)]
         socket: PathBuf,
     },
+    /// Check, explain and reload role policies (policies/*.toml).
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files and run their [[tests]]; exit 1 on any error.
+    Check {
+        /// Policy files to check.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Decide one call as the gateway would, and name the rule that decided it.
+    Explain {
+        #[arg(long)]
+        policy: PathBuf,
+        #[arg(long)]
+        role: String,
+        /// A gateway tool: kv_get, kv_put, kv_delete, kv_list, kv_scan, kv_txn, kv_watch.
+        #[arg(long)]
+        tool: String,
+        /// The call's arguments as a JSON object, e.g. '{"key":"/projects/p1/plan"}'.
+        #[arg(long, default_value = "{}")]
+        args: String,
+        /// Print the decision as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The effective rights of a role after inheritance, as tables.
+    Show {
+        #[arg(long)]
+        policy: PathBuf,
+        #[arg(long)]
+        role: String,
+    },
+    /// Make a running gateway load its policy file again (as SIGHUP does).
+    /// A policy that fails to load is rejected and the running one stays.
+    Reload {
+        /// The deployment config the gateway runs with (finds its admin socket).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -76,6 +118,7 @@ fn main() -> ExitCode {
             run_gateway(config)
         }
         Command::Bridge { socket } => run_bridge(socket),
+        Command::Policy { command } => run_policy(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -121,4 +164,101 @@ fn run_bridge(socket: PathBuf) -> anyhow::Result<()> {
     runtime.shutdown_background();
     result?;
     Ok(())
+}
+
+fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
+    match command {
+        PolicyCommand::Check { files } => {
+            let mut failed = 0;
+            for file in &files {
+                match Policy::load(file) {
+                    Ok(p) => {
+                        for w in &p.warnings {
+                            eprintln!("{w}");
+                        }
+                        println!(
+                            "ok: {}: {} roles, {} tests passed, {} warnings",
+                            file.display(),
+                            p.roles().count(),
+                            p.tests_passed,
+                            p.warnings.len()
+                        );
+                    }
+                    Err(e) => {
+                        eprintln!("{e}");
+                        failed += 1;
+                    }
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} policy files failed", files.len());
+            }
+            Ok(())
+        }
+        PolicyCommand::Explain {
+            policy,
+            role,
+            tool,
+            args,
+            json,
+        } => {
+            let p = Policy::load(&policy)?;
+            let args: serde_json::Value =
+                serde_json::from_str(&args).context("--args is not valid JSON")?;
+            if p.role(&role).is_none() {
+                anyhow::bail!(
+                    "no role {role:?} in {} (roles: {})",
+                    policy.display(),
+                    p.roles().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
+                );
+            }
+            let verdict = p.evaluate(&role, &tool, &args);
+            if json {
+                println!("{}", explain::explain_json(&role, &tool, &args, &verdict));
+            } else {
+                print!("{}", explain::explain_text(&role, &tool, &args, &verdict));
+            }
+            Ok(())
+        }
+        PolicyCommand::Show { policy, role } => {
+            let p = Policy::load(&policy)?;
+            let Some(r) = p.role(&role) else {
+                anyhow::bail!(
+                    "no role {role:?} in {} (roles: {})",
+                    policy.display(),
+                    p.roles().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
+                );
+            };
+            print!("{}", explain::show_text(&p, r));
+            Ok(())
+        }
+        PolicyCommand::Reload { config } => {
+            let config = config::Config::load(&config)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            let answer = runtime.block_on(gateway::admin::request(
+                &config.admin_socket(),
+                &serde_json::json!({"op": "policy_reload"}),
+            ))?;
+            if answer["ok"] == true {
+                for w in answer["warnings"].as_array().into_iter().flatten() {
+                    eprintln!("{}", w.as_str().unwrap_or_default());
+                }
+                println!(
+                    "reloaded {} (sha256 {}, {} tests passed)",
+                    answer["policy"].as_str().unwrap_or_default(),
+                    answer["hash"].as_str().unwrap_or_default(),
+                    answer["tests_passed"]
+                );
+                Ok(())
+            } else {
+                anyhow::bail!(
+                    "reload rejected; the running policy stays in force:\n{}",
+                    answer["error"].as_str().unwrap_or("(no reason given)")
+                )
+            }
+        }
+    }
 }

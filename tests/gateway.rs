@@ -308,7 +308,7 @@ fn second_gateway_is_refused() {
     let other = g.dir.join("other.toml");
     std::fs::write(
         &other,
-        format!("[gateway]\nstore = \"state/store2\"\nruntime_dir = \"state/run\"\n{CODER}"),
+        format!("[gateway]\nstore = \"state/store2\"\nruntime_dir = \"state/run\"\npolicy = \"policy.toml\"\n{CODER}"),
     )
     .unwrap();
     let out = Command::new(BIN)
@@ -554,7 +554,7 @@ fn connections_per_agent_are_bounded() {
 fn bad_config_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(&path, "[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\nmap_sise = \"1GiB\"\n[agents.a]\nrole = \"r\"\n").unwrap();
+    std::fs::write(&path, "[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"p.toml\"\nmap_sise = \"1GiB\"\n[agents.a]\nrole = \"r\"\n").unwrap();
     let out = Command::new(BIN)
         .args(["gateway", "--config"])
         .arg(&path)
@@ -562,8 +562,8 @@ fn bad_config_is_a_clear_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("map_sise") && err.contains("line 4"), "{err}");
-    std::fs::write(&path, "[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\n").unwrap();
+    assert!(err.contains("map_sise") && err.contains("line 5"), "{err}");
+    std::fs::write(&path, "[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"p.toml\"\n").unwrap();
     let out = Command::new(BIN)
         .args(["gateway", "--config"])
         .arg(&path)

@@ -2,6 +2,8 @@
 //! per agent. The socket a connection arrives on names the agent; the kernel's
 //! peer credentials must match the agent's uid before a single byte is served.
 
+pub mod admin;
+pub mod request;
 mod session;
 pub mod tools;
 mod transport;
@@ -15,6 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use rmcp::ServiceExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
@@ -23,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{AgentConfig, Config};
+use crate::policy::{Policy, PolicyError, RateLimiter};
 use crate::store::{Store, StoreError, StoreOptions};
 use session::{Identity, Session, Shared};
 use tools::ToolLimits;
@@ -38,6 +42,8 @@ const MAX_CALLS_PER_CONNECTION: usize = 64;
 pub enum GatewayError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
     #[error("config {path} defines no agents: add at least one [agents.<name>] with a role")]
     NoAgents { path: PathBuf },
     #[error("agent {agent}: uid {uid} is set, but the gateway runs as uid {me} and only root can hand the socket to another uid")]
@@ -75,6 +81,7 @@ struct Listener {
 /// Runs the gateway until SIGTERM or SIGINT, then shuts down in order: stop
 /// accepting, let in-flight calls finish, close sessions, commit, remove sockets.
 pub async fn run(config: Config) -> Result<(), GatewayError> {
+    let config = Arc::new(config);
     if config.agents.is_empty() {
         return Err(GatewayError::NoAgents {
             path: config.path.clone(),
@@ -92,10 +99,13 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
             }
         }
     }
+    let policy = load_policy(&config)?;
     let mut sigterm =
         signal(SignalKind::terminate()).map_err(|source| GatewayError::Signal { source })?;
     let mut sigint =
         signal(SignalKind::interrupt()).map_err(|source| GatewayError::Signal { source })?;
+    let mut sighup =
+        signal(SignalKind::hangup()).map_err(|source| GatewayError::Signal { source })?;
 
     let g = &config.gateway;
     let store = Store::open(StoreOptions {
@@ -105,7 +115,7 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
         max_txn_ops: g.max_txn_ops,
         history: g.watch_history,
     })?;
-    let listeners = match bind_all(&config, me) {
+    let (listeners, admin_listener) = match bind_all(&config, me) {
         Ok(l) => l,
         Err(e) => {
             store.close();
@@ -117,9 +127,10 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
     let shared = Arc::new(Shared {
         store: store.clone(),
         tools: Arc::new(tools::definitions()),
+        policy: ArcSwap::from_pointee(policy),
         limits: ToolLimits {
-            max_list_limit: g.max_list_limit,
-            max_watch: Duration::from_millis(g.max_watch_ms),
+            max_list_limit: g.max_list_limit as u64,
+            max_watch_ms: g.max_watch_ms,
             // Leave room for the JSON-RPC envelope and metadata around values.
             max_reply_bytes: max_message / 2,
         },
@@ -148,6 +159,13 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
             max_message,
         ));
     }
+    owned.push((admin_listener.path.clone(), admin_listener.ino));
+    accepting.spawn(admin::serve(
+        admin_listener.listener,
+        me,
+        shared.clone(),
+        config.clone(),
+    ));
     accepting.close();
 
     tracing::info!(store = %g.store.display(), agents = sockets.len(), revision = store.revision(), "gateway ready");
@@ -158,9 +176,16 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
         serde_json::json!({"ready": true, "pid": std::process::id(), "sockets": sockets})
     );
 
-    let signal_name = tokio::select! {
-        _ = sigterm.recv() => "SIGTERM",
-        _ = sigint.recv() => "SIGINT",
+    let signal_name = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+            _ = sighup.recv() => {
+                // A reload that fails leaves the running policy in force; the
+                // error is logged (and `cordon policy reload` shows it).
+                let _ = reload_policy(&shared, &config);
+            }
+        }
     };
     tracing::info!(signal = signal_name, "shutting down");
 
@@ -192,7 +217,45 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
     Ok(())
 }
 
-fn bind_all(config: &Config, me: u32) -> Result<Vec<Listener>, GatewayError> {
+fn load_policy(config: &Config) -> Result<Policy, PolicyError> {
+    let policy = Policy::load(&config.gateway.policy)?;
+    policy.check_agents(
+        config
+            .agents
+            .iter()
+            .map(|(name, a)| (name.as_str(), a.role.as_str())),
+    )?;
+    for w in &policy.warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(policy)
+}
+
+/// Loads the policy file again and swaps it in whole, or leaves the running
+/// one in force and says why.
+pub(crate) fn reload_policy(shared: &Shared, config: &Config) -> Result<Arc<Policy>, PolicyError> {
+    match load_policy(config) {
+        Ok(policy) => {
+            let policy = Arc::new(policy);
+            tracing::info!(policy = %policy.path.display(), hash = %policy.hash, tests = policy.tests_passed, "policy reloaded");
+            shared.policy.store(policy.clone());
+            Ok(policy)
+        }
+        Err(e) => {
+            tracing::error!("policy reload rejected, the running policy stays in force: {e}");
+            Err(e)
+        }
+    }
+}
+
+/// A bound socket this gateway owns (and removes at shutdown).
+struct Bound {
+    path: PathBuf,
+    ino: u64,
+    listener: UnixListener,
+}
+
+fn bind_all(config: &Config, me: u32) -> Result<(Vec<Listener>, Bound), GatewayError> {
     let runtime = &config.gateway.runtime_dir;
     let agents_dir = runtime.join("agents");
     // Agents must traverse these to reach their own socket, but not list them.
@@ -209,7 +272,9 @@ fn bind_all(config: &Config, me: u32) -> Result<Vec<Listener>, GatewayError> {
     for (name, agent) in &config.agents {
         out.push(bind_agent(config, name, agent, me)?);
     }
-    Ok(out)
+    // Operators and the orchestrator only: 0600, owned by the gateway's user.
+    let admin = bind_socket(&config.admin_socket())?;
+    Ok((out, admin))
 }
 
 fn make_dir(path: &Path, mode: u32, enforce_mode: bool) -> Result<(), GatewayError> {
@@ -291,6 +356,24 @@ fn bind_agent(
     }
     make_dir(&dir, 0o700, true)?;
 
+    let bound = bind_socket(&path)?;
+    if let (Some(uid), 0) = (agent.uid, me) {
+        chown(&path, uid)?;
+        chown(&dir, uid)?;
+    }
+    Ok(Listener {
+        agent: name.to_string(),
+        path,
+        ino: bound.ino,
+        listener: bound.listener,
+        expected_uid: agent.uid.unwrap_or(me),
+    })
+}
+
+/// Binds a socket at `path` with mode 0600, replacing a stale one a crashed
+/// gateway left, refusing if a live gateway still listens there.
+fn bind_socket(path: &Path) -> Result<Bound, GatewayError> {
+    let path = path.to_path_buf();
     match fs::symlink_metadata(&path) {
         Ok(meta) if meta.file_type().is_socket() => {
             match std::os::unix::net::UnixStream::connect(&path) {
@@ -325,16 +408,10 @@ fn bind_agent(
             source,
         })?
         .ino();
-    if let (Some(uid), 0) = (agent.uid, me) {
-        chown(&path, uid)?;
-        chown(&dir, uid)?;
-    }
-    Ok(Listener {
-        agent: name.to_string(),
+    Ok(Bound {
         path,
         ino,
         listener,
-        expected_uid: agent.uid.unwrap_or(me),
     })
 }
 
@@ -360,6 +437,7 @@ async fn accept_loop(
     max_message: usize,
 ) {
     let slots = Arc::new(Semaphore::new(max_connections));
+    let rate = Arc::new(RateLimiter::default());
     let agent_name: Arc<str> = Arc::from(l.agent.as_str());
     let role: Arc<str> = Arc::from(agent.role.as_str());
     loop {
@@ -419,6 +497,7 @@ async fn accept_loop(
             id,
             shared: shared.clone(),
             inflight: Arc::new(Semaphore::new(shared.max_calls_per_connection)),
+            rate: rate.clone(),
         };
         let token = sessions_token.child_token();
         sessions.spawn(async move {

@@ -1,41 +1,39 @@
-//! The MCP tool surface: names, argument schemas, argument parsing, and the
-//! rendering of store outcomes as tool results.
+//! The MCP tool surface: names, argument schemas, execution of an already
+//! decided request against the store, and the rendering of outcomes.
 //!
-//! A tool-level failure (bad arguments, missing key, failed check) is a result
-//! with `isError: true` and a structured `{"error": {"code", "message"}}` the
-//! agent can read and act on; it is never a JSON-RPC protocol error.
+//! A tool-level failure (bad arguments, missing key, failed check, a key
+//! outside the role's scopes) is a result with `isError: true` and a structured
+//! `{"error": {"code", "message"}}` the agent can read and act on; it is never a
+//! JSON-RPC protocol error.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rmcp::model::{CallToolResult, ContentBlock, JsonObject, Tool};
-use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::store::{Check, Key, Mutation, Op, Outcome, Prefix, Store, StoreError};
+use super::request::{Request, RequestError};
+use crate::policy::GATEWAY_TOOLS;
+use crate::store::{Mutation, Outcome, Store, StoreError};
 
-/// Bounds the gateway applies to tool arguments (from the deployment config).
+/// Bounds for one call: the gateway's, narrowed by the caller's role.
 #[derive(Debug, Clone)]
 pub struct ToolLimits {
-    pub max_list_limit: usize,
-    pub max_watch: Duration,
+    pub max_list_limit: u64,
+    pub max_watch_ms: u64,
     /// Upper bound on the values carried by one reply (scan, watch).
     pub max_reply_bytes: usize,
 }
 
-const DEFAULT_LIST_LIMIT: usize = 100;
+const DEFAULT_LIST_LIMIT: u64 = 100;
 const DEFAULT_WATCH_MS: u64 = 30_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
-    #[error("invalid arguments for {tool}: {message}")]
-    InvalidArguments { tool: String, message: String },
+    #[error(transparent)]
+    Request(#[from] RequestError),
     #[error("{what} is {got}; the limit is {max}")]
-    OverLimit {
-        what: &'static str,
-        got: u64,
-        max: u64,
-    },
+    OverLimit { what: &'static str, got: u64, max: u64 },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -43,7 +41,8 @@ pub enum ToolError {
 impl ToolError {
     pub fn code(&self) -> &'static str {
         match self {
-            ToolError::InvalidArguments { .. } => "invalid_arguments",
+            ToolError::Request(RequestError::InvalidKey(_)) => "invalid_key",
+            ToolError::Request(_) => "invalid_arguments",
             ToolError::OverLimit { .. } => "too_large",
             ToolError::Store(e) => e.code(),
         }
@@ -59,10 +58,9 @@ fn schema(v: Value) -> Arc<JsonObject> {
 }
 
 const KEY_DOC: &str = "Key path: '/'-separated segments starting with '/', e.g. /projects/p1/tasks/t7 (no empty, '.' or '..' segments; at most 1024 bytes)";
-const PREFIX_DOC: &str =
-    "Path prefix: '/' for everything, or a key path; '/a' covers '/a' and '/a/...', never '/ab'";
+const PREFIX_DOC: &str = "Path prefix: '/' for everything, or a key path; '/a' covers '/a' and '/a/...', never '/ab'";
 
-/// Every tool the gateway serves, in a fixed order.
+/// Every tool the gateway serves, in GATEWAY_TOOLS order.
 pub fn definitions() -> Vec<Tool> {
     let key = json!({"type": "string", "description": KEY_DOC});
     let prefix = json!({"type": "string", "description": PREFIX_DOC});
@@ -71,7 +69,7 @@ pub fn definitions() -> Vec<Tool> {
         "description": "Compare-and-swap: only if the key's current revision is this; 0 = only if the key does not exist"});
     let limit = json!({"type": "integer", "minimum": 1, "description": "Most items to return (default 100)"});
     let cursor = json!({"type": "string", "description": "next_cursor from the previous page"});
-    vec![
+    let tools = vec![
         Tool::new(
             "kv_get",
             "Read one key: its JSON value, revision and create revision.",
@@ -91,13 +89,13 @@ pub fn definitions() -> Vec<Tool> {
         ),
         Tool::new(
             "kv_list",
-            "List the keys under a prefix (no values), in key order, a page at a time.",
+            "List the keys under a prefix (no values), in key order, a page at a time. Only keys you may read are listed.",
             schema(json!({"type": "object", "properties": {"prefix": prefix, "limit": limit, "cursor": cursor},
                 "required": ["prefix"], "additionalProperties": false})),
         ),
         Tool::new(
             "kv_scan",
-            "List the entries (keys with values) under a prefix, in key order, a page at a time.",
+            "List the entries (keys with values) under a prefix, in key order, a page at a time. Only keys you may read are listed.",
             schema(json!({"type": "object", "properties": {"prefix": prefix, "limit": limit, "cursor": cursor},
                 "required": ["prefix"], "additionalProperties": false})),
         ),
@@ -122,110 +120,9 @@ pub fn definitions() -> Vec<Tool> {
                 "limit": {"type": "integer", "minimum": 1, "description": "Most events to return (default 100)"}},
                 "required": ["prefix", "since_revision"], "additionalProperties": false})),
         ),
-    ]
-}
-
-pub const TOOL_NAMES: [&str; 7] = [
-    "kv_get",
-    "kv_put",
-    "kv_delete",
-    "kv_list",
-    "kv_scan",
-    "kv_txn",
-    "kv_watch",
-];
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GetArgs {
-    key: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PutArgs {
-    key: String,
-    value: Option<Value>,
-    if_revision: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DeleteArgs {
-    key: String,
-    if_revision: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ListArgs {
-    prefix: String,
-    limit: Option<u64>,
-    cursor: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CheckArgs {
-    key: String,
-    revision: Option<u64>,
-    #[serde(default, deserialize_with = "present")]
-    value: Option<Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "lowercase")]
-enum OpKind {
-    Put,
-    Delete,
-    Get,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct OpArgs {
-    op: OpKind,
-    key: String,
-    #[serde(default, deserialize_with = "present")]
-    value: Option<Value>,
-    if_revision: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TxnArgs {
-    #[serde(default)]
-    checks: Vec<CheckArgs>,
-    ops: Vec<OpArgs>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WatchArgs {
-    prefix: String,
-    since_revision: u64,
-    timeout_ms: Option<u64>,
-    limit: Option<u64>,
-}
-
-/// Distinguishes `"value": null` (Some(Null)) from an absent field (None).
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(d).map(Some)
-}
-
-fn parse<T: serde::de::DeserializeOwned>(tool: &str, args: JsonObject) -> Result<T, ToolError> {
-    serde_json::from_value(Value::Object(args)).map_err(|e| ToolError::InvalidArguments {
-        tool: tool.to_string(),
-        message: e.to_string(),
-    })
-}
-
-fn key(raw: &str) -> Result<Key, ToolError> {
-    Key::parse(raw).map_err(|e| ToolError::Store(e.into()))
-}
-
-fn prefix(raw: &str) -> Result<Prefix, ToolError> {
-    Prefix::parse(raw).map_err(|e| ToolError::Store(e.into()))
+    ];
+    debug_assert!(tools.iter().map(|t| t.name.as_ref()).eq(GATEWAY_TOOLS));
+    tools
 }
 
 fn bounded(what: &'static str, got: Option<u64>, default: u64, max: u64) -> Result<u64, ToolError> {
@@ -234,153 +131,6 @@ fn bounded(what: &'static str, got: Option<u64>, default: u64, max: u64) -> Resu
         return Err(ToolError::OverLimit { what, got: v, max });
     }
     Ok(v)
-}
-
-fn require_value(tool: &str, value: Option<Value>) -> Result<Value, ToolError> {
-    value.ok_or_else(|| ToolError::InvalidArguments {
-        tool: tool.to_string(),
-        message: "missing field `value`".into(),
-    })
-}
-
-/// Runs one tool call against the store. `stop` ends a waiting `kv_watch` early
-/// (shutdown or client cancellation).
-pub async fn call(
-    store: &Store,
-    limits: &ToolLimits,
-    name: &str,
-    args: JsonObject,
-    stop: impl std::future::Future<Output = ()>,
-) -> Result<Value, ToolError> {
-    match name {
-        "kv_get" => {
-            let a: GetArgs = parse(name, args)?;
-            let k = key(&a.key)?;
-            match store.get(&k)? {
-                Some(entry) => Ok(to_json(&entry)),
-                None => Err(StoreError::NotFound { key: k.to_string() }.into()),
-            }
-        }
-        "kv_put" => {
-            let a: PutArgs = parse(name, args)?;
-            let m = Mutation::Put {
-                key: key(&a.key)?,
-                value: require_value(name, a.value)?,
-                if_revision: a.if_revision,
-            };
-            Ok(outcome_json(store.mutate(m).await?))
-        }
-        "kv_delete" => {
-            let a: DeleteArgs = parse(name, args)?;
-            let m = Mutation::Delete {
-                key: key(&a.key)?,
-                if_revision: a.if_revision,
-            };
-            Ok(outcome_json(store.mutate(m).await?))
-        }
-        "kv_list" | "kv_scan" => {
-            let a: ListArgs = parse(name, args)?;
-            let p = prefix(&a.prefix)?;
-            let cursor = a.cursor.as_deref().map(key).transpose()?;
-            let limit = bounded(
-                "limit",
-                a.limit,
-                DEFAULT_LIST_LIMIT as u64,
-                limits.max_list_limit as u64,
-            )? as usize;
-            if name == "kv_list" {
-                let page = store.list(&p, cursor.as_ref(), limit)?;
-                Ok(json!({"keys": page.items, "next_cursor": page.next_cursor}))
-            } else {
-                let page = store.scan(&p, cursor.as_ref(), limit, limits.max_reply_bytes)?;
-                Ok(json!({"entries": page.items, "next_cursor": page.next_cursor}))
-            }
-        }
-        "kv_txn" => {
-            let a: TxnArgs = parse(name, args)?;
-            let checks = a
-                .checks
-                .into_iter()
-                .map(|c| {
-                    if c.revision.is_none() && c.value.is_none() {
-                        return Err(ToolError::InvalidArguments {
-                            tool: name.into(),
-                            message: format!("check on {} needs `revision` or `value`", c.key),
-                        });
-                    }
-                    Ok(Check {
-                        key: key(&c.key)?,
-                        revision: c.revision,
-                        value: c.value,
-                    })
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let ops = a
-                .ops
-                .into_iter()
-                .map(|o| {
-                    let k = key(&o.key)?;
-                    let misplaced = |field: &str| ToolError::InvalidArguments {
-                        tool: name.into(),
-                        message: format!("`{field}` is not allowed on this op ({})", o.key),
-                    };
-                    Ok(match o.op {
-                        OpKind::Put => Op::Put {
-                            key: k,
-                            value: require_value(name, o.value)?,
-                            if_revision: o.if_revision,
-                        },
-                        OpKind::Delete if o.value.is_some() => return Err(misplaced("value")),
-                        OpKind::Delete => Op::Delete {
-                            key: k,
-                            if_revision: o.if_revision,
-                        },
-                        OpKind::Get if o.value.is_some() => return Err(misplaced("value")),
-                        OpKind::Get if o.if_revision.is_some() => {
-                            return Err(misplaced("if_revision"))
-                        }
-                        OpKind::Get => Op::Get { key: k },
-                    })
-                })
-                .collect::<Result<Vec<_>, ToolError>>()?;
-            if ops.is_empty() {
-                return Err(ToolError::InvalidArguments {
-                    tool: name.into(),
-                    message: "`ops` is empty".into(),
-                });
-            }
-            Ok(outcome_json(
-                store.mutate(Mutation::Txn { checks, ops }).await?,
-            ))
-        }
-        "kv_watch" => {
-            let a: WatchArgs = parse(name, args)?;
-            let p = prefix(&a.prefix)?;
-            let max_ms = u64::try_from(limits.max_watch.as_millis()).unwrap_or(u64::MAX);
-            let timeout = bounded("timeout_ms", a.timeout_ms, DEFAULT_WATCH_MS, max_ms)?;
-            let limit = bounded(
-                "limit",
-                a.limit,
-                DEFAULT_LIST_LIMIT as u64,
-                limits.max_list_limit as u64,
-            )? as usize;
-            let result = store
-                .watch(
-                    &p,
-                    a.since_revision,
-                    Duration::from_millis(timeout),
-                    limit,
-                    limits.max_reply_bytes,
-                    stop,
-                )
-                .await?;
-            Ok(to_json(&result))
-        }
-        other => Err(ToolError::InvalidArguments {
-            tool: other.to_string(),
-            message: "no such tool".into(),
-        }),
-    }
 }
 
 /// The store's result types hold only strings, integers and JSON values, so
@@ -397,6 +147,82 @@ fn outcome_json(o: Outcome) -> Value {
     }
 }
 
+/// Runs a request the policy already allowed. `visible` filters what listings
+/// and watches may show; `stop` ends a waiting `kv_watch` early (shutdown or
+/// client cancellation).
+pub async fn execute(
+    store: &Store,
+    limits: &ToolLimits,
+    request: Request,
+    visible: &(dyn Fn(&str) -> bool + Sync),
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Value, ToolError> {
+    match request {
+        Request::Get { key } => match store.get(&key)? {
+            Some(entry) => Ok(to_json(&entry)),
+            None => Err(StoreError::NotFound {
+                key: key.to_string(),
+            }
+            .into()),
+        },
+        Request::Put {
+            key,
+            value,
+            if_revision,
+        } => Ok(outcome_json(
+            store
+                .mutate(Mutation::Put {
+                    key,
+                    value,
+                    if_revision,
+                })
+                .await?,
+        )),
+        Request::Delete { key, if_revision } => Ok(outcome_json(
+            store.mutate(Mutation::Delete { key, if_revision }).await?,
+        )),
+        Request::List {
+            prefix,
+            limit,
+            cursor,
+            values,
+        } => {
+            let limit = bounded("limit", limit, DEFAULT_LIST_LIMIT, limits.max_list_limit)? as usize;
+            if values {
+                let page = store.scan(&prefix, cursor.as_ref(), limit, limits.max_reply_bytes, visible)?;
+                Ok(json!({"entries": page.items, "next_cursor": page.next_cursor}))
+            } else {
+                let page = store.list(&prefix, cursor.as_ref(), limit, visible)?;
+                Ok(json!({"keys": page.items, "next_cursor": page.next_cursor}))
+            }
+        }
+        Request::Txn { checks, ops } => Ok(outcome_json(
+            store.mutate(Mutation::Txn { checks, ops }).await?,
+        )),
+        Request::Watch {
+            prefix,
+            since_revision,
+            timeout_ms,
+            limit,
+        } => {
+            let timeout = bounded("timeout_ms", timeout_ms, DEFAULT_WATCH_MS, limits.max_watch_ms)?;
+            let limit = bounded("limit", limit, DEFAULT_LIST_LIMIT, limits.max_list_limit)? as usize;
+            let result = store
+                .watch(
+                    &prefix,
+                    since_revision,
+                    Duration::from_millis(timeout),
+                    limit,
+                    limits.max_reply_bytes,
+                    visible,
+                    stop,
+                )
+                .await?;
+            Ok(to_json(&result))
+        }
+    }
+}
+
 /// A successful tool result: the structured JSON and the same JSON as text for
 /// clients that only read text.
 pub fn success(structured: Value) -> CallToolResult {
@@ -406,12 +232,14 @@ pub fn success(structured: Value) -> CallToolResult {
     r
 }
 
-/// A tool error the agent can read: `isError: true`, code and message.
-pub fn failure(err: &ToolError) -> CallToolResult {
-    let code = err.code();
-    let message = err.to_string();
-    let structured = json!({"error": {"code": code, "message": message}});
-    let mut r = CallToolResult::structured_error(structured);
+/// A tool error the agent can read: `isError: true`, code and message, and the
+/// deciding rule when the policy refused.
+pub fn failure(code: &str, message: &str, rule: Option<Value>) -> CallToolResult {
+    let mut error = json!({"code": code, "message": message});
+    if let Some(rule) = rule {
+        error["rule"] = rule;
+    }
+    let mut r = CallToolResult::structured_error(json!({ "error": error }));
     r.content = vec![ContentBlock::text(format!("error ({code}): {message}"))];
     r
 }

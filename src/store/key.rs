@@ -86,7 +86,6 @@ impl Key {
         }
     }
 
-    #[cfg(test)]
     pub fn as_str(&self) -> &str {
         &self.0
     }

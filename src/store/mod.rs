@@ -30,6 +30,9 @@ pub use key::{Key, KeyError, Prefix, MAX_KEY_BYTES};
 const META_REVISION: &[u8] = b"revision";
 const META_COMPACTED: &[u8] = b"compacted";
 const LOCK_FILE: &str = "cordon.lock";
+/// Keys or revisions a listing or watch may skip as invisible to the caller
+/// before it stops, so one call's cost stays bounded.
+const MAX_HIDDEN: usize = 100_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -59,6 +62,8 @@ pub enum StoreError {
     Write { source: heed::Error },
     #[error("store data is corrupt: {what}")]
     Corrupt { what: String },
+    #[error("{skipped} keys under {prefix} are not readable by this role; list a narrower prefix")]
+    TooManyHidden { prefix: String, skipped: usize },
     #[error("the store is shutting down")]
     Closed,
     #[error("store commit failed: {message}")]
@@ -98,7 +103,9 @@ impl StoreError {
     pub fn code(&self) -> &'static str {
         match self {
             StoreError::InvalidKey(_) => "invalid_key",
-            StoreError::ValueTooLarge { .. } | StoreError::TooManyOps { .. } => "too_large",
+            StoreError::ValueTooLarge { .. }
+            | StoreError::TooManyOps { .. }
+            | StoreError::TooManyHidden { .. } => "too_large",
             StoreError::NotFound { .. } => "not_found",
             StoreError::Conflict { .. } => "conflict",
             StoreError::CheckFailed { .. } => "check_failed",
@@ -394,8 +401,9 @@ impl Store {
         prefix: &Prefix,
         cursor: Option<&Key>,
         limit: usize,
+        visible: &dyn Fn(&str) -> bool,
     ) -> Result<Page<KeyInfo>, StoreError> {
-        self.walk(prefix, cursor, limit, |key, raw| {
+        self.walk(prefix, cursor, limit, visible, |key, raw| {
             let (create_revision, revision, _) = split_record(key, raw)?;
             Ok(Some(KeyInfo {
                 key: key.to_string(),
@@ -414,9 +422,10 @@ impl Store {
         cursor: Option<&Key>,
         limit: usize,
         max_bytes: usize,
+        visible: &dyn Fn(&str) -> bool,
     ) -> Result<Page<Entry>, StoreError> {
         let budget = std::cell::Cell::new(max_bytes);
-        self.walk(prefix, cursor, limit, |key, raw| {
+        self.walk(prefix, cursor, limit, visible, |key, raw| {
             if raw.len() > budget.get() && budget.get() != max_bytes {
                 return Ok(None);
             }
@@ -430,6 +439,7 @@ impl Store {
         prefix: &Prefix,
         cursor: Option<&Key>,
         limit: usize,
+        visible: &dyn Fn(&str) -> bool,
         // Returns None to end the page before this item.
         decode: impl Fn(&str, &[u8]) -> Result<Option<T>, StoreError>,
     ) -> Result<Page<T>, StoreError> {
@@ -444,7 +454,7 @@ impl Store {
         // The prefix itself sorts before its children ("/a" < "/a/…"), so the
         // walk is: the exact key, then the contiguous children range.
         if let Some(exact) = prefix.as_key() {
-            if cursor.is_none_or(|c| c.as_bytes() < exact) {
+            if cursor.is_none_or(|c| c.as_bytes() < exact) && visible(prefix.as_str()) {
                 if let Some(raw) = kv.get(&rtxn, exact).map_err(read_err)? {
                     if let Some(item) = decode(prefix.as_str(), raw)? {
                         items.push(item);
@@ -460,6 +470,7 @@ impl Store {
         };
         let range = (lower, Bound::Excluded(hi.as_slice()));
         let mut more = false;
+        let mut hidden = 0usize;
         for item in kv.range(&rtxn, &range).map_err(read_err)? {
             let (k, raw) = item.map_err(read_err)?;
             if items.len() >= limit {
@@ -469,6 +480,23 @@ impl Store {
             let key = std::str::from_utf8(k).map_err(|_| StoreError::Corrupt {
                 what: format!("key is not UTF-8: {k:?}"),
             })?;
+            if !visible(key) {
+                // Skipped keys must never surface, not even as a cursor: past
+                // the budget, return what was found (its cursor is a visible
+                // key) or refuse.
+                hidden += 1;
+                if hidden >= MAX_HIDDEN {
+                    if items.is_empty() {
+                        return Err(StoreError::TooManyHidden {
+                            prefix: prefix.as_str().to_string(),
+                            skipped: hidden,
+                        });
+                    }
+                    more = true;
+                    break;
+                }
+                continue;
+            }
             match decode(key, raw)? {
                 Some(item) => items.push(item),
                 None => {
@@ -543,6 +571,7 @@ impl Store {
         timeout: Duration,
         max_events: usize,
         max_bytes: usize,
+        visible: &(dyn Fn(&str) -> bool + Sync),
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<WatchResult, StoreError> {
         let mut rev = self.inner.revision.clone();
@@ -552,8 +581,8 @@ impl Store {
         loop {
             rev.borrow_and_update();
             let (events, upto, more) =
-                self.changes_since(prefix, scanned, max_events.max(1), max_bytes)?;
-            if !events.is_empty() {
+                self.changes_since(prefix, scanned, max_events.max(1), max_bytes, visible)?;
+            if !events.is_empty() || more {
                 return Ok(WatchResult {
                     events,
                     revision: upto,
@@ -588,6 +617,7 @@ impl Store {
         since: u64,
         max_events: usize,
         max_bytes: usize,
+        visible: &dyn Fn(&str) -> bool,
     ) -> Result<(Vec<Event>, u64, bool), StoreError> {
         let rtxn = self.read_txn()?;
         let dbs = self.inner.dbs;
@@ -602,6 +632,7 @@ impl Store {
         }
         let mut events = Vec::new();
         let mut bytes = 0usize;
+        let mut examined = 0usize;
         let mut upto = since.min(current);
         if since >= current {
             return Ok((events, current.max(since), false));
@@ -618,6 +649,10 @@ impl Store {
             if revision > current {
                 break;
             }
+            examined += 1;
+            if examined > MAX_HIDDEN {
+                return Ok((events, upto, true));
+            }
             if events.len() >= max_events || (bytes + raw.len() > max_bytes && !events.is_empty()) {
                 return Ok((events, upto, true));
             }
@@ -626,7 +661,11 @@ impl Store {
                     what: format!("change record {revision}: {e}"),
                 })?;
             let before = events.len();
-            events.extend(batch.into_iter().filter(|e| prefix.covers(&e.key)));
+            events.extend(
+                batch
+                    .into_iter()
+                    .filter(|e| prefix.covers(&e.key) && visible(&e.key)),
+            );
             if events.len() > before {
                 bytes += raw.len();
             }

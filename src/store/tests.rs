@@ -193,7 +193,7 @@ async fn list_pages_pathwise() {
     let mut seen = Vec::new();
     let mut cursor = None;
     loop {
-        let page = s.list(&p, cursor.as_ref(), 2).unwrap();
+        let page = s.list(&p, cursor.as_ref(), 2, &|_| true).unwrap();
         seen.extend(page.items.iter().map(|i| i.key.clone()));
         match page.next_cursor {
             Some(c) => cursor = Some(key(&c)),
@@ -201,7 +201,7 @@ async fn list_pages_pathwise() {
         }
     }
     assert_eq!(seen, ["/a", "/a/1", "/a/2", "/a/2/x"]);
-    let all = s.scan(&Prefix::root(), None, 100, 1 << 20).unwrap();
+    let all = s.scan(&Prefix::root(), None, 100, 1 << 20, &|_| true).unwrap();
     assert_eq!(all.items.len(), 7);
     assert!(all.next_cursor.is_none());
     assert_eq!(all.items[0].value, json!("/a"));
@@ -222,7 +222,7 @@ async fn watch_replays_and_wakes() {
     let p = Prefix::parse("/w").unwrap();
     let never = std::future::pending::<()>();
     let r = s
-        .watch(&p, 0, Duration::from_millis(0), 100, 1 << 20, never)
+        .watch(&p, 0, Duration::from_millis(0), 100, 1 << 20, &|_| true, never)
         .await
         .unwrap();
     let revs: Vec<_> = r.events.iter().map(|e| e.revision).collect();
@@ -232,7 +232,7 @@ async fn watch_replays_and_wakes() {
 
     // Nothing new: a zero timeout returns empty and says so.
     let r = s
-        .watch(&p, 3, Duration::ZERO, 100, 1 << 20, std::future::pending())
+        .watch(&p, 3, Duration::ZERO, 100, 1 << 20, &|_| true, std::future::pending())
         .await
         .unwrap();
     assert!(r.events.is_empty() && r.timed_out);
@@ -247,6 +247,7 @@ async fn watch_replays_and_wakes() {
             Duration::from_secs(3600),
             100,
             1 << 20,
+            &|_| true,
             std::future::pending(),
         )
         .await
@@ -280,6 +281,7 @@ async fn watch_compaction_is_an_error() {
             Duration::ZERO,
             10,
             1 << 20,
+            &|_| true,
             std::future::pending(),
         )
         .await
@@ -302,6 +304,7 @@ async fn watch_compaction_is_an_error() {
             Duration::ZERO,
             10,
             1 << 20,
+            &|_| true,
             std::future::pending(),
         )
         .await

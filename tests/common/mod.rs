@@ -21,14 +21,17 @@ pub struct Gateway {
     _tmp: Option<tempfile::TempDir>,
 }
 
-/// The `[gateway]` section plus one agent `coder` (and whatever `extra` adds).
+/// The `[gateway]` section (policy in `policy.toml` beside it) plus `agents`.
 pub fn config_text(extra_gateway: &str, agents: &str) -> String {
     format!(
-        "[gateway]\nstore = \"state/store\"\nruntime_dir = \"state/run\"\nmap_size = \"256MiB\"\n{extra_gateway}\n{agents}"
+        "[gateway]\nstore = \"state/store\"\nruntime_dir = \"state/run\"\npolicy = \"policy.toml\"\nmap_size = \"256MiB\"\n{extra_gateway}\n{agents}"
     )
 }
 
 pub const CODER: &str = "[agents.coder]\nrole = \"coder\"\n";
+
+/// Role `coder` may do anything: the gateway-core tests are not about policy.
+pub const ALLOW_ALL: &str = "[roles.coder]\ntools = [\"kv_*\"]\nread = [\"/**\"]\nwrite = [\"/**\"]\ndelete = [\"/**\"]\n";
 
 impl Gateway {
     /// Starts a gateway in a fresh temp dir with agent `coder`.
@@ -37,6 +40,10 @@ impl Gateway {
     }
 
     pub fn start_with(extra_gateway: &str, agents: &str) -> Gateway {
+        Gateway::start_with_policy(extra_gateway, agents, ALLOW_ALL)
+    }
+
+    pub fn start_with_policy(extra_gateway: &str, agents: &str, policy: &str) -> Gateway {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         // Agents running under other uids must be able to traverse to their socket.
@@ -44,6 +51,7 @@ impl Gateway {
             .unwrap();
         let config = dir.join("cordon.toml");
         std::fs::write(&config, config_text(extra_gateway, agents)).unwrap();
+        std::fs::write(tmp.path().join("policy.toml"), policy).unwrap();
         let mut g = Gateway {
             dir,
             config,

@@ -36,10 +36,20 @@ CONFIG = """\
 [gateway]
 store = "state/store"
 runtime_dir = "state/run"
+policy = "policy.toml"
 map_size = "64MiB"
 
 [agents.coder]
 role = "coder"
+"""
+
+# The SDK tests exercise the tool surface, not the policy: coder may do anything.
+POLICY = """\
+[roles.coder]
+tools = ["kv_*"]
+read = ["/**"]
+write = ["/**"]
+delete = ["/**"]
 """
 
 
@@ -135,6 +145,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, cordon_bin: Path) -> Itera
     root = tmp_path_factory.mktemp("gateway")
     config = root / "cordon.toml"
     config.write_text(CONFIG, encoding="utf-8")
+    (root / "policy.toml").write_text(POLICY, encoding="utf-8")
     stderr_log = root / "gateway-stderr.log"
     expected_socket = root / "state" / "run" / "agents" / AGENT / "mcp.sock"
 

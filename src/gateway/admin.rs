@@ -1,0 +1,157 @@
+//! The admin socket, `<runtime_dir>/admin.sock` (0600, the gateway's user):
+//! how operators and the orchestrator talk to a running gateway. One JSON
+//! object per line each way:
+//! - `{"op": "policy_reload"}` → `{"ok": true, "policy": …, "hash": …, "tests_passed": N, "warnings": […]}`
+//!   or `{"ok": false, "error": "…"}` (the running policy stays in force)
+//! - `{"op": "status"}` → `{"ok": true, "revision": N, "policy": …, "hash": …, "agents": {…}}`
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use super::session::Shared;
+use crate::config::Config;
+
+const MAX_REQUEST: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot connect to the gateway's admin socket {path}: {source} (is the gateway running with this config?)")]
+    Connect {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("admin socket {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("admin socket {path} closed without an answer")]
+    NoAnswer { path: std::path::PathBuf },
+    #[error("admin socket {path} answered with invalid JSON: {source}")]
+    BadAnswer {
+        path: std::path::PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+pub(super) async fn serve(listener: UnixListener, me: u32, shared: Arc<Shared>, config: Arc<Config>) {
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+            _ = shared.shutdown.cancelled() => return,
+        };
+        // The socket is 0600 already; the uid check keeps it that way even if
+        // someone loosens the mode.
+        match stream.peer_cred() {
+            Ok(c) if c.uid() == me || c.uid() == 0 => {}
+            Ok(c) => {
+                tracing::warn!(peer_uid = c.uid(), peer_pid = c.pid(), "admin connection refused: wrong uid");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "admin connection refused: no peer credentials");
+                continue;
+            }
+        }
+        let shared = shared.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &shared, &config).await {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+async fn handle(stream: UnixStream, shared: &Shared, config: &Config) -> std::io::Result<()> {
+    let (rd, mut wr) = stream.into_split();
+    let mut lines = BufReader::new(rd.take(MAX_REQUEST as u64 * 16)).lines();
+    while let Some(line) = lines.next_line().await? {
+        let answer = match serde_json::from_str::<Value>(&line) {
+            Ok(req) => answer(&req, shared, config),
+            Err(e) => json!({"ok": false, "error": format!("invalid JSON: {e}")}),
+        };
+        let mut out = answer.to_string().into_bytes();
+        out.push(b'\n');
+        wr.write_all(&out).await?;
+    }
+    Ok(())
+}
+
+fn answer(req: &Value, shared: &Shared, config: &Config) -> Value {
+    match req.get("op").and_then(Value::as_str) {
+        Some("policy_reload") => match super::reload_policy(shared, config) {
+            Ok(p) => json!({
+                "ok": true,
+                "policy": p.path.display().to_string(),
+                "hash": p.hash,
+                "tests_passed": p.tests_passed,
+                "warnings": p.warnings.iter().map(|w| w.to_string()).collect::<Vec<_>>(),
+            }),
+            Err(e) => json!({"ok": false, "error": e.to_string()}),
+        },
+        Some("status") => {
+            let p = shared.policy.load();
+            let agents: serde_json::Map<String, Value> = config
+                .agents
+                .iter()
+                .map(|(name, a)| {
+                    (
+                        name.clone(),
+                        json!({"role": a.role, "uid": a.uid, "socket": config.agent_socket(name).display().to_string()}),
+                    )
+                })
+                .collect();
+            json!({
+                "ok": true,
+                "revision": shared.store.revision(),
+                "policy": p.path.display().to_string(),
+                "hash": p.hash,
+                "agents": agents,
+            })
+        }
+        Some(other) => json!({"ok": false, "error": format!("unknown op {other:?} (ops: policy_reload, status)")}),
+        None => json!({"ok": false, "error": "missing \"op\""}),
+    }
+}
+
+/// One request to a running gateway, for the CLI.
+pub async fn request(path: &Path, req: &Value) -> Result<Value, AdminError> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| AdminError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let io_err = |source| AdminError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let (rd, mut wr) = stream.into_split();
+    let mut line = req.to_string().into_bytes();
+    line.push(b'\n');
+    wr.write_all(&line).await.map_err(io_err)?;
+    wr.shutdown().await.map_err(io_err)?;
+    let mut lines = BufReader::new(rd).lines();
+    let answer = lines
+        .next_line()
+        .await
+        .map_err(io_err)?
+        .ok_or_else(|| AdminError::NoAnswer {
+            path: path.to_path_buf(),
+        })?;
+    serde_json::from_str(&answer).map_err(|source| AdminError::BadAnswer {
+        path: path.to_path_buf(),
+        source,
+    })
+}

@@ -1,0 +1,9 @@
+//! cordon: run AI agents in kernel-enforced sandboxes that share state only
+//! through one policy-checked, audited MCP gateway. The binary (`main.rs`) is a
+//! thin CLI over these modules; see DESIGN.md for the map.
+
+pub mod bridge;
+pub mod config;
+pub mod gateway;
+pub mod policy;
+pub mod store;
