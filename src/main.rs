@@ -209,7 +209,10 @@ fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
                 anyhow::bail!(
                     "no role {role:?} in {} (roles: {})",
                     policy.display(),
-                    p.roles().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
+                    p.roles()
+                        .map(|r| r.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
             }
             let verdict = p.evaluate(&role, &tool, &args);
@@ -226,7 +229,10 @@ fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
                 anyhow::bail!(
                     "no role {role:?} in {} (roles: {})",
                     policy.display(),
-                    p.roles().map(|r| r.name.as_str()).collect::<Vec<_>>().join(", ")
+                    p.roles()
+                        .map(|r| r.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
             };
             print!("{}", explain::show_text(&p, r));

@@ -563,7 +563,11 @@ fn bad_config_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("map_sise") && err.contains("line 5"), "{err}");
-    std::fs::write(&path, "[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"p.toml\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"p.toml\"\n",
+    )
+    .unwrap();
     let out = Command::new(BIN)
         .args(["gateway", "--config"])
         .arg(&path)

@@ -38,7 +38,12 @@ pub enum AdminError {
     },
 }
 
-pub(super) async fn serve(listener: UnixListener, me: u32, shared: Arc<Shared>, config: Arc<Config>) {
+pub(super) async fn serve(
+    listener: UnixListener,
+    me: u32,
+    shared: Arc<Shared>,
+    config: Arc<Config>,
+) {
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -55,7 +60,11 @@ pub(super) async fn serve(listener: UnixListener, me: u32, shared: Arc<Shared>, 
         match stream.peer_cred() {
             Ok(c) if c.uid() == me || c.uid() == 0 => {}
             Ok(c) => {
-                tracing::warn!(peer_uid = c.uid(), peer_pid = c.pid(), "admin connection refused: wrong uid");
+                tracing::warn!(
+                    peer_uid = c.uid(),
+                    peer_pid = c.pid(),
+                    "admin connection refused: wrong uid"
+                );
                 continue;
             }
             Err(e) => {
@@ -120,7 +129,9 @@ fn answer(req: &Value, shared: &Shared, config: &Config) -> Value {
                 "agents": agents,
             })
         }
-        Some(other) => json!({"ok": false, "error": format!("unknown op {other:?} (ops: policy_reload, status)")}),
+        Some(other) => {
+            json!({"ok": false, "error": format!("unknown op {other:?} (ops: policy_reload, status)")})
+        }
         None => json!({"ok": false, "error": "missing \"op\""}),
     }
 }

@@ -198,8 +198,9 @@ impl Request {
                 let mut ops = Vec::with_capacity(a.ops.len());
                 for o in a.ops {
                     let key = Key::parse(&o.key)?;
-                    let misplaced =
-                        |field: &str| invalid(tool, format!("`{field}` is not allowed on this op ({key})"));
+                    let misplaced = |field: &str| {
+                        invalid(tool, format!("`{field}` is not allowed on this op ({key})"))
+                    };
                     ops.push(match o.op {
                         OpKind::Put => Op::Put {
                             value: o.value.ok_or_else(|| {

@@ -104,11 +104,18 @@ impl ServerHandler for Session {
         let shared = &self.shared;
         let id = &self.id;
         if shared.shutdown.is_cancelled() {
-            return Err(ErrorData::new(UNAVAILABLE, "gateway is shutting down", None));
+            return Err(ErrorData::new(
+                UNAVAILABLE,
+                "gateway is shutting down",
+                None,
+            ));
         }
         let name = request.name.as_ref();
         if !GATEWAY_TOOLS.contains(&name) {
-            return Err(ErrorData::invalid_params(format!("unknown tool: {name}"), None));
+            return Err(ErrorData::invalid_params(
+                format!("unknown tool: {name}"),
+                None,
+            ));
         }
         let policy = shared.policy.load_full();
         let Some(role) = policy.role(&id.role) else {
@@ -139,7 +146,9 @@ impl ServerHandler for Session {
                     "rate limited: agent {} may make {} calls per minute ({})",
                     id.agent, bound.max, bound.rule
                 );
-                return Ok(tools::failure("rate_limited", &message, Some(bound.rule.to_json())).into());
+                return Ok(
+                    tools::failure("rate_limited", &message, Some(bound.rule.to_json())).into(),
+                );
             }
         }
         let Ok(_permit) = self.inflight.try_acquire() else {
@@ -162,7 +171,9 @@ impl ServerHandler for Session {
         if let Err(denial) = role.check(&parsed, &policy.default_deny) {
             tracing::info!(agent = %id.agent, role = %id.role, tool = name, rule = %denial.rule, "denied: {}", denial.message);
             let message = format!("{} ({})", denial.message, denial.rule);
-            return Ok(tools::failure(denial.kind.code(), &message, Some(denial.rule.to_json())).into());
+            return Ok(
+                tools::failure(denial.kind.code(), &message, Some(denial.rule.to_json())).into(),
+            );
         }
         let limits = ToolLimits {
             max_list_limit: narrow(shared.limits.max_list_limit, &role.limits.max_scan_items),
@@ -182,7 +193,13 @@ impl ServerHandler for Session {
         let visible = |key: &str| role.can_read(key);
         let result = shared
             .calls
-            .track_future(tools::execute(&shared.store, &limits, parsed, &visible, stop))
+            .track_future(tools::execute(
+                &shared.store,
+                &limits,
+                parsed,
+                &visible,
+                stop,
+            ))
             .await;
         match result {
             Ok(value) => {

@@ -33,7 +33,11 @@ pub enum ToolError {
     #[error(transparent)]
     Request(#[from] RequestError),
     #[error("{what} is {got}; the limit is {max}")]
-    OverLimit { what: &'static str, got: u64, max: u64 },
+    OverLimit {
+        what: &'static str,
+        got: u64,
+        max: u64,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -58,7 +62,8 @@ fn schema(v: Value) -> Arc<JsonObject> {
 }
 
 const KEY_DOC: &str = "Key path: '/'-separated segments starting with '/', e.g. /projects/p1/tasks/t7 (no empty, '.' or '..' segments; at most 1024 bytes)";
-const PREFIX_DOC: &str = "Path prefix: '/' for everything, or a key path; '/a' covers '/a' and '/a/...', never '/ab'";
+const PREFIX_DOC: &str =
+    "Path prefix: '/' for everything, or a key path; '/a' covers '/a' and '/a/...', never '/ab'";
 
 /// Every tool the gateway serves, in GATEWAY_TOOLS order.
 pub fn definitions() -> Vec<Tool> {
@@ -187,9 +192,16 @@ pub async fn execute(
             cursor,
             values,
         } => {
-            let limit = bounded("limit", limit, DEFAULT_LIST_LIMIT, limits.max_list_limit)? as usize;
+            let limit =
+                bounded("limit", limit, DEFAULT_LIST_LIMIT, limits.max_list_limit)? as usize;
             if values {
-                let page = store.scan(&prefix, cursor.as_ref(), limit, limits.max_reply_bytes, visible)?;
+                let page = store.scan(
+                    &prefix,
+                    cursor.as_ref(),
+                    limit,
+                    limits.max_reply_bytes,
+                    visible,
+                )?;
                 Ok(json!({"entries": page.items, "next_cursor": page.next_cursor}))
             } else {
                 let page = store.list(&prefix, cursor.as_ref(), limit, visible)?;
@@ -205,8 +217,14 @@ pub async fn execute(
             timeout_ms,
             limit,
         } => {
-            let timeout = bounded("timeout_ms", timeout_ms, DEFAULT_WATCH_MS, limits.max_watch_ms)?;
-            let limit = bounded("limit", limit, DEFAULT_LIST_LIMIT, limits.max_list_limit)? as usize;
+            let timeout = bounded(
+                "timeout_ms",
+                timeout_ms,
+                DEFAULT_WATCH_MS,
+                limits.max_watch_ms,
+            )?;
+            let limit =
+                bounded("limit", limit, DEFAULT_LIST_LIMIT, limits.max_list_limit)? as usize;
             let result = store
                 .watch(
                     &prefix,

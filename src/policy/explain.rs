@@ -53,7 +53,13 @@ pub fn explain_json(role: &str, tool: &str, args: &Value, verdict: &Verdict) -> 
 fn table(rows: &[Vec<String>]) -> String {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|s| s.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for r in rows {
@@ -92,7 +98,12 @@ pub fn show_text(policy: &Policy, role: &Role) -> String {
         let _ = writeln!(out, "inherits: {}", role.inherits.join(", "));
     }
     let _ = writeln!(out, "\nGATEWAY TOOLS");
-    let mut rows = vec![vec!["TOOL".into(), "DECISION".into(), "WHERE".into(), "RULE".into()]];
+    let mut rows = vec![vec![
+        "TOOL".into(),
+        "DECISION".into(),
+        "WHERE".into(),
+        "RULE".into(),
+    ]];
     for (tool, d) in role.tool_decisions() {
         rows.push(vec![
             tool.into(),
@@ -103,23 +114,49 @@ pub fn show_text(policy: &Policy, role: &Role) -> String {
     }
     out.push_str(&table(&rows));
 
-    let _ = writeln!(out, "\nKEYS (a deny beats an allow; anything unlisted is denied)");
-    let mut rows = vec![vec!["ACCESS".into(), "EFFECT".into(), "WHERE".into(), "RULE".into()]];
+    let _ = writeln!(
+        out,
+        "\nKEYS (a deny beats an allow; anything unlisted is denied)"
+    );
+    let mut rows = vec![vec![
+        "ACCESS".into(),
+        "EFFECT".into(),
+        "WHERE".into(),
+        "RULE".into(),
+    ]];
     for access in Access::ALL {
         let (allow, deny) = role.key_rules(access);
         for r in deny {
-            rows.push(vec![access.name().into(), "deny".into(), loc(r), r.text.clone()]);
+            rows.push(vec![
+                access.name().into(),
+                "deny".into(),
+                loc(r),
+                r.text.clone(),
+            ]);
         }
         for r in allow {
-            rows.push(vec![access.name().into(), "allow".into(), loc(r), r.text.clone()]);
+            rows.push(vec![
+                access.name().into(),
+                "allow".into(),
+                loc(r),
+                r.text.clone(),
+            ]);
         }
         if allow.is_empty() && deny.is_empty() {
-            rows.push(vec![access.name().into(), "deny".into(), "(default)".into(), "no rule: no key".into()]);
+            rows.push(vec![
+                access.name().into(),
+                "deny".into(),
+                "(default)".into(),
+                "no rule: no key".into(),
+            ]);
         }
     }
     out.push_str(&table(&rows));
 
-    let _ = writeln!(out, "\nAGENT TOOLS (Claude Code --allowedTools, besides mcp__cordon__<allowed gateway tools>)");
+    let _ = writeln!(
+        out,
+        "\nAGENT TOOLS (Claude Code --allowedTools, besides mcp__cordon__<allowed gateway tools>)"
+    );
     if role.agent_tools.is_empty() {
         let _ = writeln!(out, "(none)");
     }
@@ -127,7 +164,10 @@ pub fn show_text(policy: &Policy, role: &Role) -> String {
         let _ = writeln!(out, "{t}  ({})", loc(r));
     }
 
-    let _ = writeln!(out, "\nLIMITS (the smallest along the inheritance chain; unset = the gateway's bound)");
+    let _ = writeln!(
+        out,
+        "\nLIMITS (the smallest along the inheritance chain; unset = the gateway's bound)"
+    );
     let l = &role.limits;
     let mut rows = vec![vec!["LIMIT".into(), "VALUE".into(), "WHERE".into()]];
     for (name, b) in [

@@ -14,7 +14,10 @@ pub fn validate_key_glob(pattern: &str) -> Result<(), String> {
         ));
     }
     if pattern == "/" {
-        return Err("key pattern \"/\" can never match: \"/\" is not a key (use \"/**\" for every key)".into());
+        return Err(
+            "key pattern \"/\" can never match: \"/\" is not a key (use \"/**\" for every key)"
+                .into(),
+        );
     }
     if let Some(c) = pattern.chars().find(|c| c.is_control()) {
         return Err(format!(
@@ -78,12 +81,22 @@ mod tests {
     fn validation() {
         assert!(validate_key_glob("/projects/*/code/**").is_ok());
         assert!(validate_key_glob("/**").is_ok());
-        assert!(validate_key_glob("projects/**").unwrap_err().contains("start with '/'"));
-        assert!(validate_key_glob("/a//b").unwrap_err().contains("empty segment"));
-        assert!(validate_key_glob("/a/").unwrap_err().contains("empty segment"));
+        assert!(validate_key_glob("projects/**")
+            .unwrap_err()
+            .contains("start with '/'"));
+        assert!(validate_key_glob("/a//b")
+            .unwrap_err()
+            .contains("empty segment"));
+        assert!(validate_key_glob("/a/")
+            .unwrap_err()
+            .contains("empty segment"));
         assert!(validate_key_glob("/a/../b").unwrap_err().contains("\"..\""));
-        assert!(validate_key_glob("/a/**b").unwrap_err().contains("whole segment"));
-        assert!(validate_key_glob("/a/[b").unwrap_err().contains("bad pattern"));
+        assert!(validate_key_glob("/a/**b")
+            .unwrap_err()
+            .contains("whole segment"));
+        assert!(validate_key_glob("/a/[b")
+            .unwrap_err()
+            .contains("bad pattern"));
         assert!(validate_key_glob("/").is_err());
     }
 

@@ -286,12 +286,22 @@ impl Role {
                 over(&l.max_scan_items, "limit", limit.unwrap_or(0))
             }
             Request::Txn { checks, ops } => {
-                over(&l.max_txn_ops, "checks + ops", (checks.len() + ops.len()) as u64)?;
-                over(&l.max_value_bytes, "value size", request.largest_value() as u64)
+                over(
+                    &l.max_txn_ops,
+                    "checks + ops",
+                    (checks.len() + ops.len()) as u64,
+                )?;
+                over(
+                    &l.max_value_bytes,
+                    "value size",
+                    request.largest_value() as u64,
+                )
             }
-            Request::Put { .. } => {
-                over(&l.max_value_bytes, "value size", request.largest_value() as u64)
-            }
+            Request::Put { .. } => over(
+                &l.max_value_bytes,
+                "value size",
+                request.largest_value() as u64,
+            ),
             Request::Get { .. } | Request::Delete { .. } => Ok(()),
         }
     }
@@ -320,11 +330,18 @@ pub struct Policy {
 /// The outcome of evaluating one call the way the gateway would.
 #[derive(Debug, Clone)]
 pub enum Verdict {
-    Allow { rules: Vec<Arc<Rule>> },
-    Deny { rule: Arc<Rule>, message: String },
+    Allow {
+        rules: Vec<Arc<Rule>>,
+    },
+    Deny {
+        rule: Arc<Rule>,
+        message: String,
+    },
     /// The arguments do not parse: the gateway answers with a tool error
     /// before any key is decided.
-    Invalid { message: String },
+    Invalid {
+        message: String,
+    },
 }
 
 impl Verdict {
@@ -558,7 +575,9 @@ impl Builder<'_> {
     }
 
     fn has_errors(&self) -> bool {
-        self.diagnostics.iter().any(|d| d.severity == Severity::Error)
+        self.diagnostics
+            .iter()
+            .any(|d| d.severity == Severity::Error)
     }
 
     fn rule(&self, span: &std::ops::Range<usize>, text: String) -> Arc<Rule> {
@@ -597,7 +616,9 @@ impl Builder<'_> {
             return;
         }
         out.push(name);
-        let Some(role) = by_name.get(name) else { return };
+        let Some(role) = by_name.get(name) else {
+            return;
+        };
         for parent in &role.inherits {
             let p = parent.get_ref().as_str();
             if stack.contains(&p) {
@@ -624,16 +645,19 @@ impl Builder<'_> {
         }
     }
 
-    fn build_roles(
-        &mut self,
-        raw: &RawPolicy,
-        default_deny: &Arc<Rule>,
-    ) -> BTreeMap<String, Role> {
+    fn build_roles(&mut self, raw: &RawPolicy, default_deny: &Arc<Rule>) -> BTreeMap<String, Role> {
         // Validate every pattern once, where it is written.
         for (name, role) in &raw.roles {
             let n = name.get_ref();
-            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-                self.error(name.span(), format!("role name {n:?}: use letters, digits, '-' or '_'"));
+            if n.is_empty()
+                || !n
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                self.error(
+                    name.span(),
+                    format!("role name {n:?}: use letters, digits, '-' or '_'"),
+                );
             }
             let r = role.get_ref();
             for p in r.tools.iter().chain(&r.deny_tools) {
@@ -703,7 +727,9 @@ impl Builder<'_> {
                 if let Some(w) = r.write.first().or(r.delete.first()) {
                     self.warn(
                         w.span(),
-                        format!("role {n:?} may write or delete keys it may not read (no `read` scope)"),
+                        format!(
+                            "role {n:?} may write or delete keys it may not read (no `read` scope)"
+                        ),
                     );
                 }
             }
@@ -772,7 +798,10 @@ impl Builder<'_> {
             tools.push(decision);
         }
 
-        let scope = |b: &mut Self, allow: fn(&RawRole) -> &Patterns, deny: fn(&RawRole) -> &Patterns, access: &str| {
+        let scope = |b: &mut Self,
+                     allow: fn(&RawRole) -> &Patterns,
+                     deny: fn(&RawRole) -> &Patterns,
+                     access: &str| {
             let mut allow_rules = Vec::new();
             let mut allow_pats = Vec::new();
             let mut deny_rules = Vec::new();
@@ -787,16 +816,21 @@ impl Builder<'_> {
                 for p in deny(raw) {
                     if glob::validate_key_glob(p.get_ref()).is_ok() {
                         deny_pats.push(p.get_ref().clone());
-                        deny_rules.push(b.rule(&p.span(), text(role, &format!("deny_{access}"), p.get_ref())));
+                        deny_rules.push(b.rule(
+                            &p.span(),
+                            text(role, &format!("deny_{access}"), p.get_ref()),
+                        ));
                     }
                 }
             }
             // Patterns were validated above, so compiling cannot fail; an empty
             // set (which matches nothing) is the fail-closed fallback.
             Scope {
-                allow: glob::compile(allow_pats.iter().map(String::as_str)).unwrap_or_else(|_| GlobSet::empty()),
+                allow: glob::compile(allow_pats.iter().map(String::as_str))
+                    .unwrap_or_else(|_| GlobSet::empty()),
                 allow_rules,
-                deny: glob::compile(deny_pats.iter().map(String::as_str)).unwrap_or_else(|_| GlobSet::empty()),
+                deny: glob::compile(deny_pats.iter().map(String::as_str))
+                    .unwrap_or_else(|_| GlobSet::empty()),
                 deny_rules,
             }
         };
@@ -822,9 +856,21 @@ impl Builder<'_> {
         for (role, raw) in members {
             let Some(l) = &raw.limits else { continue };
             for (slot, field, v) in [
-                (&mut limits.calls_per_minute, "calls_per_minute", &l.calls_per_minute),
-                (&mut limits.max_value_bytes, "max_value_bytes", &l.max_value_bytes),
-                (&mut limits.max_scan_items, "max_scan_items", &l.max_scan_items),
+                (
+                    &mut limits.calls_per_minute,
+                    "calls_per_minute",
+                    &l.calls_per_minute,
+                ),
+                (
+                    &mut limits.max_value_bytes,
+                    "max_value_bytes",
+                    &l.max_value_bytes,
+                ),
+                (
+                    &mut limits.max_scan_items,
+                    "max_scan_items",
+                    &l.max_scan_items,
+                ),
                 (&mut limits.max_watch_ms, "max_watch_ms", &l.max_watch_ms),
                 (&mut limits.max_txn_ops, "max_txn_ops", &l.max_txn_ops),
             ] {
@@ -833,7 +879,8 @@ impl Builder<'_> {
                 if slot.as_ref().is_none_or(|b| value < b.max) {
                     *slot = Some(Bound {
                         max: value,
-                        rule: self.rule(&v.span(), format!("roles.{role}.limits.{field} = {value}")),
+                        rule: self
+                            .rule(&v.span(), format!("roles.{role}.limits.{field} = {value}")),
                     });
                 }
             }
@@ -856,18 +903,30 @@ impl Builder<'_> {
                 "allow" => true,
                 "deny" => false,
                 other => {
-                    self.error(test.expect.span(), format!("expect = {other:?}: use \"allow\" or \"deny\""));
+                    self.error(
+                        test.expect.span(),
+                        format!("expect = {other:?}: use \"allow\" or \"deny\""),
+                    );
                     continue;
                 }
             };
             let role = test.role.get_ref();
             if policy.role(role).is_none() {
-                self.error(test.role.span(), format!("test names unknown role {role:?}"));
+                self.error(
+                    test.role.span(),
+                    format!("test names unknown role {role:?}"),
+                );
                 continue;
             }
             let tool = test.tool.get_ref();
             if !GATEWAY_TOOLS.contains(&tool.as_str()) {
-                self.error(test.tool.span(), format!("test names unknown tool {tool:?} (tools: {})", GATEWAY_TOOLS.join(", ")));
+                self.error(
+                    test.tool.span(),
+                    format!(
+                        "test names unknown tool {tool:?} (tools: {})",
+                        GATEWAY_TOOLS.join(", ")
+                    ),
+                );
                 continue;
             }
             let args = match &test.args {
@@ -880,10 +939,18 @@ impl Builder<'_> {
                 }
                 Verdict::Allow { rules } if !expect => {
                     let by = rules.last().map(|r| r.to_string()).unwrap_or_default();
-                    self.error(t.span(), format!("test failed: expected deny, but {tool} by {role} is allowed by {by}"));
+                    self.error(
+                        t.span(),
+                        format!(
+                            "test failed: expected deny, but {tool} by {role} is allowed by {by}"
+                        ),
+                    );
                 }
                 Verdict::Deny { rule, message } if expect => {
-                    self.error(t.span(), format!("test failed: expected allow, but {message} ({rule})"));
+                    self.error(
+                        t.span(),
+                        format!("test failed: expected allow, but {message} ({rule})"),
+                    );
                 }
                 _ => policy.tests_passed += 1,
             }

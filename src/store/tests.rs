@@ -201,7 +201,9 @@ async fn list_pages_pathwise() {
         }
     }
     assert_eq!(seen, ["/a", "/a/1", "/a/2", "/a/2/x"]);
-    let all = s.scan(&Prefix::root(), None, 100, 1 << 20, &|_| true).unwrap();
+    let all = s
+        .scan(&Prefix::root(), None, 100, 1 << 20, &|_| true)
+        .unwrap();
     assert_eq!(all.items.len(), 7);
     assert!(all.next_cursor.is_none());
     assert_eq!(all.items[0].value, json!("/a"));
@@ -222,7 +224,15 @@ async fn watch_replays_and_wakes() {
     let p = Prefix::parse("/w").unwrap();
     let never = std::future::pending::<()>();
     let r = s
-        .watch(&p, 0, Duration::from_millis(0), 100, 1 << 20, &|_| true, never)
+        .watch(
+            &p,
+            0,
+            Duration::from_millis(0),
+            100,
+            1 << 20,
+            &|_| true,
+            never,
+        )
         .await
         .unwrap();
     let revs: Vec<_> = r.events.iter().map(|e| e.revision).collect();
@@ -232,7 +242,15 @@ async fn watch_replays_and_wakes() {
 
     // Nothing new: a zero timeout returns empty and says so.
     let r = s
-        .watch(&p, 3, Duration::ZERO, 100, 1 << 20, &|_| true, std::future::pending())
+        .watch(
+            &p,
+            3,
+            Duration::ZERO,
+            100,
+            1 << 20,
+            &|_| true,
+            std::future::pending(),
+        )
         .await
         .unwrap();
     assert!(r.events.is_empty() && r.timed_out);

@@ -31,7 +31,8 @@ pub fn config_text(extra_gateway: &str, agents: &str) -> String {
 pub const CODER: &str = "[agents.coder]\nrole = \"coder\"\n";
 
 /// Role `coder` may do anything: the gateway-core tests are not about policy.
-pub const ALLOW_ALL: &str = "[roles.coder]\ntools = [\"kv_*\"]\nread = [\"/**\"]\nwrite = [\"/**\"]\ndelete = [\"/**\"]\n";
+pub const ALLOW_ALL: &str =
+    "[roles.coder]\ntools = [\"kv_*\"]\nread = [\"/**\"]\nwrite = [\"/**\"]\ndelete = [\"/**\"]\n";
 
 impl Gateway {
     /// Starts a gateway in a fresh temp dir with agent `coder`.
