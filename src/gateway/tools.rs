@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 
 use super::request::{Request, RequestError};
 use crate::policy::GATEWAY_TOOLS;
-use crate::store::{Mutation, Outcome, Store, StoreError};
+use crate::store::{Mutation, Outcome, ReplyBounds, Store, StoreError};
 
 /// Bounds for one call: the gateway's, narrowed by the caller's role.
 #[derive(Debug, Clone)]
@@ -230,8 +230,10 @@ pub async fn execute(
                     &prefix,
                     since_revision,
                     Duration::from_millis(timeout),
-                    limit,
-                    limits.max_reply_bytes,
+                    ReplyBounds {
+                        items: limit,
+                        bytes: limits.max_reply_bytes,
+                    },
                     visible,
                     stop,
                 )

@@ -126,6 +126,13 @@ pub struct StoreOptions {
     pub history: u64,
 }
 
+/// How much one reply may carry: events (or items), and bytes of values.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyBounds {
+    pub items: usize,
+    pub bytes: usize,
+}
+
 /// One key's current state.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Entry {
@@ -569,8 +576,7 @@ impl Store {
         prefix: &Prefix,
         since: u64,
         timeout: Duration,
-        max_events: usize,
-        max_bytes: usize,
+        reply: ReplyBounds,
         visible: &(dyn Fn(&str) -> bool + Sync),
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<WatchResult, StoreError> {
@@ -581,7 +587,7 @@ impl Store {
         loop {
             rev.borrow_and_update();
             let (events, upto, more) =
-                self.changes_since(prefix, scanned, max_events.max(1), max_bytes, visible)?;
+                self.changes_since(prefix, scanned, reply.items.max(1), reply.bytes, visible)?;
             if !events.is_empty() || more {
                 return Ok(WatchResult {
                     events,

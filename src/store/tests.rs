@@ -228,8 +228,10 @@ async fn watch_replays_and_wakes() {
             &p,
             0,
             Duration::from_millis(0),
-            100,
-            1 << 20,
+            ReplyBounds {
+                items: 100,
+                bytes: 1 << 20,
+            },
             &|_| true,
             never,
         )
@@ -246,8 +248,10 @@ async fn watch_replays_and_wakes() {
             &p,
             3,
             Duration::ZERO,
-            100,
-            1 << 20,
+            ReplyBounds {
+                items: 100,
+                bytes: 1 << 20,
+            },
             &|_| true,
             std::future::pending(),
         )
@@ -263,8 +267,10 @@ async fn watch_replays_and_wakes() {
             &p,
             3,
             Duration::from_secs(3600),
-            100,
-            1 << 20,
+            ReplyBounds {
+                items: 100,
+                bytes: 1 << 20,
+            },
             &|_| true,
             std::future::pending(),
         )
@@ -297,8 +303,10 @@ async fn watch_compaction_is_an_error() {
             &Prefix::root(),
             2,
             Duration::ZERO,
-            10,
-            1 << 20,
+            ReplyBounds {
+                items: 10,
+                bytes: 1 << 20,
+            },
             &|_| true,
             std::future::pending(),
         )
@@ -320,8 +328,10 @@ async fn watch_compaction_is_an_error() {
             &Prefix::root(),
             7,
             Duration::ZERO,
-            10,
-            1 << 20,
+            ReplyBounds {
+                items: 10,
+                bytes: 1 << 20,
+            },
             &|_| true,
             std::future::pending(),
         )
