@@ -84,7 +84,11 @@ fn main() {
         c.call(get);
     }
     let s = t.elapsed().as_secs_f64();
-    println!("kv_get, 1 connection, sequential:     {:8.0} calls/s  ({:.1} us/call)", n as f64 / s, s * 1e6 / n as f64);
+    println!(
+        "kv_get, 1 connection, sequential:     {:8.0} calls/s  ({:.1} us/call)",
+        n as f64 / s,
+        s * 1e6 / n as f64
+    );
 
     let m = 500;
     let t = Instant::now();
@@ -92,7 +96,9 @@ fn main() {
         c.call(&put(&format!("/bench/seq/{i}")));
     }
     let seq = m as f64 / t.elapsed().as_secs_f64();
-    println!("kv_put durable, 1 connection:         {seq:8.0} calls/s  (baseline: one fsync per call)");
+    println!(
+        "kv_put durable, 1 connection:         {seq:8.0} calls/s  (baseline: one fsync per call)"
+    );
 
     let (conns, per) = (32, 300);
     let t = Instant::now();

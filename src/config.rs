@@ -88,6 +88,8 @@ impl fmt::Display for ByteSize {
 pub struct Config {
     pub gateway: GatewayConfig,
     #[serde(default)]
+    pub audit: AuditConfig,
+    #[serde(default)]
     pub agents: BTreeMap<String, AgentConfig>,
     /// The file this was read from; relative paths in it are resolved against
     /// its directory.
@@ -158,6 +160,60 @@ pub struct GatewayConfig {
     /// How long shutdown waits for in-flight calls before closing connections.
     #[serde(default = "default_grace_ms")]
     pub shutdown_grace_ms: u64,
+}
+
+/// A duration written as a string such as `"1s"`, `"500ms"`, `"30d"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span(pub std::time::Duration);
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(Span).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "{s:?} is not a duration ({e}); try \"1s\", \"500ms\" or \"30d\""
+            ))
+        })
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_sync_interval() -> Span {
+    Span(std::time::Duration::from_secs(1))
+}
+
+/// `[audit]`: the tamper-evident log of every call.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Off only for benchmarks: a gateway without audit answers no auditor.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Keep the values written by kv_put / kv_txn in the records (default: only
+    /// their size and SHA-256).
+    #[serde(default)]
+    pub record_values: bool,
+    /// Longest time a read's or a denial's record waits for its fsync.
+    #[serde(default = "default_sync_interval")]
+    pub sync_interval: Span,
+    /// Retention: keep at most this many records.
+    pub max_records: Option<u64>,
+    /// Retention: drop records older than this.
+    pub max_age: Option<Span>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            enabled: true,
+            record_values: false,
+            sync_interval: default_sync_interval(),
+            max_records: None,
+            max_age: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -239,6 +295,12 @@ impl Config {
             if v == 0 {
                 return Err(self.invalid(format!("gateway.{field} must be at least 1")));
             }
+        }
+        if self.audit.sync_interval.0.is_zero() {
+            return Err(self.invalid("audit.sync_interval must be above zero".into()));
+        }
+        if self.audit.max_records == Some(0) {
+            return Err(self.invalid("audit.max_records must be at least 1".into()));
         }
         if g.watch_history == 0 {
             return Err(self.invalid("gateway.watch_history must be at least 1".into()));

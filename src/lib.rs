@@ -2,6 +2,7 @@
 //! through one policy-checked, audited MCP gateway. The binary (`main.rs`) is a
 //! thin CLI over these modules; see DESIGN.md for the map.
 
+pub mod audit;
 pub mod bridge;
 pub mod config;
 pub mod gateway;

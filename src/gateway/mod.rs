@@ -25,9 +25,10 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::audit::Record;
 use crate::config::{AgentConfig, Config};
 use crate::policy::{Policy, PolicyError, RateLimiter};
-use crate::store::{Store, StoreError, StoreOptions};
+use crate::store::{AuditOptions, Store, StoreError, StoreOptions};
 use session::{Identity, Session, Shared};
 use tools::ToolLimits;
 
@@ -114,7 +115,33 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
         max_value_bytes: usize::try_from(g.max_value_bytes.0).unwrap_or(usize::MAX),
         max_txn_ops: g.max_txn_ops,
         history: g.watch_history,
+        audit: config.audit.enabled.then(|| AuditOptions {
+            max_records: config.audit.max_records,
+            max_age: config.audit.max_age.map(|s| s.0),
+        }),
     })?;
+    if !config.audit.enabled {
+        tracing::warn!("[audit] enabled = false: calls are NOT audited");
+    }
+    // The first records of this run: fail closed if they cannot be written.
+    let started = {
+        let mut r = Record::new("gateway_start");
+        r.detail = Some(serde_json::json!({
+            "pid": std::process::id(),
+            "version": env!("CARGO_PKG_VERSION"),
+            "config": config.path.display().to_string(),
+            "agents": config.agents.keys().collect::<Vec<_>>(),
+        }));
+        r.policy_sha256 = Some(policy.hash.clone());
+        r.ok();
+        store
+            .audit(r)
+            .and_then(|()| store.audit(policy_record(&policy)))
+    };
+    if let Err(e) = started {
+        store.close();
+        return Err(e.into());
+    }
     let (listeners, admin_listener) = match bind_all(&config, me) {
         Ok(l) => l,
         Err(e) => {
@@ -137,7 +164,31 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
         shutdown: CancellationToken::new(),
         calls: TaskTracker::new(),
         max_calls_per_connection: MAX_CALLS_PER_CONNECTION,
+        record_values: config.audit.record_values,
     });
+    // Reads' and denials' records are sealed into LMDB (and fsynced) within
+    // sync_interval; with retention, the same tick prunes.
+    if config.audit.enabled {
+        let store = store.clone();
+        let every = config.audit.sync_interval.0;
+        let retention = config.audit.max_records.is_some() || config.audit.max_age.is_some();
+        let stop = shared.shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.cancelled() => return,
+                }
+                if store.audit_pending() || retention {
+                    if let Err(e) = store.flush_audit().await {
+                        tracing::error!(error = %e, "audit sync failed");
+                    }
+                }
+            }
+        });
+    }
     let sessions_token = CancellationToken::new();
     let sessions = TaskTracker::new();
     let accepting = TaskTracker::new();
@@ -211,7 +262,14 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
     sessions_token.cancel();
     sessions.close();
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, sessions.wait()).await;
-    // 4. The writer commits whatever is queued, then the final sync.
+    // 4. The last record, then the writer commits whatever is queued (the
+    // journal included) and the final sync.
+    let mut stop = Record::new("gateway_stop");
+    stop.detail = Some(serde_json::json!({"signal": signal_name}));
+    stop.ok();
+    if let Err(e) = store.audit(stop) {
+        tracing::error!(error = %e, "cannot record the gateway's stop");
+    }
     store.close();
     tracing::info!(revision = store.revision(), "gateway stopped");
     Ok(())
@@ -233,9 +291,28 @@ fn load_policy(config: &Config) -> Result<Policy, PolicyError> {
 
 /// Loads the policy file again and swaps it in whole, or leaves the running
 /// one in force and says why.
+fn policy_record(policy: &Policy) -> Record {
+    let mut r = Record::new("policy_loaded");
+    r.policy_sha256 = Some(policy.hash.clone());
+    r.detail = Some(serde_json::json!({
+        "policy": policy.path.display().to_string(),
+        "roles": policy.roles().map(|r| r.name.clone()).collect::<Vec<_>>(),
+        "tests_passed": policy.tests_passed,
+    }));
+    r.ok();
+    r
+}
+
 pub(crate) fn reload_policy(shared: &Shared, config: &Config) -> Result<Arc<Policy>, PolicyError> {
     match load_policy(config) {
         Ok(policy) => {
+            if let Err(e) = shared.store.audit(policy_record(&policy)) {
+                // Fail closed: a policy change that cannot be audited is not made.
+                tracing::error!(error = %e, "policy reload not applied: cannot audit it");
+                return Err(PolicyError::Unaudited {
+                    message: e.to_string(),
+                });
+            }
             let policy = Arc::new(policy);
             tracing::info!(policy = %policy.path.display(), hash = %policy.hash, tests = policy.tests_passed, "policy reloaded");
             shared.policy.store(policy.clone());
@@ -243,6 +320,19 @@ pub(crate) fn reload_policy(shared: &Shared, config: &Config) -> Result<Arc<Poli
         }
         Err(e) => {
             tracing::error!("policy reload rejected, the running policy stays in force: {e}");
+            let mut r = Record::new("policy_rejected");
+            r.policy_sha256 = Some(shared.policy.load().hash.clone());
+            r.detail = Some(serde_json::json!({
+                "policy": config.gateway.policy.display().to_string(),
+                "error": e.to_string(),
+            }));
+            r.error(
+                "policy_invalid",
+                "rejected; the running policy stays in force",
+            );
+            if let Err(ae) = shared.store.audit(r) {
+                tracing::error!(error = %ae, "cannot record a rejected reload");
+            }
             Err(e)
         }
     }
@@ -463,6 +553,14 @@ async fn accept_loop(
             }
         };
         if cred.uid() != l.expected_uid {
+            refused(
+                &shared,
+                &agent_name,
+                &role,
+                cred.uid(),
+                cred.pid(),
+                "peer uid does not match the agent's uid",
+            );
             tracing::warn!(
                 agent = %agent_name, conn, peer_uid = cred.uid(), peer_pid = cred.pid(),
                 expected_uid = l.expected_uid, "connection refused: peer uid does not match the agent's"
@@ -476,6 +574,14 @@ async fn accept_loop(
             continue;
         }
         let Ok(slot) = slots.clone().try_acquire_owned() else {
+            refused(
+                &shared,
+                &agent_name,
+                &role,
+                cred.uid(),
+                cred.pid(),
+                "too many connections on this agent's socket",
+            );
             tracing::warn!(agent = %agent_name, conn, limit = max_connections, "connection refused: too many connections");
             transport::refuse(
                 &mut stream,
@@ -504,6 +610,19 @@ async fn accept_loop(
             serve(session, stream, token, max_message).await;
             drop(slot);
         });
+    }
+}
+
+fn refused(shared: &Shared, agent: &str, role: &str, uid: u32, pid: Option<i32>, reason: &str) {
+    let mut r = Record::new("connection_refused");
+    r.agent = Some(agent.to_string());
+    r.role = Some(role.to_string());
+    r.uid = Some(uid);
+    r.pid = pid;
+    r.decision = Some("deny".into());
+    r.error("refused", reason);
+    if let Err(e) = shared.store.audit(r) {
+        tracing::error!(error = %e, "cannot record a refused connection");
     }
 }
 

@@ -263,6 +263,52 @@ impl Request {
         }
     }
 
+    /// What the audit record names: the keys touched, or the prefix listed.
+    pub fn audit_keys(&self) -> Vec<String> {
+        match self {
+            Request::List { prefix, .. } | Request::Watch { prefix, .. } => {
+                vec![prefix.as_str().to_string()]
+            }
+            other => {
+                let mut keys: Vec<String> = other
+                    .accesses()
+                    .into_iter()
+                    .map(|(_, k)| k.as_str().to_string())
+                    .collect();
+                keys.dedup();
+                keys
+            }
+        }
+    }
+
+    /// The values a request writes: total size, SHA-256 of their canonical
+    /// JSON (one value, or an array in op order), and the values themselves.
+    pub fn written_values(&self) -> Option<(u64, String, Value)> {
+        let values: Value = match self {
+            Request::Put { value, .. } => value.clone(),
+            Request::Txn { ops, .. } => {
+                let puts: Vec<Value> = ops
+                    .iter()
+                    .filter_map(|op| match op {
+                        Op::Put { value, .. } => Some(value.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                if puts.is_empty() {
+                    return None;
+                }
+                Value::Array(puts)
+            }
+            _ => return None,
+        };
+        let canonical = crate::audit::canonical(&values);
+        Some((
+            canonical.len() as u64,
+            crate::audit::sha256_hex(&canonical),
+            values,
+        ))
+    }
+
     /// The largest value the request writes, as compact JSON bytes.
     pub fn largest_value(&self) -> usize {
         match self {

@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use rmcp::model::{
@@ -18,6 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use super::request::Request;
 use super::tools::{self, ToolError, ToolLimits};
+use crate::audit::{self, Record};
 use crate::policy::{Bound, Policy, RateLimiter, GATEWAY_TOOLS};
 use crate::store::Store;
 
@@ -46,6 +48,8 @@ pub struct Shared {
     /// Every tool call in flight, so shutdown can wait for them.
     pub calls: TaskTracker,
     pub max_calls_per_connection: usize,
+    /// `[audit] record_values`: keep written values in the records.
+    pub record_values: bool,
 }
 
 pub struct Session {
@@ -101,79 +105,107 @@ impl ServerHandler for Session {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
+        let started = Instant::now();
         let shared = &self.shared;
         let id = &self.id;
+        let name = request.name.to_string();
+        let args = request.arguments.unwrap_or_default();
+        let policy = shared.policy.load_full();
+        let mut rec = Record::new("call");
+        rec.agent = Some(id.agent.to_string());
+        rec.role = Some(id.role.to_string());
+        rec.uid = Some(id.uid);
+        rec.pid = id.pid;
+        rec.tool = Some(name.clone());
+        rec.args_sha256 = Some(audit::args_digest(&args));
+        rec.policy_sha256 = Some(policy.hash.clone());
+        let audit = Audit {
+            store: &shared.store,
+            started,
+        };
+
         if shared.shutdown.is_cancelled() {
-            return Err(ErrorData::new(
-                UNAVAILABLE,
-                "gateway is shutting down",
-                None,
-            ));
+            rec.decision = Some("deny".into());
+            return audit.refuse(rec, UNAVAILABLE, "gateway is shutting down".into(), None);
         }
-        let name = request.name.as_ref();
-        if !GATEWAY_TOOLS.contains(&name) {
-            return Err(ErrorData::invalid_params(
+        if !GATEWAY_TOOLS.contains(&name.as_str()) {
+            rec.decision = Some("deny".into());
+            return audit.refuse(
+                rec,
+                ErrorCode::INVALID_PARAMS,
                 format!("unknown tool: {name}"),
                 None,
-            ));
+            );
         }
-        let policy = shared.policy.load_full();
         let Some(role) = policy.role(&id.role) else {
             // Load and reload refuse a policy that lacks a configured agent's
             // role, so this cannot happen; refuse rather than serve.
-            return Err(ErrorData::new(
-                DENIED,
-                format!("denied by policy: role {} is not in the policy", id.role),
-                None,
-            ));
+            rec.decision = Some("deny".into());
+            let message = format!("denied by policy: role {} is not in the policy", id.role);
+            return audit.refuse(rec, DENIED, message, None);
         };
         // The tool first: a role that may not call it learns nothing more, and
         // its arguments are never looked at.
-        if let Some(decision) = role.tool(name).filter(|d| !d.allowed) {
-            tracing::info!(agent = %id.agent, role = %id.role, tool = name, rule = %decision.rule, "denied: tool");
-            return Err(ErrorData::new(
-                DENIED,
-                format!(
-                    "denied by policy: role {} may not call {name} ({})",
-                    id.role, decision.rule
-                ),
-                Some(serde_json::json!({"rule": decision.rule.to_json()})),
-            ));
+        if let Some(decision) = role.tool(&name).filter(|d| !d.allowed) {
+            tracing::info!(agent = %id.agent, role = %id.role, tool = %name, rule = %decision.rule, "denied: tool");
+            rec.decision = Some("deny".into());
+            rec.rule = Some(decision.rule.to_json());
+            let message = format!(
+                "denied by policy: role {} may not call {name} ({})",
+                id.role, decision.rule
+            );
+            let data = serde_json::json!({"rule": decision.rule.to_json()});
+            return audit.refuse(rec, DENIED, message, Some(data));
         }
         if let Some(bound) = &role.limits.calls_per_minute {
             if !self.rate.try_acquire(bound.max) {
+                rec.decision = Some("deny".into());
+                rec.rule = Some(bound.rule.to_json());
                 let message = format!(
                     "rate limited: agent {} may make {} calls per minute ({})",
                     id.agent, bound.max, bound.rule
                 );
-                return Ok(
-                    tools::failure("rate_limited", &message, Some(bound.rule.to_json())).into(),
-                );
+                return audit.tool_error(rec, "rate_limited", message, Some(bound.rule.to_json()));
             }
         }
         let Ok(_permit) = self.inflight.try_acquire() else {
-            return Err(ErrorData::new(
-                UNAVAILABLE,
-                format!(
-                    "too many concurrent calls on this connection (limit {})",
-                    shared.max_calls_per_connection
-                ),
-                None,
-            ));
+            rec.decision = Some("deny".into());
+            let message = format!(
+                "too many concurrent calls on this connection (limit {})",
+                shared.max_calls_per_connection
+            );
+            return audit.refuse(rec, UNAVAILABLE, message, None);
         };
-        let parsed = match Request::parse(name, request.arguments.unwrap_or_default()) {
+        let parsed = match Request::parse(&name, args) {
             Ok(r) => r,
             Err(e) => {
                 let e = ToolError::from(e);
-                return Ok(tools::failure(e.code(), &e.to_string(), None).into());
+                rec.decision = Some("invalid".into());
+                return audit.tool_error(rec, e.code(), e.to_string(), None);
             }
         };
-        if let Err(denial) = role.check(&parsed, &policy.default_deny) {
-            tracing::info!(agent = %id.agent, role = %id.role, tool = name, rule = %denial.rule, "denied: {}", denial.message);
-            let message = format!("{} ({})", denial.message, denial.rule);
-            return Ok(
-                tools::failure(denial.kind.code(), &message, Some(denial.rule.to_json())).into(),
-            );
+        rec.keys = parsed.audit_keys();
+        match role.check(&parsed, &policy.default_deny) {
+            Err(denial) => {
+                tracing::info!(agent = %id.agent, role = %id.role, tool = %name, rule = %denial.rule, "denied: {}", denial.message);
+                rec.decision = Some("deny".into());
+                rec.rule = Some(denial.rule.to_json());
+                let message = format!("{} ({})", denial.message, denial.rule);
+                let rule = Some(denial.rule.to_json());
+                return audit.tool_error(rec, denial.kind.code(), message, rule);
+            }
+            Ok(rules) => {
+                rec.decision = Some("allow".into());
+                let deciding = rules.last().or(role.tool(&name).map(|d| &d.rule));
+                rec.rule = deciding.map(|r| r.to_json());
+            }
+        }
+        if let Some((bytes, digest, values)) = parsed.written_values() {
+            rec.value_bytes = Some(bytes);
+            rec.value_sha256 = Some(digest);
+            if shared.record_values {
+                rec.values = Some(values);
+            }
         }
         let limits = ToolLimits {
             max_list_limit: narrow(shared.limits.max_list_limit, &role.limits.max_scan_items),
@@ -191,7 +223,9 @@ impl ServerHandler for Session {
             }
         };
         let visible = |key: &str| role.can_read(key);
-        let result = shared
+        rec.latency_us = Some(started.elapsed().as_micros() as u64);
+        let audited = shared.store.audit_enabled().then_some(rec);
+        let (result, unsealed) = shared
             .calls
             .track_future(tools::execute(
                 &shared.store,
@@ -199,17 +233,69 @@ impl ServerHandler for Session {
                 parsed,
                 &visible,
                 stop,
+                audited,
             ))
             .await;
-        match result {
-            Ok(value) => {
-                tracing::debug!(agent = %id.agent, conn = id.conn, tool = name, "call ok");
-                Ok(tools::success(value).into())
+        // A read's record (a mutation's was sealed with it) is journaled
+        // before the reply: if that fails, the agent gets no data.
+        if let Some(mut rec) = unsealed {
+            rec.latency_us = Some(started.elapsed().as_micros() as u64);
+            match &result {
+                Ok(_) => rec.ok(),
+                Err(e) => rec.error(e.code(), &e.to_string()),
             }
+            if let Err(e) = shared.store.audit(rec) {
+                tracing::error!(error = %e, "audit write failed; call refused");
+                return Err(ErrorData::new(UNAVAILABLE, e.to_string(), None));
+            }
+        }
+        match result {
+            Ok(value) => Ok(tools::success(value).into()),
             Err(err) => {
-                tracing::debug!(agent = %id.agent, conn = id.conn, tool = name, error = %err, "call failed");
+                tracing::debug!(agent = %id.agent, conn = id.conn, tool = %name, error = %err, "call failed");
                 Ok(tools::failure(err.code(), &err.to_string(), None).into())
             }
         }
+    }
+}
+
+/// Finishes the record of a call that ends before the store, then answers.
+struct Audit<'a> {
+    store: &'a Store,
+    started: Instant,
+}
+
+impl Audit<'_> {
+    fn write(&self, mut rec: Record, code: &str, message: &str) -> Result<(), ErrorData> {
+        rec.latency_us = Some(self.started.elapsed().as_micros() as u64);
+        rec.error(code, message);
+        self.store.audit(rec).map_err(|e| {
+            tracing::error!(error = %e, "audit write failed; call refused");
+            ErrorData::new(UNAVAILABLE, e.to_string(), None)
+        })
+    }
+
+    /// A JSON-RPC error reply.
+    fn refuse(
+        &self,
+        rec: Record,
+        code: ErrorCode,
+        message: String,
+        data: Option<serde_json::Value>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        self.write(rec, &code.0.to_string(), &message)?;
+        Err(ErrorData::new(code, message, data))
+    }
+
+    /// A tool error the agent can read.
+    fn tool_error(
+        &self,
+        rec: Record,
+        code: &str,
+        message: String,
+        rule: Option<serde_json::Value>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        self.write(rec, code, &message)?;
+        Ok(tools::failure(code, &message, rule).into())
     }
 }

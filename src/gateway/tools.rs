@@ -13,6 +13,7 @@ use rmcp::model::{CallToolResult, ContentBlock, JsonObject, Tool};
 use serde_json::{json, Value};
 
 use super::request::{Request, RequestError};
+use crate::audit::Record;
 use crate::policy::GATEWAY_TOOLS;
 use crate::store::{Mutation, Outcome, ReplyBounds, Store, StoreError};
 
@@ -149,13 +150,41 @@ fn outcome_json(o: Outcome) -> Value {
         Outcome::Put(p) => to_json(&p),
         Outcome::Delete(d) => to_json(&d),
         Outcome::Txn(t) => to_json(&t),
+        Outcome::Flushed => Value::Null,
     }
 }
 
 /// Runs a request the policy already allowed. `visible` filters what listings
 /// and watches may show; `stop` ends a waiting `kv_watch` early (shutdown or
-/// client cancellation).
+/// client cancellation). A mutation takes the call's audit record into its
+/// commit; otherwise the record is handed back for the caller to journal.
 pub async fn execute(
+    store: &Store,
+    limits: &ToolLimits,
+    request: Request,
+    visible: &(dyn Fn(&str) -> bool + Sync),
+    stop: impl std::future::Future<Output = ()>,
+    record: Option<Record>,
+) -> (Result<Value, ToolError>, Option<Record>) {
+    let mutation = match request {
+        Request::Put {
+            key,
+            value,
+            if_revision,
+        } => Mutation::Put {
+            key,
+            value,
+            if_revision,
+        },
+        Request::Delete { key, if_revision } => Mutation::Delete { key, if_revision },
+        Request::Txn { checks, ops } => Mutation::Txn { checks, ops },
+        read => return (read_only(store, limits, read, visible, stop).await, record),
+    };
+    let result = store.mutate(mutation, record).await;
+    (result.map(outcome_json).map_err(ToolError::from), None)
+}
+
+async fn read_only(
     store: &Store,
     limits: &ToolLimits,
     request: Request,
@@ -170,22 +199,6 @@ pub async fn execute(
             }
             .into()),
         },
-        Request::Put {
-            key,
-            value,
-            if_revision,
-        } => Ok(outcome_json(
-            store
-                .mutate(Mutation::Put {
-                    key,
-                    value,
-                    if_revision,
-                })
-                .await?,
-        )),
-        Request::Delete { key, if_revision } => Ok(outcome_json(
-            store.mutate(Mutation::Delete { key, if_revision }).await?,
-        )),
         Request::List {
             prefix,
             limit,
@@ -208,9 +221,6 @@ pub async fn execute(
                 Ok(json!({"keys": page.items, "next_cursor": page.next_cursor}))
             }
         }
-        Request::Txn { checks, ops } => Ok(outcome_json(
-            store.mutate(Mutation::Txn { checks, ops }).await?,
-        )),
         Request::Watch {
             prefix,
             since_revision,
@@ -239,6 +249,10 @@ pub async fn execute(
                 )
                 .await?;
             Ok(to_json(&result))
+        }
+        // `execute` routes mutations to the store's writer; never here.
+        Request::Put { .. } | Request::Delete { .. } | Request::Txn { .. } => {
+            Err(ToolError::Store(StoreError::Closed))
         }
     }
 }

@@ -49,6 +49,8 @@ pub enum PolicyError {
         path: PathBuf,
         diagnostics: Vec<Diagnostic>,
     },
+    #[error("policy change not applied: it cannot be audited ({message})")]
+    Unaudited { message: String },
     #[error("policy {path} has no role {role:?}, which agent {agent:?} uses (roles: {known})")]
     MissingRole {
         path: PathBuf,

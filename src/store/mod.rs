@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::audit::{self, Journal, Record};
 pub use key::{Key, KeyError, Prefix, MAX_KEY_BYTES};
 
 const META_REVISION: &[u8] = b"revision";
@@ -68,6 +69,8 @@ pub enum StoreError {
     Closed,
     #[error("store commit failed: {message}")]
     BatchFailed { message: String },
+    #[error("audit log unavailable, call refused: {message}")]
+    Audit { message: String },
 
     // Outcomes a client caused and can act on: rendered as tool errors.
     #[error(transparent)]
@@ -110,10 +113,19 @@ impl StoreError {
             StoreError::Conflict { .. } => "conflict",
             StoreError::CheckFailed { .. } => "check_failed",
             StoreError::Compacted { .. } => "compacted",
-            StoreError::Closed => "unavailable",
+            StoreError::Closed | StoreError::Audit { .. } => "unavailable",
             _ => "store_error",
         }
     }
+}
+
+/// The audit log's settings (`[audit]` in the deployment config).
+#[derive(Debug, Clone)]
+pub struct AuditOptions {
+    /// Keep at most this many records; older ones are pruned behind a checkpoint.
+    pub max_records: Option<u64>,
+    /// Prune records older than this.
+    pub max_age: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -124,6 +136,8 @@ pub struct StoreOptions {
     pub max_txn_ops: usize,
     /// How many revisions of change history `kv_watch` can replay.
     pub history: u64,
+    /// None: no audit log.
+    pub audit: Option<AuditOptions>,
 }
 
 /// How much one reply may carry: events (or items), and bytes of values.
@@ -271,6 +285,8 @@ pub enum Outcome {
     Put(PutOutcome),
     Delete(DeleteOutcome),
     Txn(TxnOutcome),
+    /// A `Flush` job: the journal was sealed.
+    Flushed,
 }
 
 #[derive(Clone, Copy)]
@@ -278,10 +294,19 @@ struct Dbs {
     kv: Database<Bytes, Bytes>,
     changes: Database<Bytes, Bytes>,
     meta: Database<Bytes, Bytes>,
+    audit: Database<Bytes, Bytes>,
+}
+
+enum Work {
+    Mutate(Mutation),
+    /// Seal the audit journal into LMDB (and prune), with no mutation.
+    Flush,
 }
 
 struct Job {
-    mutation: Mutation,
+    work: Work,
+    /// The drafted audit record of this mutation, sealed in its transaction.
+    record: Option<Record>,
     reply: oneshot::Sender<Result<Outcome, StoreError>>,
 }
 
@@ -298,6 +323,7 @@ struct Inner {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     revision: watch::Receiver<u64>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    journal: Option<Arc<Journal>>,
     _lock: File,
 }
 
@@ -343,13 +369,41 @@ impl Store {
             meta: env
                 .create_database(&mut wtxn, Some("meta"))
                 .map_err(open_err)?,
+            audit: env
+                .create_database(&mut wtxn, Some("audit"))
+                .map_err(open_err)?,
         };
         wtxn.commit().map_err(open_err)?;
 
         let rtxn = env.read_txn().map_err(open_err)?;
         let revision = read_meta(&rtxn, dbs.meta, META_REVISION)?;
         let compacted = read_meta(&rtxn, dbs.meta, META_COMPACTED)?;
+        let chain = match dbs
+            .audit
+            .last(&rtxn)
+            .map_err(|source| StoreError::Read { source })?
+        {
+            Some((k, raw)) => {
+                let seq = decode_u64(k)?;
+                let rec: Record = serde_json::from_slice(raw).map_err(|e| StoreError::Corrupt {
+                    what: format!("audit record {seq}: {e}"),
+                })?;
+                audit::Chain {
+                    seq,
+                    prev: rec.hash,
+                }
+            }
+            None => audit::Chain::genesis(),
+        };
         drop(rtxn);
+        let journal = match &opts.audit {
+            Some(_) => Some(Arc::new(
+                Journal::open(&path.join("audit-journal")).map_err(|e| StoreError::Audit {
+                    message: e.to_string(),
+                })?,
+            )),
+            None => None,
+        };
 
         let (rev_tx, rev_rx) = watch::channel(revision);
         let (job_tx, job_rx) = mpsc::channel(4096);
@@ -361,6 +415,9 @@ impl Store {
             history: opts.history.max(1),
             jobs: job_rx,
             published: rev_tx,
+            chain,
+            journal: journal.clone(),
+            audit: opts.audit.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
@@ -375,6 +432,7 @@ impl Store {
                 jobs: Mutex::new(Some(job_tx)),
                 revision: rev_rx,
                 writer: Mutex::new(Some(handle)),
+                journal,
                 _lock: lock,
             }),
         })
@@ -519,9 +577,30 @@ impl Store {
         })
     }
 
-    /// Queues a mutation for the next group commit and waits until it is durable.
-    pub async fn mutate(&self, mutation: Mutation) -> Result<Outcome, StoreError> {
-        self.check_mutation(&mutation)?;
+    /// Queues a mutation for the next group commit and waits until it is
+    /// durable. Its audit record, if any, is sealed in the same transaction.
+    pub async fn mutate(
+        &self,
+        mutation: Mutation,
+        record: Option<Record>,
+    ) -> Result<Outcome, StoreError> {
+        if let Err(e) = self.check_mutation(&mutation) {
+            // Refused before the writer: the record says so, through the journal.
+            if let Some(mut r) = record {
+                r.error(e.code(), &e.to_string());
+                self.audit(r)?;
+            }
+            return Err(e);
+        }
+        self.submit(Work::Mutate(mutation), record).await
+    }
+
+    /// Seals the audit journal into LMDB now (and prunes by the retention).
+    pub async fn flush_audit(&self) -> Result<(), StoreError> {
+        self.submit(Work::Flush, None).await.map(|_| ())
+    }
+
+    async fn submit(&self, work: Work, record: Option<Record>) -> Result<Outcome, StoreError> {
         let sender = self
             .inner
             .jobs
@@ -530,11 +609,41 @@ impl Store {
             .clone()
             .ok_or(StoreError::Closed)?;
         let (reply, rx) = oneshot::channel();
-        sender
-            .send(Job { mutation, reply })
+        if let Err(tokio::sync::mpsc::error::SendError(job)) = sender
+            .send(Job {
+                work,
+                record,
+                reply,
+            })
             .await
-            .map_err(|_| StoreError::Closed)?;
+        {
+            if let Some(mut r) = job.record {
+                r.error("unavailable", "the store is shutting down");
+                let _ = self.audit(r);
+            }
+            return Err(StoreError::Closed);
+        }
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    pub fn audit_enabled(&self) -> bool {
+        self.inner.journal.is_some()
+    }
+
+    /// Records a non-mutation event (a read, a denial, a refused connection…).
+    /// When this returns Ok the record survives the gateway's death; an error
+    /// means the event must not be served.
+    pub fn audit(&self, record: Record) -> Result<(), StoreError> {
+        match &self.inner.journal {
+            Some(j) => j.append(record).map_err(|e| StoreError::Audit {
+                message: e.to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    pub fn audit_pending(&self) -> bool {
+        self.inner.journal.as_ref().is_some_and(|j| j.has_pending())
     }
 
     fn check_mutation(&self, mutation: &Mutation) -> Result<(), StoreError> {

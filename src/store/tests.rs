@@ -8,6 +8,7 @@ fn open(dir: &Path) -> Store {
         max_value_bytes: 1024,
         max_txn_ops: 16,
         history: 1000,
+        audit: None,
     })
     .unwrap()
 }
@@ -28,14 +29,14 @@ fn put(k: &str, v: Value) -> Mutation {
 async fn put_get_revisions() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    let Outcome::Put(p) = s.mutate(put("/a", json!(1))).await.unwrap() else {
+    let Outcome::Put(p) = s.mutate(put("/a", json!(1)), None).await.unwrap() else {
         panic!()
     };
     assert_eq!(
         (p.revision, p.create_revision, p.previous_revision),
         (1, 1, None)
     );
-    let Outcome::Put(p) = s.mutate(put("/a", json!(2))).await.unwrap() else {
+    let Outcome::Put(p) = s.mutate(put("/a", json!(2)), None).await.unwrap() else {
         panic!()
     };
     assert_eq!(
@@ -57,8 +58,8 @@ async fn cas_conflicts() {
         value: json!("x"),
         if_revision: Some(rev),
     };
-    s.mutate(create(0)).await.unwrap();
-    let err = s.mutate(create(0)).await.unwrap_err();
+    s.mutate(create(0), None).await.unwrap();
+    let err = s.mutate(create(0), None).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -70,9 +71,9 @@ async fn cas_conflicts() {
         ),
         "{err}"
     );
-    let err = s.mutate(create(7)).await.unwrap_err();
+    let err = s.mutate(create(7), None).await.unwrap_err();
     assert_eq!(err.code(), "conflict");
-    s.mutate(create(1)).await.unwrap();
+    s.mutate(create(1), None).await.unwrap();
     // A failed CAS consumes no revision.
     assert_eq!(s.revision(), 2);
 }
@@ -85,13 +86,13 @@ async fn delete_missing_and_present() {
         key: key("/d"),
         if_revision: None,
     };
-    let Outcome::Delete(d) = s.mutate(del()).await.unwrap() else {
+    let Outcome::Delete(d) = s.mutate(del(), None).await.unwrap() else {
         panic!()
     };
     assert!(!d.deleted);
     assert_eq!(s.revision(), 0);
-    s.mutate(put("/d", json!(null))).await.unwrap();
-    let Outcome::Delete(d) = s.mutate(del()).await.unwrap() else {
+    s.mutate(put("/d", json!(null)), None).await.unwrap();
+    let Outcome::Delete(d) = s.mutate(del(), None).await.unwrap() else {
         panic!()
     };
     assert!(d.deleted);
@@ -103,7 +104,7 @@ async fn delete_missing_and_present() {
 async fn txn_is_all_or_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    s.mutate(put("/t/x", json!(1))).await.unwrap();
+    s.mutate(put("/t/x", json!(1)), None).await.unwrap();
     let ops = vec![
         Op::Put {
             key: key("/t/a"),
@@ -124,7 +125,7 @@ async fn txn_is_all_or_nothing() {
         }],
         ops: ops.clone(),
     };
-    let err = s.mutate(bad).await.unwrap_err();
+    let err = s.mutate(bad, None).await.unwrap_err();
     assert_eq!(err.code(), "check_failed");
     assert!(s.get(&key("/t/a")).unwrap().is_none());
     // A conflict in the second op undoes the first.
@@ -143,7 +144,7 @@ async fn txn_is_all_or_nothing() {
             },
         ],
     };
-    assert_eq!(s.mutate(bad_op).await.unwrap_err().code(), "conflict");
+    assert_eq!(s.mutate(bad_op, None).await.unwrap_err().code(), "conflict");
     assert!(s.get(&key("/t/a")).unwrap().is_none());
     assert_eq!(s.revision(), 1);
 
@@ -155,7 +156,7 @@ async fn txn_is_all_or_nothing() {
         }],
         ops,
     };
-    let Outcome::Txn(t) = s.mutate(good).await.unwrap() else {
+    let Outcome::Txn(t) = s.mutate(good, None).await.unwrap() else {
         panic!()
     };
     assert_eq!(t.revision, 2);
@@ -168,7 +169,10 @@ async fn txn_is_all_or_nothing() {
             })
             .collect(),
     };
-    assert_eq!(s.mutate(too_many).await.unwrap_err().code(), "too_large");
+    assert_eq!(
+        s.mutate(too_many, None).await.unwrap_err().code(),
+        "too_large"
+    );
 }
 
 #[tokio::test]
@@ -176,7 +180,7 @@ async fn value_limit() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
     let err = s
-        .mutate(put("/big", json!("x".repeat(2000))))
+        .mutate(put("/big", json!("x".repeat(2000))), None)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::ValueTooLarge { max: 1024, .. }));
@@ -187,7 +191,7 @@ async fn list_pages_pathwise() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
     for k in ["/a", "/a!", "/a/1", "/a/2", "/a/2/x", "/ab", "/b"] {
-        s.mutate(put(k, json!(k))).await.unwrap();
+        s.mutate(put(k, json!(k)), None).await.unwrap();
     }
     let p = Prefix::parse("/a").unwrap();
     let mut seen = Vec::new();
@@ -213,12 +217,15 @@ async fn list_pages_pathwise() {
 async fn watch_replays_and_wakes() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    s.mutate(put("/w/1", json!(1))).await.unwrap();
-    s.mutate(put("/other", json!(1))).await.unwrap();
-    s.mutate(Mutation::Delete {
-        key: key("/w/1"),
-        if_revision: None,
-    })
+    s.mutate(put("/w/1", json!(1)), None).await.unwrap();
+    s.mutate(put("/other", json!(1)), None).await.unwrap();
+    s.mutate(
+        Mutation::Delete {
+            key: key("/w/1"),
+            if_revision: None,
+        },
+        None,
+    )
     .await
     .unwrap();
     let p = Prefix::parse("/w").unwrap();
@@ -276,8 +283,8 @@ async fn watch_replays_and_wakes() {
         )
         .await
     });
-    s.mutate(put("/elsewhere", json!(0))).await.unwrap();
-    s.mutate(put("/w/2", json!(2))).await.unwrap();
+    s.mutate(put("/elsewhere", json!(0)), None).await.unwrap();
+    s.mutate(put("/w/2", json!(2)), None).await.unwrap();
     let r = waiter.await.unwrap().unwrap();
     assert_eq!(r.events.len(), 1);
     assert_eq!(r.events[0].key, "/w/2");
@@ -293,10 +300,11 @@ async fn watch_compaction_is_an_error() {
         max_value_bytes: 1024,
         max_txn_ops: 16,
         history: 3,
+        audit: None,
     })
     .unwrap();
     for i in 0..10 {
-        s.mutate(put("/k", json!(i))).await.unwrap();
+        s.mutate(put("/k", json!(i)), None).await.unwrap();
     }
     let err = s
         .watch(
@@ -344,7 +352,9 @@ async fn watch_compaction_is_an_error() {
 async fn second_open_is_refused_and_data_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    s.mutate(put("/keep", json!({"x": [1, 2]}))).await.unwrap();
+    s.mutate(put("/keep", json!({"x": [1, 2]})), None)
+        .await
+        .unwrap();
     let err = Store::open(s.options().clone()).err().unwrap();
     assert!(matches!(err, StoreError::Locked { .. }), "{err}");
     s.close();

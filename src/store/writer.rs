@@ -10,10 +10,14 @@ use heed::{Database, Env, RwTxn, WithoutTls};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
+use std::sync::Arc;
+
 use super::{
-    get_entry, Check, Dbs, DeleteOutcome, Event, EventKind, Job, Key, Mutation, Op, OpResult,
-    Outcome, PutOutcome, StoreError, TxnOutcome, META_COMPACTED, META_REVISION,
+    decode_u64, get_entry, AuditOptions, Check, Dbs, DeleteOutcome, Event, EventKind, Job, Key,
+    Mutation, Op, OpResult, Outcome, PutOutcome, StoreError, TxnOutcome, Work, META_COMPACTED,
+    META_REVISION,
 };
+use crate::audit::{Chain, Journal, Record};
 
 /// Upper bound on one batch, so that one commit's latency stays bounded under load.
 const MAX_BATCH: usize = 1024;
@@ -26,11 +30,17 @@ pub(super) struct Writer {
     pub history: u64,
     pub jobs: mpsc::Receiver<Job>,
     pub published: watch::Sender<u64>,
+    /// The audit chain's head: only this thread seals records.
+    pub chain: Chain,
+    pub journal: Option<Arc<Journal>>,
+    pub audit: Option<AuditOptions>,
 }
 
 impl Writer {
     pub fn run(mut self) {
         let mut batch = Vec::with_capacity(64);
+        // Records a previous run left in the journal are sealed first.
+        self.commit_batch(&mut batch);
         while let Some(job) = self.jobs.blocking_recv() {
             batch.push(job);
             while batch.len() < MAX_BATCH {
@@ -41,14 +51,35 @@ impl Writer {
             }
             self.commit_batch(&mut batch);
         }
+        // Shutting down: seal whatever the journal still holds.
+        self.commit_batch(&mut batch);
     }
 
     fn commit_batch(&mut self, batch: &mut Vec<Job>) {
+        let (sealing, through) = match &self.journal {
+            Some(j) => match j.take() {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot rotate the audit journal");
+                    (Vec::new(), None)
+                }
+            },
+            None => (Vec::new(), None),
+        };
+        if batch.is_empty() && sealing.is_empty() {
+            return;
+        }
+        let flushing = batch.iter().any(|j| matches!(j.work, Work::Flush));
         let mut results = Vec::with_capacity(batch.len());
-        match self.apply_batch(batch, &mut results) {
+        let mut chain = self.chain.clone();
+        match self.apply_batch(batch, &sealing, &mut chain, flushing, &mut results) {
             Ok((revision, compacted)) => {
                 self.revision = revision;
                 self.compacted = compacted;
+                self.chain = chain;
+                if let (Some(j), Some(through)) = (&self.journal, through) {
+                    j.retire(through);
+                }
                 // Publish before replying so that a client that hears "ok" and then
                 // watches sees a revision at least this new.
                 self.published.send_replace(revision);
@@ -59,6 +90,19 @@ impl Writer {
             Err(e) => {
                 tracing::error!(error = %e, jobs = batch.len(), "store commit failed");
                 let message = e.to_string();
+                if let Some(j) = &self.journal {
+                    // Nothing of this batch happened: the journal keeps what it
+                    // had, and each mutation gets a record saying it failed.
+                    j.restore(sealing);
+                    for job in batch.iter_mut() {
+                        if let Some(mut rec) = job.record.take() {
+                            rec.error("store_error", &format!("commit failed: {message}"));
+                            if let Err(e) = j.append(rec) {
+                                tracing::error!(error = %e, "cannot record a failed commit");
+                            }
+                        }
+                    }
+                }
                 for job in batch.drain(..) {
                     let _ = job.reply.send(Err(StoreError::BatchFailed {
                         message: message.clone(),
@@ -68,28 +112,59 @@ impl Writer {
         }
     }
 
+    fn seal(&self, wtxn: &mut RwTxn, chain: &mut Chain, record: Record) -> Result<(), heed::Error> {
+        let record = chain.seal(record);
+        self.dbs
+            .audit
+            .put(wtxn, &record.seq.to_be_bytes(), &record.canonical())
+    }
+
     fn apply_batch(
         &self,
-        batch: &[Job],
+        batch: &mut [Job],
+        sealing: &[Record],
+        chain: &mut Chain,
+        flushing: bool,
         results: &mut Vec<Result<Outcome, StoreError>>,
     ) -> Result<(u64, u64), heed::Error> {
         let mut wtxn = self.env.write_txn()?;
+        let audited = self.journal.is_some();
+        for record in sealing {
+            self.seal(&mut wtxn, chain, record.clone())?;
+        }
         let mut revision = self.revision;
-        for job in batch {
+        for job in batch.iter_mut() {
+            let Work::Mutate(mutation) = &job.work else {
+                results.push(Ok(Outcome::Flushed));
+                continue;
+            };
             let mut child = self.env.nested_write_txn(&mut wtxn)?;
-            match apply(&mut child, self.dbs, &job.mutation, revision) {
+            let result = match apply(&mut child, self.dbs, mutation, revision) {
                 Ok((outcome, changed)) => {
                     child.commit()?;
                     if changed {
                         revision += 1;
                     }
-                    results.push(Ok(outcome));
+                    Ok(outcome)
                 }
                 Err(e) => {
                     child.abort();
-                    results.push(Err(e));
+                    Err(e)
                 }
+            };
+            // The record goes into the same transaction as the mutation: both
+            // are committed, or neither.
+            if let (true, Some(mut record)) = (audited, job.record.take()) {
+                match &result {
+                    Ok(_) => record.ok(),
+                    Err(e) => record.error(e.code(), &e.to_string()),
+                }
+                self.seal(&mut wtxn, chain, record)?;
             }
+            results.push(result);
+        }
+        if flushing {
+            self.prune(&mut wtxn, chain)?;
         }
         let mut compacted = self.compacted;
         if revision != self.revision {
@@ -111,6 +186,71 @@ impl Writer {
         }
         wtxn.commit()?;
         Ok((revision, compacted))
+    }
+
+    /// Retention: drops the oldest records past `max_records` or `max_age`,
+    /// then seals a checkpoint naming the last dropped record's seq and hash, so
+    /// the chain that remains still verifies.
+    fn prune(&self, wtxn: &mut RwTxn, chain: &mut Chain) -> Result<(), heed::Error> {
+        let Some(opts) = &self.audit else {
+            return Ok(());
+        };
+        let Some((first, _)) = self.dbs.audit.first(wtxn)? else {
+            return Ok(());
+        };
+        let Ok(first) = decode_u64(first) else {
+            return Ok(());
+        };
+        let mut cut = 0u64;
+        if let Some(max) = opts.max_records {
+            let count = chain.seq.saturating_sub(first) + 1;
+            if count > max {
+                cut = first + (count - max) - 1;
+            }
+        }
+        if let Some(age) = opts.max_age {
+            let cutoff = std::time::SystemTime::now() - age;
+            // Bounded per flush so one prune never stalls the writer for long.
+            for item in self.dbs.audit.iter(wtxn)?.take(100_000) {
+                let (k, raw) = item?;
+                let old = serde_json::from_slice::<Record>(raw)
+                    .ok()
+                    .and_then(|r| humantime::parse_rfc3339(&r.time).ok())
+                    .is_some_and(|t| t < cutoff);
+                if !old {
+                    break;
+                }
+                cut = cut.max(decode_u64(k).unwrap_or(0));
+            }
+        }
+        // Never prune the newest record: the checkpoint must follow something.
+        let cut = cut.min(chain.seq.saturating_sub(1));
+        if cut < first {
+            return Ok(());
+        }
+        let Some(last_raw) = self.dbs.audit.get(wtxn, &cut.to_be_bytes())? else {
+            return Ok(());
+        };
+        let last_hash = serde_json::from_slice::<Record>(last_raw)
+            .map(|r| r.hash)
+            .unwrap_or_default();
+        let upto = cut.to_be_bytes();
+        let range = (
+            std::ops::Bound::Unbounded,
+            std::ops::Bound::Included(&upto[..]),
+        );
+        let pruned = self.dbs.audit.delete_range(wtxn, &range)?;
+        let mut checkpoint = Record::new("checkpoint");
+        checkpoint.detail = Some(serde_json::json!({
+            "pruned_from_seq": first,
+            "pruned_through_seq": cut,
+            "pruned_through_hash": last_hash,
+            "pruned_records": pruned,
+            "max_records": opts.max_records,
+            "max_age_s": opts.max_age.map(|a| a.as_secs()),
+        }));
+        checkpoint.ok();
+        self.seal(wtxn, chain, checkpoint)
     }
 }
 

@@ -1,0 +1,202 @@
+//! The journal: records not yet sealed into LMDB, one JSON line each, in
+//! generation files `<store>/audit-journal/<gen>.jsonl`. A `write()` that
+//! returned is in the kernel's hands and survives the gateway's death; the
+//! writer seals the journal into LMDB with each commit, then deletes the
+//! generations it sealed. A power loss can lose the lines written since the
+//! last sealing commit (at most `[audit] sync_interval`), never a mutation's
+//! record, which is sealed with its mutation.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::{AuditError, Record};
+
+pub struct Journal {
+    dir: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    generation: u64,
+    file: File,
+    pending: Vec<Record>,
+}
+
+fn gen_path(dir: &Path, generation: u64) -> PathBuf {
+    dir.join(format!("{generation:020}.jsonl"))
+}
+
+fn generations(dir: &Path) -> std::io::Result<Vec<u64>> {
+    let mut gens: Vec<u64> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".jsonl"))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect();
+    gens.sort_unstable();
+    Ok(gens)
+}
+
+impl Journal {
+    /// Opens the journal, returning with it the records a previous run left
+    /// unsealed (in order). A torn last line (a power loss mid-write) is dropped.
+    pub fn open(dir: &Path) -> Result<Journal, AuditError> {
+        let err = |source| AuditError::Journal {
+            path: dir.to_path_buf(),
+            source,
+        };
+        if !dir.exists() {
+            fs::DirBuilder::new().mode(0o700).create(dir).map_err(err)?;
+        }
+        let gens = generations(dir).map_err(err)?;
+        let mut pending = Vec::new();
+        for g in &gens {
+            let path = gen_path(dir, *g);
+            let file = File::open(&path).map_err(|source| AuditError::Journal {
+                path: path.clone(),
+                source,
+            })?;
+            for (n, line) in BufReader::new(file).lines().enumerate() {
+                let parsed = line
+                    .map_err(|e| e.to_string())
+                    .and_then(|l| serde_json::from_str::<Record>(&l).map_err(|e| e.to_string()));
+                match parsed {
+                    Ok(r) => pending.push(r),
+                    Err(e) => {
+                        tracing::warn!(file = %path.display(), line = n + 1, error = %e, "dropping a torn audit journal line");
+                        break;
+                    }
+                }
+            }
+        }
+        let generation = gens.last().map_or(1, |g| g + 1);
+        let file = open_gen(dir, generation)?;
+        Ok(Journal {
+            dir: dir.to_path_buf(),
+            inner: Mutex::new(Inner {
+                generation,
+                file,
+                pending,
+            }),
+        })
+    }
+
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Inner>, AuditError> {
+        self.inner.lock().map_err(|_| AuditError::Journal {
+            path: self.dir.clone(),
+            source: std::io::Error::other("journal lock poisoned"),
+        })
+    }
+
+    /// Appends a drafted record. When this returns Ok the record survives the
+    /// gateway's death; when it fails the caller must not serve the call.
+    pub fn append(&self, record: Record) -> Result<(), AuditError> {
+        let mut line = serde_json::to_vec(&record).map_err(|e| AuditError::Journal {
+            path: self.dir.clone(),
+            source: std::io::Error::other(e),
+        })?;
+        line.push(b'\n');
+        let mut inner = self.lock()?;
+        let path = gen_path(&self.dir, inner.generation);
+        inner
+            .file
+            .write_all(&line)
+            .map_err(|source| AuditError::Journal { path, source })?;
+        inner.pending.push(record);
+        Ok(())
+    }
+
+    /// Takes every pending record for sealing, and starts a new generation so
+    /// that appends made meanwhile are not deleted with the sealed ones.
+    /// Returns the records and the generation to retire once they are sealed.
+    pub fn take(&self) -> Result<(Vec<Record>, Option<u64>), AuditError> {
+        let mut inner = self.lock()?;
+        if inner.pending.is_empty() {
+            return Ok((Vec::new(), None));
+        }
+        let old = inner.generation;
+        let file = open_gen(&self.dir, old + 1)?;
+        inner.file = file;
+        inner.generation = old + 1;
+        Ok((std::mem::take(&mut inner.pending), Some(old)))
+    }
+
+    /// Puts records back after a commit that failed (their files still exist).
+    pub fn restore(&self, mut records: Vec<Record>) {
+        if let Ok(mut inner) = self.lock() {
+            records.append(&mut inner.pending);
+            inner.pending = records;
+        }
+    }
+
+    /// Deletes the generation files up to `through`: their records are sealed.
+    pub fn retire(&self, through: u64) {
+        let Ok(gens) = generations(&self.dir) else {
+            return;
+        };
+        for g in gens.into_iter().filter(|g| *g <= through) {
+            if let Err(e) = fs::remove_file(gen_path(&self.dir, g)) {
+                tracing::warn!(generation = g, error = %e, "cannot remove a sealed audit journal file");
+            }
+        }
+    }
+
+    pub fn has_pending(&self) -> bool {
+        self.inner
+            .lock()
+            .map(|i| !i.pending.is_empty())
+            .unwrap_or(true)
+    }
+}
+
+fn open_gen(dir: &Path, generation: u64) -> Result<File, AuditError> {
+    let path = gen_path(dir, generation);
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|source| AuditError::Journal { path, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn survives_reopen_and_retires() {
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = dir.path().join("j");
+        let j = Journal::open(&jdir).unwrap();
+        j.append(Record::new("call")).unwrap();
+        j.append(Record::new("gateway_stop")).unwrap();
+        drop(j);
+        // Simulate a torn line at the end of the last generation.
+        let last = generations(&jdir).unwrap().into_iter().max().unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(gen_path(&jdir, last))
+            .unwrap();
+        f.write_all(b"{\"time\":\"2026").unwrap();
+        let j = Journal::open(&jdir).unwrap();
+        let (recs, through) = j.take().unwrap();
+        assert_eq!(recs.len(), 2);
+        assert_eq!(recs[1].event, "gateway_stop");
+        j.append(Record::new("call")).unwrap();
+        j.retire(through.unwrap());
+        let j2 = Journal::open(&jdir);
+        drop(j);
+        let (recs, _) = j2.unwrap().take().unwrap();
+        assert_eq!(
+            recs.len(),
+            1,
+            "only the record appended after take survives retire"
+        );
+    }
+}

@@ -1,0 +1,1 @@
+//! Reading the audit log for people and SIEMs: filters, tables, export, stats.
