@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use cordon::policy::{explain, Policy};
-use cordon::{bridge, config, gateway};
+use cordon::{audit, bridge, config, gateway};
 
 #[derive(Parser)]
 #[command(
@@ -55,6 +55,100 @@ enum Command {
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
+    },
+    /// Read and verify the audit log (read-only; works while the gateway runs).
+    ///
+    /// Records of reads and denials reach the log within [audit] sync_interval
+    /// (default 1 s); mutations' records at once.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct AuditFilters {
+    /// Only this agent.
+    #[arg(long)]
+    agent: Option<String>,
+    /// Only this role.
+    #[arg(long)]
+    role: Option<String>,
+    /// Only this tool (kv_get, kv_put, …).
+    #[arg(long)]
+    tool: Option<String>,
+    /// Only this decision: allow, deny or invalid.
+    #[arg(long, value_parser = ["allow", "deny", "invalid"])]
+    decision: Option<String>,
+    /// Only this event: call, connection_refused, policy_loaded,
+    /// policy_rejected, gateway_start, gateway_stop, checkpoint.
+    #[arg(long)]
+    event: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AuditFormat {
+    Table,
+    Jsonl,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// The latest records as a table; with -f, keep printing new ones.
+    Tail {
+        /// The deployment config (finds the store).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Follow: print records as they are committed, until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// How many of the latest records to show first.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+        #[command(flatten)]
+        filters: AuditFilters,
+    },
+    /// Records in a time window: --since/--until take a time
+    /// (2026-11-27T21:00:00Z, 2026-11-27) or an age (15m, 2h, 7d).
+    Query {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+        #[arg(long, value_enum, default_value_t = AuditFormat::Table)]
+        format: AuditFormat,
+        #[command(flatten)]
+        filters: AuditFilters,
+    },
+    /// Check the whole hash chain: exit 0 with a count, or 1 naming the first
+    /// bad seq and why.
+    Verify {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Every record as one JSON object per line (the stored canonical form),
+    /// for a SIEM.
+    Export {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only jsonl.
+        #[arg(long, value_parser = ["jsonl"], default_value = "jsonl")]
+        format: String,
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// Calls, denials and errors per agent, role and tool; events by kind.
+    Stats {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(long)]
+        until: Option<String>,
     },
 }
 
@@ -119,6 +213,7 @@ fn main() -> ExitCode {
         }
         Command::Bridge { socket } => run_bridge(socket),
         Command::Policy { command } => run_policy(command),
+        Command::Audit { command } => run_audit(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -265,6 +360,209 @@ fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
                     answer["error"].as_str().unwrap_or("(no reason given)")
                 )
             }
+        }
+    }
+}
+
+fn audit_reader(config: &PathBuf) -> anyhow::Result<cordon::store::AuditReader> {
+    let config = config::Config::load(config)?;
+    Ok(cordon::store::AuditReader::open(
+        &config.gateway.store,
+        config.map_size_bytes(),
+    )?)
+}
+
+fn filter(
+    f: Option<AuditFilters>,
+    since: Option<String>,
+    until: Option<String>,
+) -> anyhow::Result<audit::query::Filter> {
+    let f = f.unwrap_or(AuditFilters {
+        agent: None,
+        role: None,
+        tool: None,
+        decision: None,
+        event: None,
+    });
+    Ok(audit::query::Filter {
+        agent: f.agent,
+        role: f.role,
+        tool: f.tool,
+        decision: f.decision,
+        event: f.event,
+        since: since
+            .map(|s| audit::query::parse_time(&s))
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        until: until
+            .map(|s| audit::query::parse_time(&s))
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+    })
+}
+
+/// Visits matching records; a record that does not parse is an error naming
+/// its seq (`verify` says more).
+fn each_record(
+    reader: &cordon::store::AuditReader,
+    from: u64,
+    filter: &audit::query::Filter,
+    mut f: impl FnMut(&audit::Record, &[u8]),
+) -> anyhow::Result<u64> {
+    let mut bad = None;
+    let last = reader.scan(from, |seq, raw| {
+        match serde_json::from_slice::<audit::Record>(raw) {
+            Ok(r) => {
+                if filter.matches(&r) {
+                    f(&r, raw);
+                }
+                true
+            }
+            Err(e) => {
+                bad = Some(anyhow::anyhow!(
+                    "audit record {seq} does not parse ({e}); run `cordon audit verify`"
+                ));
+                false
+            }
+        }
+    })?;
+    match bad {
+        Some(e) => Err(e),
+        None => Ok(last),
+    }
+}
+
+fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
+    use std::io::Write;
+    let stdout = std::io::stdout();
+    match command {
+        AuditCommand::Tail {
+            config,
+            follow,
+            lines,
+            filters,
+        } => {
+            let reader = audit_reader(&config)?;
+            let filter = filter(Some(filters), None, None)?;
+            let mut recent = std::collections::VecDeque::with_capacity(lines + 1);
+            let mut last = each_record(&reader, 1, &filter, |r, _| {
+                recent.push_back(audit::query::row(r));
+                if recent.len() > lines {
+                    recent.pop_front();
+                }
+            })?;
+            let mut out = stdout.lock();
+            writeln!(out, "{}", audit::query::TABLE_HEADER)?;
+            for line in recent {
+                writeln!(out, "{line}")?;
+            }
+            out.flush()?;
+            drop(out);
+            while follow {
+                std::thread::sleep(audit::query::FOLLOW_EVERY);
+                let mut out = stdout.lock();
+                last = each_record(&reader, last + 1, &filter, |r, _| {
+                    let _ = writeln!(out, "{}", audit::query::row(r));
+                })?
+                .max(last);
+                out.flush()?;
+            }
+            Ok(())
+        }
+        AuditCommand::Query {
+            config,
+            since,
+            until,
+            format,
+            filters,
+        } => {
+            let reader = audit_reader(&config)?;
+            let filter = filter(Some(filters), since, until)?;
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            if matches!(format, AuditFormat::Table) {
+                writeln!(out, "{}", audit::query::TABLE_HEADER)?;
+            }
+            let mut failed = None;
+            each_record(&reader, 1, &filter, |r, raw| {
+                let res = match format {
+                    AuditFormat::Table => writeln!(out, "{}", audit::query::row(r)),
+                    AuditFormat::Jsonl => out.write_all(raw).and_then(|()| out.write_all(b"\n")),
+                };
+                if let Err(e) = res {
+                    failed.get_or_insert(e);
+                }
+            })?;
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            out.flush()?;
+            Ok(())
+        }
+        AuditCommand::Export {
+            config,
+            format: _,
+            since,
+            until,
+        } => {
+            let reader = audit_reader(&config)?;
+            let filter = filter(None, since, until)?;
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let mut failed = None;
+            each_record(&reader, 1, &filter, |_, raw| {
+                if let Err(e) = out.write_all(raw).and_then(|()| out.write_all(b"\n")) {
+                    failed.get_or_insert(e);
+                }
+            })?;
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            out.flush()?;
+            Ok(())
+        }
+        AuditCommand::Verify { config } => {
+            let reader = audit_reader(&config)?;
+            let mut v = audit::Verifier::default();
+            let mut broken = None;
+            let mut first = None;
+            reader.scan(1, |seq, raw| {
+                first.get_or_insert(seq);
+                match v.push(seq, raw) {
+                    Ok(()) => true,
+                    Err(b) => {
+                        broken = Some(b);
+                        false
+                    }
+                }
+            })?;
+            let head = v.head().map(str::to_string);
+            let result = match broken {
+                Some(b) => Err(b),
+                None => v.finish(),
+            };
+            match result {
+                Ok(n) => {
+                    println!(
+                        "ok: {n} records verified (seq {}..{}), chain head {}",
+                        first.unwrap_or(0),
+                        first.unwrap_or(1) + n.saturating_sub(1),
+                        head.as_deref().unwrap_or(audit::GENESIS)
+                    );
+                    Ok(())
+                }
+                Err(b) => anyhow::bail!("audit chain broken at seq {}: {}", b.seq, b.reason),
+            }
+        }
+        AuditCommand::Stats {
+            config,
+            since,
+            until,
+        } => {
+            let reader = audit_reader(&config)?;
+            let filter = filter(None, since, until)?;
+            let mut stats = audit::query::Stats::default();
+            each_record(&reader, 1, &filter, |r, _| stats.add(r))?;
+            print!("{}", stats.render());
+            Ok(())
         }
     }
 }

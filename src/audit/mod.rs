@@ -229,14 +229,28 @@ pub fn verify<I>(records: I) -> Result<u64, Broken>
 where
     I: IntoIterator<Item = (u64, Vec<u8>)>,
 {
-    let mut prev: Option<Record> = None;
-    let mut first_prev: Option<(u64, String)> = None;
-    let mut checkpoints: Vec<(u64, String)> = Vec::new();
-    let mut count = 0;
+    let mut v = Verifier::default();
     for (key, raw) in records {
+        v.push(key, &raw)?;
+    }
+    v.finish()
+}
+
+/// The chain check, one record at a time (so a long log need not fit in
+/// memory).
+#[derive(Default)]
+pub struct Verifier {
+    prev: Option<(u64, String)>,
+    first_prev: Option<(u64, String)>,
+    checkpoints: Vec<(u64, String)>,
+    count: u64,
+}
+
+impl Verifier {
+    pub fn push(&mut self, key: u64, raw: &[u8]) -> Result<(), Broken> {
         let bad = |reason: String| Broken { seq: key, reason };
         let rec: Record =
-            serde_json::from_slice(&raw).map_err(|e| bad(format!("not a valid record: {e}")))?;
+            serde_json::from_slice(raw).map_err(|e| bad(format!("not a valid record: {e}")))?;
         if rec.seq != key {
             return Err(bad(format!(
                 "stored under seq {key} but says seq {}",
@@ -253,24 +267,22 @@ where
                 rec.hash
             )));
         }
-        match &prev {
-            Some(p) => {
-                if rec.seq != p.seq + 1 {
+        match &self.prev {
+            Some((pseq, phash)) => {
+                if rec.seq != pseq + 1 {
                     return Err(bad(format!(
-                        "gap: follows seq {} (records {}..{} missing)",
-                        p.seq,
-                        p.seq + 1,
+                        "gap: follows seq {pseq} (records {}..{} missing)",
+                        pseq + 1,
                         rec.seq - 1
                     )));
                 }
-                if rec.prev != p.hash {
+                if rec.prev != *phash {
                     return Err(bad(format!(
-                        "prev does not match the hash of seq {} (record removed, reordered or replaced)",
-                        p.seq
+                        "prev does not match the hash of seq {pseq} (record removed, reordered or replaced)"
                     )));
                 }
             }
-            None => first_prev = Some((rec.seq, rec.prev.clone())),
+            None => self.first_prev = Some((rec.seq, rec.prev.clone())),
         }
         if rec.event == "checkpoint" {
             if let Some(d) = &rec.detail {
@@ -278,30 +290,42 @@ where
                     d.get("pruned_through_seq").and_then(Value::as_u64),
                     d.get("pruned_through_hash").and_then(Value::as_str),
                 ) {
-                    checkpoints.push((s, h.to_string()));
+                    self.checkpoints.push((s, h.to_string()));
                 }
             }
         }
-        count += 1;
-        prev = Some(rec);
+        self.count += 1;
+        self.prev = Some((rec.seq, rec.hash));
+        Ok(())
     }
-    // The first record either starts the chain or follows records that a
-    // checkpoint says were pruned.
-    if let Some((seq, p)) = first_prev {
-        let vouched =
-            (seq == 1 && p == GENESIS) || checkpoints.iter().any(|(s, h)| *s + 1 == seq && *h == p);
-        if !vouched {
-            return Err(Broken {
-                seq,
-                reason: if seq == 1 {
-                    "the first record does not start from the genesis hash".into()
-                } else {
-                    format!("records before seq {seq} are missing and no checkpoint vouches for their pruning")
-                },
-            });
+
+    /// The first record either starts the chain or follows records that a
+    /// checkpoint says were pruned.
+    pub fn finish(self) -> Result<u64, Broken> {
+        if let Some((seq, p)) = self.first_prev {
+            let vouched = (seq == 1 && p == GENESIS)
+                || self
+                    .checkpoints
+                    .iter()
+                    .any(|(s, h)| *s + 1 == seq && *h == p);
+            if !vouched {
+                return Err(Broken {
+                    seq,
+                    reason: if seq == 1 {
+                        "the first record does not start from the genesis hash".into()
+                    } else {
+                        format!("records before seq {seq} are missing and no checkpoint vouches for their pruning")
+                    },
+                });
+            }
         }
+        Ok(self.count)
     }
-    Ok(count)
+
+    /// The hash of the last record checked: the chain's head.
+    pub fn head(&self) -> Option<&str> {
+        self.prev.as_ref().map(|(_, h)| h.as_str())
+    }
 }
 
 #[cfg(test)]

@@ -940,3 +940,70 @@ pub fn json_size(v: &Value) -> usize {
 
 #[cfg(test)]
 mod tests;
+
+/// Read-only access to the audit records of a store, from another process
+/// (the `cordon audit` CLI) while the gateway runs: LMDB allows many readers,
+/// and this takes no lock the gateway needs.
+pub struct AuditReader {
+    env: Env<WithoutTls>,
+    db: Option<Database<Bytes, Bytes>>,
+}
+
+impl AuditReader {
+    /// `map_size` must be the gateway's (the deployment config's map_size).
+    pub fn open(path: &Path, map_size: usize) -> Result<AuditReader, StoreError> {
+        let open_err = |source| StoreError::OpenStore {
+            path: path.to_path_buf(),
+            source,
+        };
+        if !path.join("data.mdb").exists() {
+            return Err(StoreError::OpenStore {
+                path: path.to_path_buf(),
+                source: heed::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no store here (has the gateway ever run with this config?)",
+                )),
+            });
+        }
+        let mut opts = EnvOpenOptions::new().read_txn_without_tls();
+        opts.map_size(map_size).max_dbs(8).max_readers(1024);
+        // SAFETY: read-only: this process never writes the map, and the
+        // gateway, the only writer, writes it through LMDB's own locking.
+        let env = unsafe { opts.flags(heed::EnvFlags::READ_ONLY).open(path) }.map_err(open_err)?;
+        let rtxn = env.read_txn().map_err(open_err)?;
+        let db = env
+            .open_database::<Bytes, Bytes>(&rtxn, Some("audit"))
+            .map_err(open_err)?;
+        // A handle opened in a read transaction lives only if it commits.
+        rtxn.commit().map_err(open_err)?;
+        Ok(AuditReader { env, db })
+    }
+
+    /// Calls `f` with each record from `from` on, in seq order, in one
+    /// consistent snapshot, until it returns false. Returns the last seq seen.
+    pub fn scan(
+        &self,
+        from: u64,
+        mut f: impl FnMut(u64, &[u8]) -> bool,
+    ) -> Result<u64, StoreError> {
+        let Some(db) = self.db else {
+            return Ok(from.saturating_sub(1));
+        };
+        let read_err = |source| StoreError::Read { source };
+        let rtxn = self.env.read_txn().map_err(read_err)?;
+        let lo = from.to_be_bytes();
+        let range = (
+            std::ops::Bound::Included(&lo[..]),
+            std::ops::Bound::Unbounded,
+        );
+        let mut last = from.saturating_sub(1);
+        for item in db.range(&rtxn, &range).map_err(read_err)? {
+            let (k, raw) = item.map_err(read_err)?;
+            last = decode_u64(k)?;
+            if !f(last, raw) {
+                break;
+            }
+        }
+        Ok(last)
+    }
+}
