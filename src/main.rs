@@ -364,7 +364,7 @@ fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
     }
 }
 
-fn audit_reader(config: &PathBuf) -> anyhow::Result<cordon::store::AuditReader> {
+fn audit_reader(config: &std::path::Path) -> anyhow::Result<cordon::store::AuditReader> {
     let config = config::Config::load(config)?;
     Ok(cordon::store::AuditReader::open(
         &config.gateway.store,
@@ -458,7 +458,10 @@ fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
             }
             out.flush()?;
             drop(out);
-            while follow {
+            if !follow {
+                return Ok(());
+            }
+            loop {
                 std::thread::sleep(audit::query::FOLLOW_EVERY);
                 let mut out = stdout.lock();
                 last = each_record(&reader, last + 1, &filter, |r, _| {
@@ -467,7 +470,6 @@ fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
                 .max(last);
                 out.flush()?;
             }
-            Ok(())
         }
         AuditCommand::Query {
             config,
