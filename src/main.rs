@@ -4,6 +4,7 @@
 mod bridge;
 mod config;
 mod gateway;
+mod sandbox;
 mod store;
 
 use std::path::PathBuf;
@@ -54,6 +55,14 @@ enum Command {
         #[arg(long)]
         socket: PathBuf,
     },
+    /// Run a command in a sandbox profile (`run`), or see what this kernel enforces (`probe`).
+    Sandbox {
+        #[command(subcommand)]
+        command: sandbox::SandboxCommand,
+    },
+    /// Internal: apply a sandbox plan to this process, then execve the command.
+    #[command(hide = true)]
+    SandboxExec(sandbox::ExecArgs),
 }
 
 fn init_logging(format: LogFormat) {
@@ -76,6 +85,9 @@ fn main() -> ExitCode {
             run_gateway(config)
         }
         Command::Bridge { socket } => run_bridge(socket),
+        // Both exit with the sandboxed command's own status.
+        Command::Sandbox { command } => return sandbox::cli::main(command),
+        Command::SandboxExec(args) => return sandbox::cli::exec_main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
