@@ -91,15 +91,13 @@ pub struct PlanInput<'a> {
 impl Plan {
     pub fn build(profile: &Profile, input: &PlanInput) -> Result<Plan, PlanError> {
         let ph = input.placeholders;
+        // An entry whose placeholder has no value in this run (`{socket}` under
+        // `sandbox run` without --socket) grants nothing, so it is left out.
         let expand_all = |entries: &[String]| -> Result<Vec<PathBuf>, PlanError> {
-            entries
+            Ok(entries
                 .iter()
-                .map(|e| {
-                    ph.expand(e)
-                        .map(PathBuf::from)
-                        .ok_or_else(|| missing_placeholder(e))
-                })
-                .collect()
+                .filter_map(|e| ph.expand(e).map(PathBuf::from))
+                .collect())
         };
         let mut env_set = BTreeMap::new();
         for (k, v) in &profile.env.set {
@@ -280,20 +278,19 @@ mod tests {
     }
 
     #[test]
-    fn missing_socket_is_an_error() {
+    fn missing_socket_drops_the_rule_but_not_an_env_value() {
+        let input = PlanInput {
+            name: "x",
+            placeholders: &ph(),
+            root: false,
+            uid_index: 0,
+        };
         let profile =
             Profile::parse("[net]\nconnect_unix = [\"{socket}\"]\n", Path::new("p")).unwrap();
-        let err = Plan::build(
-            &profile,
-            &PlanInput {
-                name: "x",
-                placeholders: &ph(),
-                root: false,
-                uid_index: 0,
-            },
-        )
-        .unwrap_err()
-        .to_string();
+        assert!(Plan::build(&profile, &input).unwrap().connect_unix.is_empty());
+        let profile =
+            Profile::parse("[env]\nset = { S = \"{socket}\" }\n", Path::new("p")).unwrap();
+        let err = Plan::build(&profile, &input).unwrap_err().to_string();
         assert!(err.contains("{socket}"), "{err}");
     }
 }
