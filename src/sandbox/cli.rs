@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use super::exec::{self, EXIT_SETUP_FAILED};
 use super::limits::{self, Layout, LimitsError};
 use super::plan::{self, Plan, PlanError, PlanInput};
-use super::profile::{Placeholders, Profile, ProfileError};
 use super::probe;
+use super::profile::{Placeholders, Profile, ProfileError};
 
 /// The fd number the plan is handed over on.
 const PLAN_FD: i32 = 3;
@@ -390,4 +390,3 @@ fn probe_cmd(args: ProbeArgs) -> Result<u8, CliError> {
     print!("{out}");
     Ok(code)
 }
-

@@ -11,7 +11,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 use super::landlock::{self, LandlockError};
-use super::limits::{self, LimitsError, Layout};
+use super::limits::{self, Layout, LimitsError};
 use super::plan::Plan;
 use super::privileges::{self, PrivilegesError};
 use super::profile::Require;
@@ -117,7 +117,11 @@ pub fn sandbox_exec(plan: &Plan, argv: &[OsString]) -> Result<Infallible, ExecEr
         }
     }
     let ruleset = if abi > 0 {
-        Some(landlock::build(plan, landlock::open_rules(plan, abi)?, abi)?)
+        Some(landlock::build(
+            plan,
+            landlock::open_rules(plan, abi)?,
+            abi,
+        )?)
     } else {
         None
     };

@@ -284,7 +284,10 @@ mod tests {
     #[test]
     fn strict_refuses_what_the_kernel_lacks() {
         let err = check(Require::Strict, 3).unwrap_err().to_string();
-        assert!(err.contains("TCP bind/connect") && err.contains("ABI 4"), "{err}");
+        assert!(
+            err.contains("TCP bind/connect") && err.contains("ABI 4"),
+            "{err}"
+        );
         assert!(check(Require::Strict, 0).is_err());
         let dropped = check(Require::BestEffort, 3).unwrap();
         assert!(dropped.iter().any(|f| f.abi == 4));

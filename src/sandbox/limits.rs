@@ -112,7 +112,10 @@ impl Layout {
             if id == "0" && ctrls.is_empty() {
                 v2_path = Some(path.to_string());
             } else {
-                v1_paths.push((ctrls.split(',').map(String::from).collect(), path.to_string()));
+                v1_paths.push((
+                    ctrls.split(',').map(String::from).collect(),
+                    path.to_string(),
+                ));
             }
         }
         let join = |point: &Path, root: &str, path: &str| -> PathBuf {
@@ -171,7 +174,11 @@ impl Layout {
     }
 
     /// The directories of the agent's cgroup, one per hierarchy it needs.
-    pub fn agent_dirs(&self, limits: &LimitsProfile, rel: &str) -> Result<Vec<(Controller, PathBuf)>, LimitsError> {
+    pub fn agent_dirs(
+        &self,
+        limits: &LimitsProfile,
+        rel: &str,
+    ) -> Result<Vec<(Controller, PathBuf)>, LimitsError> {
         let mut needed = Vec::new();
         for (limit, controller, wanted) in [
             ("memory", "memory", limits.memory.is_some()),
@@ -191,7 +198,10 @@ impl Layout {
 }
 
 fn unescape(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }
 
 fn write(path: &Path, value: &str) -> Result<(), LimitsError> {
@@ -218,7 +228,10 @@ pub fn join_cgroup(layout: &Layout, limits: &LimitsProfile, rel: &str) -> Result
                     path: ancestor.clone(),
                     source,
                 })?;
-                write(&ancestor.join("cgroup.subtree_control"), &format!("+{}", c.name))?;
+                write(
+                    &ancestor.join("cgroup.subtree_control"),
+                    &format!("+{}", c.name),
+                )?;
                 ancestor.push(part);
             }
         }
@@ -241,17 +254,26 @@ pub fn join_cgroup(layout: &Layout, limits: &LimitsProfile, rel: &str) -> Result
                 }
             }
             ("memory", Version::V2) => {
-                write(&dir.join("memory.max"), &limits.memory.unwrap_or(u64::MAX).to_string())?;
+                write(
+                    &dir.join("memory.max"),
+                    &limits.memory.unwrap_or(u64::MAX).to_string(),
+                )?;
                 let swap = dir.join("memory.swap.max");
                 if swap.exists() {
                     write(&swap, "0")?;
                 }
             }
             ("pids", _) => {
-                write(&dir.join("pids.max"), &limits.pids.unwrap_or(u64::MAX).to_string())?;
+                write(
+                    &dir.join("pids.max"),
+                    &limits.pids.unwrap_or(u64::MAX).to_string(),
+                )?;
             }
             ("cpu", Version::V2) => {
-                write(&dir.join("cpu.weight"), &limits.cpu_weight.unwrap_or(100).to_string())?;
+                write(
+                    &dir.join("cpu.weight"),
+                    &limits.cpu_weight.unwrap_or(100).to_string(),
+                )?;
             }
             ("cpu", Version::V1) => {
                 // v1 shares default to 1024 where v2 weights default to 100.
@@ -270,7 +292,11 @@ pub fn join_cgroup(layout: &Layout, limits: &LimitsProfile, rel: &str) -> Result
 
 /// Kills whatever is left in the agent's cgroup and removes it. For the parent
 /// once the command exited: a daemon the agent left behind must not outlive it.
-pub fn remove_cgroup(layout: &Layout, limits: &LimitsProfile, rel: &str) -> Result<(), LimitsError> {
+pub fn remove_cgroup(
+    layout: &Layout,
+    limits: &LimitsProfile,
+    rel: &str,
+) -> Result<(), LimitsError> {
     let dirs = layout.agent_dirs(limits, rel)?;
     for (_, dir) in dirs {
         if !dir.exists() {
@@ -285,7 +311,10 @@ pub fn remove_cgroup(layout: &Layout, limits: &LimitsProfile, rel: &str) -> Resu
                     source,
                 }
             })?;
-            let pids: Vec<i32> = procs.lines().filter_map(|l| l.trim().parse().ok()).collect();
+            let pids: Vec<i32> = procs
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect();
             if pids.is_empty() {
                 break;
             }
@@ -380,8 +409,14 @@ mod tests {
         let m = l.controller("memory").unwrap();
         assert_eq!(m.version, Version::V1);
         assert_eq!(m.own_dir, Path::new("/sys/fs/cgroup/memory/svc/a"));
-        assert_eq!(l.controller("pids").unwrap().own_dir, Path::new("/sys/fs/cgroup/pids"));
-        assert_eq!(l.v2_mount.as_deref(), Some(Path::new("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            l.controller("pids").unwrap().own_dir,
+            Path::new("/sys/fs/cgroup/pids")
+        );
+        assert_eq!(
+            l.v2_mount.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/unified"))
+        );
     }
 
     #[test]
@@ -399,7 +434,10 @@ mod tests {
             ..Default::default()
         };
         let dirs = l.agent_dirs(&limits, "cordon/a").unwrap();
-        assert_eq!(dirs[0].1, Path::new("/sys/fs/cgroup/user.slice/x.scope/cordon/a"));
+        assert_eq!(
+            dirs[0].1,
+            Path::new("/sys/fs/cgroup/user.slice/x.scope/cordon/a")
+        );
     }
 
     #[test]

@@ -124,8 +124,8 @@ impl Plan {
                 (ids.uid != me).then_some(ids)
             }
         };
-        let cgroup = (input.root && profile.limits.needs_cgroup())
-            .then(|| format!("cordon/{}", input.name));
+        let cgroup =
+            (input.root && profile.limits.needs_cgroup()).then(|| format!("cordon/{}", input.name));
         Ok(Plan {
             name: input.name.to_string(),
             require: profile.require,
@@ -264,15 +264,31 @@ mod tests {
             uid_index: 12,
         };
         let plan = Plan::build(&profile, &input).unwrap();
-        assert_eq!(plan.write, vec![PathBuf::from("/w"), PathBuf::from("/h/tmp")]);
+        assert_eq!(
+            plan.write,
+            vec![PathBuf::from("/w"), PathBuf::from("/h/tmp")]
+        );
         assert_eq!(plan.env_set["HOME"], "/h");
-        assert_eq!(plan.user, Some(Ids { uid: 5002, gid: 5002 }));
+        assert_eq!(
+            plan.user,
+            Some(Ids {
+                uid: 5002,
+                gid: 5002
+            })
+        );
         assert_eq!(plan.cgroup.as_deref(), Some("cordon/coder"));
         let fd = plan.to_memfd().unwrap();
         let back = Plan::read_from(File::from(fd), "memfd").unwrap();
         assert_eq!(back, plan);
 
-        let not_root = Plan::build(&profile, &PlanInput { root: false, ..input }).unwrap();
+        let not_root = Plan::build(
+            &profile,
+            &PlanInput {
+                root: false,
+                ..input
+            },
+        )
+        .unwrap();
         assert_eq!(not_root.user, None);
         assert_eq!(not_root.cgroup, None);
     }
@@ -287,7 +303,10 @@ mod tests {
         };
         let profile =
             Profile::parse("[net]\nconnect_unix = [\"{socket}\"]\n", Path::new("p")).unwrap();
-        assert!(Plan::build(&profile, &input).unwrap().connect_unix.is_empty());
+        assert!(Plan::build(&profile, &input)
+            .unwrap()
+            .connect_unix
+            .is_empty());
         let profile =
             Profile::parse("[env]\nset = { S = \"{socket}\" }\n", Path::new("p")).unwrap();
         let err = Plan::build(&profile, &input).unwrap_err().to_string();

@@ -26,7 +26,10 @@ pub enum PrivilegesError {
         source: caps::errors::CapsError,
     },
     #[error("the {set} capability set is still {caps:?} after clearing it")]
-    CapsNotEmpty { set: &'static str, caps: Vec<String> },
+    CapsNotEmpty {
+        set: &'static str,
+        caps: Vec<String>,
+    },
     #[error("cannot drop supplementary groups: {0}")]
     SetGroups(io::Error),
     #[error("cannot switch to gid {gid}: {source}")]
@@ -114,7 +117,8 @@ pub fn clear_and_verify_caps(bounding_must_be_empty: bool) -> Result<(), Privile
         (CapSet::Inheritable, "inheritable"),
         (CapSet::Ambient, "ambient"),
     ] {
-        caps::clear(None, set).map_err(|source| PrivilegesError::ClearCaps { set: name, source })?;
+        caps::clear(None, set)
+            .map_err(|source| PrivilegesError::ClearCaps { set: name, source })?;
     }
     let mut sets = vec![
         (CapSet::Effective, "effective"),
@@ -126,8 +130,8 @@ pub fn clear_and_verify_caps(bounding_must_be_empty: bool) -> Result<(), Privile
         sets.push((CapSet::Bounding, "bounding"));
     }
     for (set, name) in sets {
-        let held: CapsHashSet =
-            caps::read(None, set).map_err(|source| PrivilegesError::ReadCaps { set: name, source })?;
+        let held: CapsHashSet = caps::read(None, set)
+            .map_err(|source| PrivilegesError::ReadCaps { set: name, source })?;
         if !held.is_empty() {
             let mut caps: Vec<String> = held.iter().map(|c| c.to_string()).collect();
             caps.sort();

@@ -24,20 +24,43 @@ pub fn kernel_report() -> String {
     let abi = ll::kernel_abi();
     let abi_e = ABI::from(abi.min(10));
     let mut o = String::new();
-    let _ = writeln!(o, "Landlock: ABI {abi}{}", if abi == 0 { " (not available)" } else { "" });
+    let _ = writeln!(
+        o,
+        "Landlock: ABI {abi}{}",
+        if abi == 0 { " (not available)" } else { "" }
+    );
     if abi > 0 {
-        let _ = writeln!(o, "  filesystem rights: {}", ll::names(AccessFs::from_all(abi_e)));
+        let _ = writeln!(
+            o,
+            "  filesystem rights: {}",
+            ll::names(AccessFs::from_all(abi_e))
+        );
         let net = AccessNet::from_all(abi_e);
         let _ = writeln!(
             o,
             "  network rights:    {}",
-            if net.is_empty() { "none".to_string() } else { net.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(",") }
+            if net.is_empty() {
+                "none".to_string()
+            } else {
+                net.iter()
+                    .map(|a| format!("{a:?}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
         );
         let scopes = Scope::from_all(abi_e);
         let _ = writeln!(
             o,
             "  scopes:            {}",
-            if scopes.is_empty() { "none".to_string() } else { scopes.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(",") }
+            if scopes.is_empty() {
+                "none".to_string()
+            } else {
+                scopes
+                    .iter()
+                    .map(|a| format!("{a:?}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
         );
     }
     for f in FEATURES.iter().filter(|f| f.abi > abi) {
@@ -56,7 +79,11 @@ pub fn kernel_report() -> String {
     let _ = writeln!(
         o,
         "seccomp: {}",
-        if seccomp_available() { "filter mode available" } else { "NOT available" }
+        if seccomp_available() {
+            "filter mode available"
+        } else {
+            "NOT available"
+        }
     );
     let _ = writeln!(o, "  denied: {}", seccomp::denied_syscalls().join("; "));
     let layout = Layout::detect();
@@ -66,7 +93,11 @@ pub fn kernel_report() -> String {
             o,
             "  cgroup2 at {} (controllers: {})",
             m.display(),
-            if layout.v2_controllers.is_empty() { "none".to_string() } else { layout.v2_controllers.join(" ") }
+            if layout.v2_controllers.is_empty() {
+                "none".to_string()
+            } else {
+                layout.v2_controllers.join(" ")
+            }
         );
     }
     for (mount, ctrls) in &layout.v1_mounts {
@@ -78,10 +109,17 @@ pub fn kernel_report() -> String {
         match layout.controller(name) {
             Some(c) => {
                 let v = if c.version == Version::V2 { "v2" } else { "v1" };
-                let _ = writeln!(o, "  {name}: {v}, agent cgroups under {}", c.own_dir.join("cordon").display());
+                let _ = writeln!(
+                    o,
+                    "  {name}: {v}, agent cgroups under {}",
+                    c.own_dir.join("cordon").display()
+                );
             }
             None => {
-                let _ = writeln!(o, "  {name}: not available (profiles with that limit refuse to run)");
+                let _ = writeln!(
+                    o,
+                    "  {name}: not available (profiles with that limit refuse to run)"
+                );
             }
         }
     }
@@ -113,7 +151,12 @@ pub fn kernel_report() -> String {
 pub fn plan_report(path: &Path, plan: &Plan, fresh_home: bool) -> (String, bool) {
     let abi = ll::kernel_abi();
     let mut o = String::new();
-    let _ = writeln!(o, "\nprofile {} (require = {:?}):", path.display(), plan.require);
+    let _ = writeln!(
+        o,
+        "\nprofile {} (require = {:?}):",
+        path.display(),
+        plan.require
+    );
     let verdict = ll::check(plan.require, abi);
     let (rights, missing) = ll::path_rights(plan, abi);
     let _ = writeln!(o, "  paths:");
@@ -121,13 +164,32 @@ pub fn plan_report(path: &Path, plan: &Plan, fresh_home: bool) -> (String, bool)
         let _ = writeln!(o, "    {}  {}", p.display(), ll::names(*access));
     }
     for p in &missing {
-        let note = if fresh_home { " (or created per run)" } else { "" };
+        let note = if fresh_home {
+            " (or created per run)"
+        } else {
+            ""
+        };
         let _ = writeln!(o, "    {}  MISSING here: no access{note}", p.display());
     }
-    let ports = |v: &[u16]| if v.is_empty() { "none".to_string() } else { v.iter().map(u16::to_string).collect::<Vec<_>>().join(",") };
-    let _ = writeln!(o, "  tcp connect: {}; tcp bind: {}", ports(&plan.connect_tcp), ports(&plan.bind_tcp));
+    let ports = |v: &[u16]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.iter().map(u16::to_string).collect::<Vec<_>>().join(",")
+        }
+    };
+    let _ = writeln!(
+        o,
+        "  tcp connect: {}; tcp bind: {}",
+        ports(&plan.connect_tcp),
+        ports(&plan.bind_tcp)
+    );
     if !plan.connect_unix.is_empty() {
-        let how = if abi >= 9 { "RESOLVE_UNIX rule" } else { "not enforceable here (ABI < 9): uid + peer-credential checks only" };
+        let how = if abi >= 9 {
+            "RESOLVE_UNIX rule"
+        } else {
+            "not enforceable here (ABI < 9): uid + peer-credential checks only"
+        };
         for p in &plan.connect_unix {
             let _ = writeln!(o, "  unix socket {}: {how}", p.display());
         }
@@ -148,7 +210,11 @@ pub fn plan_report(path: &Path, plan: &Plan, fresh_home: bool) -> (String, bool)
         l.pids,
         l.nofile,
         l.cpu_weight,
-        if l.needs_cgroup() && plan.cgroup.is_none() { " — cgroup limits need root: NOT applied" } else { "" }
+        if l.needs_cgroup() && plan.cgroup.is_none() {
+            " — cgroup limits need root: NOT applied"
+        } else {
+            ""
+        }
     );
     let mut would_run = true;
     if l.needs_cgroup() && plan.cgroup.is_some() {
@@ -164,11 +230,23 @@ pub fn plan_report(path: &Path, plan: &Plan, fresh_home: bool) -> (String, bool)
         }
         Ok(dropped) => {
             for f in &dropped {
-                let lost = if f.required && plan.require == Require::BestEffort { "dropped (best-effort)" } else { f.fallback };
+                let lost = if f.required && plan.require == Require::BestEffort {
+                    "dropped (best-effort)"
+                } else {
+                    f.fallback
+                };
                 let _ = writeln!(o, "  loses: {} (needs ABI {}): {lost}", f.right, f.abi);
             }
             if would_run {
-                let _ = writeln!(o, "  verdict: would run{}", if dropped.is_empty() { ", fully enforced" } else { "" });
+                let _ = writeln!(
+                    o,
+                    "  verdict: would run{}",
+                    if dropped.is_empty() {
+                        ", fully enforced"
+                    } else {
+                        ""
+                    }
+                );
             }
         }
     }

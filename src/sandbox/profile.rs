@@ -179,10 +179,12 @@ impl Profile {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        profile.validate().map_err(|message| ProfileError::Invalid {
-            path: path.to_path_buf(),
-            message,
-        })?;
+        profile
+            .validate()
+            .map_err(|message| ProfileError::Invalid {
+                path: path.to_path_buf(),
+                message,
+            })?;
         Ok(profile)
     }
 
@@ -231,9 +233,7 @@ impl Profile {
 
 fn check_env_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
         && !name.as_bytes()[0].is_ascii_digit();
     if ok {
         Ok(())

@@ -82,7 +82,8 @@ fn arch() -> Result<TargetArch, SeccompError> {
 }
 
 fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, SeccompError> {
-    SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value).map_err(SeccompError::BuildFilter)
+    SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value)
+        .map_err(SeccompError::BuildFilter)
 }
 
 /// The two programs, compiled in advance (they allocate), installed last.
@@ -105,8 +106,9 @@ pub fn build() -> Result<Filters, SeccompError> {
     let mut bit = 1u64;
     while bit != 0 {
         if CLONE_NS & bit != 0 {
-            clone_rules
-                .push(SeccompRule::new(vec![cond(0, SeccompCmpOp::MaskedEq(bit), bit)?]).map_err(b)?);
+            clone_rules.push(
+                SeccompRule::new(vec![cond(0, SeccompCmpOp::MaskedEq(bit), bit)?]).map_err(b)?,
+            );
         }
         bit <<= 1;
     }
@@ -119,7 +121,9 @@ pub fn build() -> Result<Filters, SeccompError> {
                     .map_err(SeccompError::BuildFilter)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(vec![SeccompRule::new(conds).map_err(SeccompError::BuildFilter)?])
+        Ok(vec![
+            SeccompRule::new(conds).map_err(SeccompError::BuildFilter)?
+        ])
     };
     rules.insert(libc::SYS_socket, family_rule()?);
     rules.insert(libc::SYS_socketpair, family_rule()?);
