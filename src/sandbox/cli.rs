@@ -9,12 +9,9 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use super::exec::{self, EXIT_SETUP_FAILED};
 use super::limits::{self, Layout, LimitsError};
-use super::plan::{self, Plan, PlanError, PlanInput};
+use super::plan::{Plan, PlanError, PlanInput};
 use super::probe;
 use super::profile::{Placeholders, Profile, ProfileError};
-
-/// The fd number the plan is handed over on.
-const PLAN_FD: i32 = 3;
 
 #[derive(clap::Subcommand)]
 pub enum SandboxCommand {
@@ -318,18 +315,28 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
         }
     }
 
-    let mut cmd = std::process::Command::new("/proc/self/exe");
-    cmd.arg("sandbox-exec")
-        .arg("--plan-fd")
-        .arg(PLAN_FD.to_string())
-        .arg("--")
-        .args(&args.command);
-    plan::pass_plan_fd(&mut cmd, plan.to_memfd()?, PLAN_FD);
+    // The helper process: a fork of this one, which is single-threaded (no
+    // runtime is started for `sandbox run`), so the child may allocate and run
+    // the whole sequence; the orchestrator, which has threads, re-executes
+    // /proc/self/exe into `sandbox-exec` instead. Same function either way.
+    ensure_single_threaded()?;
+    // SAFETY: fork in a single-threaded process: the child is a full copy with
+    // no other thread that could have held a lock, so it may do anything the
+    // parent could, and it ends in execve or _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(CliError::Spawn(std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        let Err(e) = exec::sandbox_exec(&plan, &args.command);
+        eprintln!("cordon: {e}");
+        // SAFETY: _exit ends the child without running the parent's exit-time
+        // cleanup (the fresh home's Drop) twice.
+        unsafe { libc::_exit(i32::from(e.exit_code())) };
+    }
+    CHILD.store(pid, Ordering::Relaxed);
     forward_signals();
-    let mut child = cmd.spawn().map_err(CliError::Spawn)?;
-    CHILD.store(child.id() as i32, Ordering::Relaxed);
-    drop(cmd);
-    let status = child.wait().map_err(CliError::Wait)?;
+    let status = wait_for(pid)?;
     CHILD.store(0, Ordering::Relaxed);
 
     if let Some(rel) = &plan.cgroup {
@@ -344,12 +351,46 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             eprintln!("cordon: {e}");
         }
     }
-    use std::os::unix::process::ExitStatusExt;
-    Ok(match (status.code(), status.signal()) {
-        (Some(code), _) => u8::try_from(code).unwrap_or(1),
-        (None, Some(sig)) => 128u8.saturating_add(u8::try_from(sig).unwrap_or(0)),
-        _ => 1,
-    })
+    Ok(status)
+}
+
+/// The exit status to pass on: the command's code, or 128+N for signal N.
+fn wait_for(pid: i32) -> Result<u8, CliError> {
+    let pid = rustix::process::Pid::from_raw(pid).ok_or(CliError::Wait(std::io::Error::from(
+        std::io::ErrorKind::InvalidInput,
+    )))?;
+    loop {
+        match rustix::process::waitpid(Some(pid), rustix::process::WaitOptions::empty()) {
+            Ok(Some((_, status))) => {
+                if let Some(code) = status.exit_status() {
+                    return Ok(u8::try_from(code).unwrap_or(1));
+                }
+                if let Some(sig) = status.terminating_signal() {
+                    return Ok(128u8.saturating_add(u8::try_from(sig).unwrap_or(0)));
+                }
+            }
+            Ok(None) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(CliError::Wait(e.into())),
+        }
+    }
+}
+
+/// fork() is only sound here because nothing started a thread; check rather
+/// than assume (a future change that adds one must fail, not corrupt memory).
+fn ensure_single_threaded() -> Result<(), CliError> {
+    let status = fs::read_to_string("/proc/self/status").map_err(CliError::Spawn)?;
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .map(|n| n.trim().to_string())
+        .unwrap_or_default();
+    if threads != "1" {
+        return Err(CliError::Spawn(std::io::Error::other(format!(
+            "cordon sandbox run must be single-threaded to fork its helper, but has {threads} threads"
+        ))));
+    }
+    Ok(())
 }
 
 fn probe_cmd(args: ProbeArgs) -> Result<u8, CliError> {

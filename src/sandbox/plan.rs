@@ -144,6 +144,26 @@ impl Plan {
         })
     }
 
+    /// `/proc/self/exe sandbox-exec --plan-fd 3 -- argv…`, with the plan on fd 3:
+    /// how the orchestrator (which runs threads, so cannot fork and continue)
+    /// starts an agent.
+    // The orchestrator issue is the caller; `sandbox run` forks instead.
+    #[allow(dead_code)]
+    pub fn helper_command(
+        &self,
+        argv: &[std::ffi::OsString],
+    ) -> Result<std::process::Command, PlanError> {
+        const PLAN_FD: i32 = 3;
+        let mut cmd = std::process::Command::new("/proc/self/exe");
+        cmd.arg("sandbox-exec")
+            .arg("--plan-fd")
+            .arg(PLAN_FD.to_string())
+            .arg("--")
+            .args(argv);
+        pass_plan_fd(&mut cmd, self.to_memfd()?, PLAN_FD);
+        Ok(cmd)
+    }
+
     /// The plan in an anonymous memory file, for the helper to inherit.
     pub fn to_memfd(&self) -> Result<OwnedFd, PlanError> {
         let fd = rustix::fs::memfd_create("cordon-plan", rustix::fs::MemfdFlags::CLOEXEC)
@@ -181,6 +201,7 @@ impl Plan {
 /// Makes the plan fd number `target` in the child of `command` (which must run
 /// `sandbox-exec --plan-fd <target>`). Safe to use from a multi-threaded parent:
 /// the fd is placed between fork and exec, never made inheritable in the parent.
+#[allow(dead_code)] // see Plan::helper_command
 pub fn pass_plan_fd(command: &mut std::process::Command, plan_fd: OwnedFd, target: i32) {
     use std::os::unix::process::CommandExt;
     let raw = plan_fd.as_raw_fd();
