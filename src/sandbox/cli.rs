@@ -299,6 +299,9 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             uid_index: name_index(&args.name),
         },
     )?;
+    if plan.limits.needs_cgroup() && plan.cgroup.is_none() {
+        eprintln!("cordon: sandbox (best-effort): dropped the cgroup limits (they need root)");
+    }
     // One cgroup per run, so concurrent runs of the same name never share limits.
     if let Some(cg) = &mut plan.cgroup {
         cg.push_str(&format!("-{}", std::process::id()));
@@ -413,7 +416,7 @@ fn probe_cmd(args: ProbeArgs) -> Result<u8, CliError> {
             cmd_dir: cmd_dir(&profile, &args.command),
         };
         let root = rustix::process::geteuid().is_root();
-        let plan = Plan::build(
+        let built = Plan::build(
             &profile,
             &PlanInput {
                 name: "probe",
@@ -421,7 +424,18 @@ fn probe_cmd(args: ProbeArgs) -> Result<u8, CliError> {
                 root,
                 uid_index: name_index("probe"),
             },
-        )?;
+        );
+        let plan = match built {
+            Ok(plan) => plan,
+            Err(e) => {
+                out.push_str(&format!(
+                    "\nprofile {}:\n  would refuse: {e}\n",
+                    path.display()
+                ));
+                print!("{out}");
+                return Ok(1);
+            }
+        };
         let (text, would_run) = probe::plan_report(path, &plan, args.home.is_none());
         out.push_str(&text);
         if !would_run {

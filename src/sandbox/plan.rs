@@ -30,6 +30,8 @@ pub enum PlanError {
     ReadPasswd(std::io::Error),
     #[error("user {name:?} needs cordon to run as root (it runs as uid {uid})")]
     SwitchUserNotRoot { name: String, uid: u32 },
+    #[error("the profile sets cgroup limits (memory, pids, cpu_weight), which need cordon to run as root; refusing to run without them (require = \"best-effort\" runs unlimited)")]
+    LimitsNeedRoot,
     #[error("cannot create the plan file: {0}")]
     CreatePlanFile(std::io::Error),
     #[error("cannot read the sandbox plan from {from}: {source}")]
@@ -124,8 +126,11 @@ impl Plan {
                 (ids.uid != me).then_some(ids)
             }
         };
-        let cgroup =
-            (input.root && profile.limits.needs_cgroup()).then(|| format!("cordon/{}", input.name));
+        let needs_cgroup = profile.limits.needs_cgroup();
+        if needs_cgroup && !input.root && profile.require == Require::Strict {
+            return Err(PlanError::LimitsNeedRoot);
+        }
+        let cgroup = (input.root && needs_cgroup).then(|| format!("cordon/{}", input.name));
         Ok(Plan {
             name: input.name.to_string(),
             require: profile.require,
@@ -302,16 +307,18 @@ mod tests {
         let back = Plan::read_from(File::from(fd), "memfd").unwrap();
         assert_eq!(back, plan);
 
-        let not_root = Plan::build(
-            &profile,
-            &PlanInput {
-                root: false,
-                ..input
-            },
-        )
-        .unwrap();
-        assert_eq!(not_root.user, None);
-        assert_eq!(not_root.cgroup, None);
+        // Not root: limits cannot be enforced, so strict refuses and best-effort drops them.
+        let not_root = PlanInput {
+            root: false,
+            ..input
+        };
+        let err = Plan::build(&profile, &not_root).unwrap_err().to_string();
+        assert!(err.contains("root"), "{err}");
+        let mut lenient = profile.clone();
+        lenient.require = Require::BestEffort;
+        let plan = Plan::build(&lenient, &not_root).unwrap();
+        assert_eq!(plan.user, None);
+        assert_eq!(plan.cgroup, None);
     }
 
     #[test]
