@@ -714,3 +714,47 @@ fn probe_reports_the_kernel_and_the_profile() {
         );
     }
 }
+
+#[test]
+fn sandbox_exec_takes_its_plan_from_a_file_or_an_inherited_fd() {
+    // What the orchestrator runs: `cordon sandbox-exec --plan-fd N -- cmd`.
+    let sbx = Sbx::new(Opts::default());
+    let plan = serde_json::json!({
+        "name": "t", "require": "strict", "workdir": sbx.work,
+        "read": ["/etc", "/proc"], "write": ["/dev/null"], "exec": ["/usr", "/bin", "/lib", "/lib64"],
+        "connect_tcp": [], "bind_tcp": [], "connect_unix": [],
+        "env_pass": [], "env_set": {"X": "1"},
+        "limits": {"memory": null, "pids": null, "nofile": null, "cpu_weight": null},
+        "cgroup": null, "user": null
+    });
+    let file = sbx.root.join("plan.json");
+    std::fs::write(&file, plan.to_string()).unwrap();
+    let script = "grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status; echo $X; cat /proc/self/environ >/dev/null; ls /root 2>&1 >/dev/null | wc -l";
+    let out = Command::new(BIN)
+        .args(["sandbox-exec", "--plan"])
+        .arg(&file)
+        .args(["--", "/bin/sh", "-c", script])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text, "NoNewPrivs:\t1\nSeccomp:\t2\n1\n1\n", "{out:?}");
+    // On an inherited fd (placed by a wrapper, as Plan::helper_command does).
+    let wrapper = format!(
+        "import os\nfd = os.open({:?}, os.O_RDONLY)\nif fd != 3:\n    os.dup2(fd, 3)\nos.set_inheritable(3, True)\nos.execv({BIN:?}, [{BIN:?}, 'sandbox-exec', '--plan-fd', '3', '--', '/bin/sh', '-c', {script:?}])",
+        p(&file)
+    );
+    let out = Command::new(&python().0)
+        .args(["-c", &wrapper])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), text, "{out:?}");
+    // A plan with an unknown field is refused before anything runs.
+    std::fs::write(&file, plan.to_string().replace("\"cgroup\"", "\"cgroupz\"")).unwrap();
+    let out = Command::new(BIN)
+        .args(["sandbox-exec", "--plan"])
+        .arg(&file)
+        .args(["--", "/bin/true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+}
