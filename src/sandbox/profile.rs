@@ -156,6 +156,66 @@ pub struct Profile {
     pub limits: LimitsProfile,
 }
 
+/// A profile in a deployment config: `sandbox = "profiles/x.toml"` (relative to
+/// the config) or an inline `[agents.<name>.sandbox]` table. After
+/// `Config::load` every source is `Inline` (files are read and checked at load).
+#[derive(Debug, Clone)]
+pub enum ProfileSource {
+    File(PathBuf),
+    Inline(Box<Profile>),
+}
+
+impl<'de> Deserialize<'de> for ProfileSource {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ProfileSource;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a profile file path or an inline profile table")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ProfileSource, E> {
+                Ok(ProfileSource::File(PathBuf::from(v)))
+            }
+            // Not untagged: an inline table keeps the profile's own errors
+            // (unknown field, line and column) instead of "no variant matched".
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<ProfileSource, A::Error> {
+                let profile =
+                    Profile::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(ProfileSource::Inline(Box::new(profile)))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl ProfileSource {
+    /// Reads a file source (relative to `base`) and checks either kind.
+    pub fn resolve(&mut self, base: &Path) -> Result<(), ProfileError> {
+        if let ProfileSource::File(path) = self {
+            let path = base.join(&*path);
+            *self = ProfileSource::Inline(Box::new(Profile::load(&path)?));
+        } else if let ProfileSource::Inline(profile) = self {
+            profile
+                .validate()
+                .map_err(|message| ProfileError::Invalid {
+                    path: PathBuf::from("(inline)"),
+                    message,
+                })?;
+        }
+        Ok(())
+    }
+
+    pub fn profile(&self) -> Option<&Profile> {
+        match self {
+            ProfileSource::Inline(p) => Some(p),
+            ProfileSource::File(_) => None,
+        }
+    }
+}
+
 pub const PLACEHOLDERS: &[&str] = &[
     "{workdir}",
     "{home}",
