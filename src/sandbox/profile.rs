@@ -208,6 +208,8 @@ impl ProfileSource {
         Ok(())
     }
 
+    // The orchestrator (next issue) builds each agent's plan from this.
+    #[allow(dead_code)]
     pub fn profile(&self) -> Option<&Profile> {
         match self {
             ProfileSource::Inline(p) => Some(p),
