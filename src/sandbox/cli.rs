@@ -172,15 +172,33 @@ impl Drop for FreshHome {
     }
 }
 
-fn make_private_dir(path: &Path) -> Result<(), CliError> {
+/// Creates a 0700 directory; `Ok(false)` when it already existed.
+fn make_private_dir(path: &Path) -> Result<bool, CliError> {
     match fs::DirBuilder::new().mode(0o700).create(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
         Err(source) => Err(CliError::CreateDir {
             path: path.to_path_buf(),
             source,
         }),
     }
+}
+
+/// A new private directory in the temp dir. Never one that already exists:
+/// in a shared /tmp another user could have planted it (or a symlink) to be
+/// handed to the agent, or chowned by us.
+fn make_fresh_home() -> Result<PathBuf, CliError> {
+    let mut last = PathBuf::new();
+    for attempt in 0..16u32 {
+        last = fresh_home_path(attempt);
+        if make_private_dir(&last)? {
+            return Ok(last);
+        }
+    }
+    Err(CliError::CreateDir {
+        path: last,
+        source: std::io::Error::from(std::io::ErrorKind::AlreadyExists),
+    })
 }
 
 fn canonical(what: &'static str, path: &Path) -> Result<PathBuf, CliError> {
@@ -191,12 +209,15 @@ fn canonical(what: &'static str, path: &Path) -> Result<PathBuf, CliError> {
     })
 }
 
-fn fresh_home_path() -> PathBuf {
+fn fresh_home_path(attempt: u32) -> PathBuf {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    std::env::temp_dir().join(format!("cordon-home-{}-{nanos:x}", std::process::id()))
+    std::env::temp_dir().join(format!(
+        "cordon-home-{}-{nanos:x}-{attempt}",
+        std::process::id()
+    ))
 }
 
 /// PATH as the sandbox will see it, to resolve `{cmd_dir}`.
@@ -261,19 +282,20 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
         "--workdir",
         &args.workdir.clone().unwrap_or_else(|| PathBuf::from(".")),
     )?;
-    let (home, _fresh) = match &args.home {
+    // `fresh`: removed when the run ends. `created`: ours to hand to the agent's
+    // uid (a --home that already existed keeps its owner).
+    let (home, _fresh, created) = match &args.home {
         Some(h) => {
-            make_private_dir(h)?;
-            (canonical("--home", h)?, None)
+            let created = make_private_dir(h)?;
+            (canonical("--home", h)?, None, created)
         }
         None => {
-            let h = fresh_home_path();
-            make_private_dir(&h)?;
-            (h.clone(), Some(FreshHome(h)))
+            let h = make_fresh_home()?;
+            (h.clone(), Some(FreshHome(h)), true)
         }
     };
     let tmp = home.join("tmp");
-    make_private_dir(&tmp)?;
+    let tmp_created = make_private_dir(&tmp)?;
     let cordon = std::env::current_exe()
         .and_then(fs::canonicalize)
         .map_err(|source| CliError::Resolve {
@@ -307,10 +329,11 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
         cg.push_str(&format!("-{}", std::process::id()));
     }
     if let Some(ids) = plan.user {
-        for dir in [&home, &tmp] {
+        let ours = [(&home, created), (&tmp, tmp_created)];
+        for (dir, _) in ours.iter().filter(|(_, created)| *created) {
             std::os::unix::fs::chown(dir, Some(ids.uid), Some(ids.gid)).map_err(|source| {
                 CliError::Chown {
-                    path: dir.clone(),
+                    path: dir.to_path_buf(),
                     uid: ids.uid,
                     source,
                 }
@@ -405,7 +428,7 @@ fn probe_cmd(args: ProbeArgs) -> Result<u8, CliError> {
             "--workdir",
             &args.workdir.clone().unwrap_or_else(|| PathBuf::from(".")),
         )?;
-        let home = args.home.clone().unwrap_or_else(fresh_home_path);
+        let home = args.home.clone().unwrap_or_else(|| fresh_home_path(0));
         let cordon = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("cordon"));
         let placeholders = Placeholders {
             workdir,
