@@ -108,7 +108,7 @@ pub enum CliError {
     Spawn(std::io::Error),
     #[error("cannot wait for the sandboxed command: {0}")]
     Wait(std::io::Error),
-    #[error("give either --plan-fd or --plan")]
+    #[error("give either --plan-fd N (an open, inherited fd above 2) or --plan FILE")]
     NoPlan,
 }
 
@@ -149,7 +149,10 @@ fn read_plan(args: &ExecArgs) -> Result<Plan, CliError> {
     match (args.plan_fd, &args.plan) {
         (Some(fd), None) => {
             use std::os::fd::FromRawFd;
-            if fd < 3 {
+            // Only an fd that is open (and not stdio) can be taken over: owning
+            // a closed one would abort on drop.
+            // SAFETY: F_GETFD reads the fd's flags and touches no memory.
+            if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
                 return Err(CliError::NoPlan);
             }
             // SAFETY: by the sandbox-exec contract the parent placed the plan on
