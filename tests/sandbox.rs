@@ -456,9 +456,11 @@ fn sandbox_blocks_new_user_namespaces() {
         return;
     }
     assert_blocked(&sbx, unshare, "EPERM");
-    // clone(CLONE_NEWUSER) is the same thing by another name.
-    let clone = "r = check(libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0))\nif r == 0:\n    os._exit(0)\nos.waitpid(r, 0)";
-    assert_blocked(&sbx, clone, "EPERM");
+    // clone(CLONE_NEWUSER) is the same thing by another name (56: x86_64's clone).
+    if cfg!(target_arch = "x86_64") {
+        let clone = "r = check(libc.syscall(56, 0x10000000 | 17, 0, 0, 0, 0))\nif r == 0:\n    os._exit(0)\nos.waitpid(r, 0)";
+        assert_blocked(&sbx, clone, "EPERM");
+    }
 }
 
 #[test]
