@@ -760,3 +760,38 @@ fn sandbox_exec_takes_its_plan_from_a_file_or_an_inherited_fd() {
         .unwrap();
     assert_eq!(out.status.code(), Some(125), "{out:?}");
 }
+
+#[test]
+fn the_shipped_claude_code_profile_blocks_the_basics() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/profiles/claude-code.toml");
+    let mut text = std::fs::read_to_string(&shipped).unwrap();
+    if !is_root() {
+        // Its cgroup limits need root; every other right is still enforced.
+        text = text.replace("require = \"strict\"", "require = \"best-effort\"");
+    }
+    let sbx = Sbx::new(Opts::default());
+    std::fs::write(&sbx.profile, text).unwrap();
+    let secret = sbx.outside.join("secret");
+    std::fs::write(&secret, "s3cret").unwrap();
+    std::fs::set_permissions(&sbx.outside, PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&secret, PermissionsExt::from_mode(0o644)).unwrap();
+    let local = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = local.local_addr().unwrap().port();
+    // Readable by every uid, so only the sandbox can stop it.
+    assert_blocked(&sbx, &format!("open({:?}).read()", p(&secret)), "EACCES");
+    assert_blocked(
+        &sbx,
+        &format!("socket.create_connection(('127.0.0.1', {port}))"),
+        "EACCES",
+    );
+    assert_blocked(
+        &sbx,
+        &format!("open({:?}, 'w')", p(&sbx.outside.join("new"))),
+        "EACCES",
+    );
+    // What it needs works: its workdir, its HOME, /dev/null.
+    assert_eq!(
+        sbx.run_py("open('note', 'w').write('x')\nopen(os.environ['HOME'] + '/.claude.json', 'w').write('{}')\nopen('/dev/null', 'w').write('x')"),
+        "OK"
+    );
+}

@@ -348,7 +348,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
     // runtime is started for `sandbox run`), so the child may allocate and run
     // the whole sequence; the orchestrator, which has threads, re-executes
     // /proc/self/exe into `sandbox-exec` instead. Same function either way.
-    ensure_single_threaded()?;
+    exec::ensure_single_threaded().map_err(CliError::Spawn)?;
     // SAFETY: fork in a single-threaded process: the child is a full copy with
     // no other thread that could have held a lock, so it may do anything the
     // parent could, and it ends in execve or _exit.
@@ -403,23 +403,6 @@ fn wait_for(pid: i32) -> Result<u8, CliError> {
             Err(e) => return Err(CliError::Wait(e.into())),
         }
     }
-}
-
-/// fork() is only sound here because nothing started a thread; check rather
-/// than assume (a future change that adds one must fail, not corrupt memory).
-fn ensure_single_threaded() -> Result<(), CliError> {
-    let status = fs::read_to_string("/proc/self/status").map_err(CliError::Spawn)?;
-    let threads = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .map(|n| n.trim().to_string())
-        .unwrap_or_default();
-    if threads != "1" {
-        return Err(CliError::Spawn(std::io::Error::other(format!(
-            "cordon sandbox run must be single-threaded to fork its helper, but has {threads} threads"
-        ))));
-    }
-    Ok(())
 }
 
 fn probe_cmd(args: ProbeArgs) -> Result<u8, CliError> {

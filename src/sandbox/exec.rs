@@ -24,6 +24,8 @@ pub const EXIT_SETUP_FAILED: u8 = 125;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
+    #[error("{0}")]
+    NotSingleThreaded(std::io::Error),
     #[error("cannot start a new session: {0}")]
     NewSession(std::io::Error),
     #[error("cannot set the parent-death signal: {0}")]
@@ -73,6 +75,9 @@ impl ExecError {
 /// The privilege sequence. One linear function on purpose: the order is the
 /// security argument, and each step says why it sits where it does.
 pub fn sandbox_exec(plan: &Plan, argv: &[OsString]) -> Result<Infallible, ExecError> {
+    // 0. The credential calls below change the calling thread only; with a
+    // second thread alive it would keep root. Checked, not assumed.
+    ensure_single_threaded().map_err(ExecError::NotSingleThreaded)?;
     let parent = rustix::process::getppid();
 
     // 1. New session, parent-death signal. First, so that from here on the
@@ -181,6 +186,22 @@ pub fn sandbox_exec(plan: &Plan, argv: &[OsString]) -> Result<Infallible, ExecEr
         cmd: program,
         source: err,
     })
+}
+
+/// The process has exactly one thread (from /proc/self/status).
+pub fn ensure_single_threaded() -> std::io::Result<()> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .map(|n| n.trim().to_string())
+        .unwrap_or_default();
+    if threads != "1" {
+        return Err(std::io::Error::other(format!(
+            "the sandbox sequence must run single-threaded (fork or exec a fresh helper), but this process has {threads} threads"
+        )));
+    }
+    Ok(())
 }
 
 /// PR_SET_PDEATHSIG, then a check that the parent is still the one we had: if
