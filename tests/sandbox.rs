@@ -773,7 +773,8 @@ fn the_shipped_claude_code_profile_blocks_the_basics() {
     std::fs::write(&sbx.profile, text).unwrap();
     let secret = sbx.outside.join("secret");
     std::fs::write(&secret, "s3cret").unwrap();
-    std::fs::set_permissions(&sbx.outside, PermissionsExt::from_mode(0o755)).unwrap();
+    // World-writable and readable: only the sandbox can stop the attempts.
+    std::fs::set_permissions(&sbx.outside, PermissionsExt::from_mode(0o777)).unwrap();
     std::fs::set_permissions(&secret, PermissionsExt::from_mode(0o644)).unwrap();
     let local = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = local.local_addr().unwrap().port();
