@@ -163,16 +163,17 @@ pub fn sandbox_exec(plan: &Plan, argv: &[OsString]) -> Result<Infallible, ExecEr
     // without CAP_SYS_ADMIN, and it makes setuid binaries inert for good.
     privileges::set_no_new_privs()?;
 
-    // 10. Landlock. After the uid switch and capability drop (Landlock does
-    // not restrict those, but a domain is forever: nothing after this may need
-    // a path outside the rules, and only execve follows).
+    // 10. Landlock. After no_new_privs, which it requires of a process without
+    // CAP_SYS_ADMIN; after everything that opens a path (rule fds, the command
+    // lookup, chdir), since the domain cannot be left and only execve follows.
     if let Some(ruleset) = ruleset {
         landlock::restrict_self(ruleset, abi)?;
     }
 
-    // 11. seccomp last: the filter denies nothing this sequence needs only
-    // because every privileged step is already done; installed earlier it would
-    // have to allow prctl/capset/setresuid/landlock_* for our own sake.
+    // 11. seccomp last. The setup itself makes calls an agent has no use for
+    // (capset, setresuid, prctl, landlock_*); installed after them, the filter
+    // never has to allow anything for our sake, and can be tightened (even into
+    // an allow list) without reordering the sequence.
     seccomp::install(&filters)?;
 
     // 12. execve. The environment is exactly the allowlist.
