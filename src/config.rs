@@ -223,6 +223,8 @@ pub struct AgentConfig {
     /// The only uid allowed to connect to this agent's socket. Unset: the uid the
     /// gateway runs as.
     pub uid: Option<u32>,
+    /// The agent's sandbox profile: a file (relative to this config) or an inline table.
+    pub sandbox: Option<crate::sandbox::profile::ProfileSource>,
 }
 
 impl Config {
@@ -250,6 +252,14 @@ impl Config {
         config.gateway.store = normalize(&base.join(&config.gateway.store));
         config.gateway.runtime_dir = normalize(&base.join(&config.gateway.runtime_dir));
         config.gateway.policy = normalize(&base.join(&config.gateway.policy));
+        for (name, agent) in &mut config.agents {
+            if let Some(sandbox) = &mut agent.sandbox {
+                sandbox.resolve(base).map_err(|e| ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    message: format!("agents.{name}.sandbox: {e}"),
+                })?;
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -401,6 +411,28 @@ mod tests {
         .to_string();
         assert!(err.contains("max_mesage_bytes"), "{err}");
         assert!(err.contains("line 5"), "{err}");
+    }
+
+    #[test]
+    fn agent_sandbox_profiles_inline_or_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.toml"), "read = [\"/etc\"]\n").unwrap();
+        let c = Config::parse(
+            "[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"x.toml\"\n[agents.a]\nrole = \"r\"\nsandbox = \"p.toml\"\n[agents.b]\nrole = \"r\"\n[agents.b.sandbox]\nwrite = [\"{workdir}\"]\n",
+            &dir.path().join("c.toml"),
+        )
+        .unwrap();
+        let a = c.agents["a"].sandbox.as_ref().unwrap().profile().unwrap();
+        assert_eq!(a.read, vec!["/etc".to_string()]);
+        let b = c.agents["b"].sandbox.as_ref().unwrap().profile().unwrap();
+        assert_eq!(b.write, vec!["{workdir}".to_string()]);
+        let err = Config::parse(
+            "[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"x.toml\"\n[agents.b]\nrole = \"r\"\n[agents.b.sandbox]\nwirte = []\n",
+            &dir.path().join("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("wirte") && err.contains("line 8"), "{err}");
     }
 
     #[test]

@@ -7,4 +7,5 @@ pub mod bridge;
 pub mod config;
 pub mod gateway;
 pub mod policy;
+pub mod sandbox;
 pub mod store;

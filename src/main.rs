@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use cordon::policy::{explain, Policy};
-use cordon::{audit, bridge, config, gateway};
+use cordon::{audit, bridge, config, gateway, sandbox};
 
 #[derive(Parser)]
 #[command(
@@ -64,6 +64,14 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Run a command in a sandbox profile (`run`), or see what this kernel enforces (`probe`).
+    Sandbox {
+        #[command(subcommand)]
+        command: sandbox::SandboxCommand,
+    },
+    /// Internal: apply a sandbox plan to this process, then execve the command.
+    #[command(hide = true)]
+    SandboxExec(sandbox::ExecArgs),
 }
 
 #[derive(clap::Args, Clone)]
@@ -214,6 +222,9 @@ fn main() -> ExitCode {
         Command::Bridge { socket } => run_bridge(socket),
         Command::Policy { command } => run_policy(command),
         Command::Audit { command } => run_audit(command),
+        // Both exit with the sandboxed command's own status.
+        Command::Sandbox { command } => return sandbox::cli::main(command),
+        Command::SandboxExec(args) => return sandbox::cli::exec_main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
