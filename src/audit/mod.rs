@@ -270,11 +270,16 @@ impl Verifier {
         match &self.prev {
             Some((pseq, phash)) => {
                 if rec.seq != pseq + 1 {
-                    return Err(bad(format!(
-                        "gap: follows seq {pseq} (records {}..{} missing)",
-                        pseq + 1,
-                        rec.seq - 1
-                    )));
+                    // The first bad seq is the first one missing.
+                    return Err(Broken {
+                        seq: pseq + 1,
+                        reason: format!(
+                            "missing: records {}..{} are gone (seq {pseq} is followed by seq {})",
+                            pseq + 1,
+                            rec.seq - 1,
+                            rec.seq
+                        ),
+                    });
                 }
                 if rec.prev != *phash {
                     return Err(bad(format!(
@@ -309,13 +314,27 @@ impl Verifier {
                     .iter()
                     .any(|(s, h)| *s + 1 == seq && *h == p);
             if !vouched {
+                if seq == 1 {
+                    return Err(Broken {
+                        seq,
+                        reason: "the first record does not start from the genesis hash".into(),
+                    });
+                }
+                // Missing from the start, or from just after what a checkpoint
+                // vouches was pruned.
+                let from = self
+                    .checkpoints
+                    .iter()
+                    .map(|(s, _)| s + 1)
+                    .filter(|s| *s < seq)
+                    .max()
+                    .unwrap_or(1);
                 return Err(Broken {
-                    seq,
-                    reason: if seq == 1 {
-                        "the first record does not start from the genesis hash".into()
-                    } else {
-                        format!("records before seq {seq} are missing and no checkpoint vouches for their pruning")
-                    },
+                    seq: from,
+                    reason: format!(
+                        "missing: records {from}..{} are gone and no checkpoint vouches for their pruning",
+                        seq - 1
+                    ),
                 });
             }
         }
@@ -368,8 +387,8 @@ mod tests {
         let mut deleted = recs.clone();
         deleted.remove(3);
         let e = verify(deleted).unwrap_err();
-        assert_eq!(e.seq, 5);
-        assert!(e.reason.contains("gap"), "{}", e.reason);
+        assert_eq!(e.seq, 4);
+        assert!(e.reason.contains("missing"), "{}", e.reason);
 
         let mut reordered = recs.clone();
         let (a, b) = (reordered[1].1.clone(), reordered[2].1.clone());
@@ -379,7 +398,7 @@ mod tests {
 
         let mut first_gone = recs.clone();
         first_gone.remove(0);
-        assert_eq!(verify(first_gone).unwrap_err().seq, 2);
+        assert_eq!(verify(first_gone).unwrap_err().seq, 1);
     }
 
     #[test]
