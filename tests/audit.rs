@@ -207,6 +207,9 @@ fn record_values_keeps_the_written_values() {
     assert_eq!(txn["keys"], json!(["/a", "/b"]));
 }
 
+type AuditDb = heed::Database<heed::types::Bytes, heed::types::Bytes>;
+type Tamper = dyn FnOnce(&heed::Env, &mut heed::RwTxn, AuditDb);
+
 /// Rewrites one record of a stopped gateway's store with a raw LMDB write.
 fn tamper(
     store: &Path,
@@ -248,17 +251,7 @@ fn a_raw_edit_delete_or_reorder_fails_verify_at_that_seq() {
     copy_dir(&store, &pristine);
     let key = |n: u64| n.to_be_bytes();
 
-    let cases: Vec<(
-        &str,
-        u64,
-        Box<
-            dyn FnOnce(
-                &heed::Env,
-                &mut heed::RwTxn,
-                heed::Database<heed::types::Bytes, heed::types::Bytes>,
-            ),
-        >,
-    )> = vec![
+    let cases: Vec<(&str, u64, Box<Tamper>)> = vec![
         (
             "edit",
             5,
