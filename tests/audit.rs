@@ -487,7 +487,8 @@ fn retention_prunes_behind_a_checkpoint_that_keeps_the_chain_verifiable() {
     drop(c);
     assert!(g.stop().success());
     let records = export(&g);
-    assert!(records.len() <= 25, "{} records kept", records.len());
+    // The last commit (at shutdown) prunes too: max_records, plus the checkpoint.
+    assert_eq!(records.len(), 21, "{} records kept", records.len());
     assert!(
         records.iter().any(|r| r["event"] == "checkpoint"),
         "no checkpoint"
@@ -495,4 +496,79 @@ fn retention_prunes_behind_a_checkpoint_that_keeps_the_chain_verifiable() {
     assert!(records[0]["seq"].as_u64().unwrap() > 1);
     let (ok, text) = verify(&g);
     assert!(ok, "{text}");
+}
+
+/// Unmounts on drop, so a failing test leaves no mount behind.
+struct Mount(std::path::PathBuf);
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn when_the_audit_cannot_be_written_calls_fail_and_return_no_data() {
+    if !common::is_root() {
+        eprintln!("SKIPPED when_the_audit_cannot_be_written_calls_fail_and_return_no_data: needs root (mounts a tiny tmpfs)");
+        return;
+    }
+    let g = Gateway::prepare(
+        "[audit]\nsync_interval = \"1h\"\n",
+        CODER,
+        common::ALLOW_ALL,
+    );
+    // The journal lives on a 16 KiB tmpfs: it fills after a few dozen records.
+    let journal = g.dir.join("state/store/audit-journal");
+    std::fs::create_dir_all(&journal).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16k,mode=0700", "tmpfs"])
+        .arg(&journal)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs");
+    // Fields drop in order: the gateway stops before the unmount.
+    struct Setup {
+        g: Gateway,
+        _mount: Mount,
+    }
+    let mut s = Setup {
+        g,
+        _mount: Mount(journal),
+    };
+    s.g.launch().unwrap();
+    let g = &s.g;
+    let mut c = g.client();
+    c.ok("kv_put", json!({"key": "/secret", "value": "the data"}));
+    let mut refused = None;
+    for i in 0..1000 {
+        let r = c.request(
+            "tools/call",
+            json!({"name": "kv_get", "arguments": {"key": "/secret"}}),
+        );
+        if r.get("error").is_some() {
+            refused = Some((i, r));
+            break;
+        }
+        assert_eq!(r["result"]["structuredContent"]["value"], "the data");
+    }
+    let (i, r) = refused.expect("the journal never filled up");
+    assert!(i > 0, "some reads were audited and served first");
+    let msg = r["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("audit log unavailable"), "{r}");
+    assert!(
+        !r.to_string().contains("the data"),
+        "no data without an audit record"
+    );
+    // Denials cannot be recorded either: refused the same way.
+    let r = c.request(
+        "tools/call",
+        json!({"name": "kv_get", "arguments": {"key": "/a/../b"}}),
+    );
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("audit log unavailable"),
+        "{r}"
+    );
 }

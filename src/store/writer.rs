@@ -40,7 +40,7 @@ impl Writer {
     pub fn run(mut self) {
         let mut batch = Vec::with_capacity(64);
         // Records a previous run left in the journal are sealed first.
-        self.commit_batch(&mut batch);
+        self.commit_batch(&mut batch, false);
         while let Some(job) = self.jobs.blocking_recv() {
             batch.push(job);
             while batch.len() < MAX_BATCH {
@@ -49,13 +49,14 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit_batch(&mut batch);
+            self.commit_batch(&mut batch, false);
         }
-        // Shutting down: seal whatever the journal still holds.
-        self.commit_batch(&mut batch);
+        // Shutting down: seal whatever the journal still holds, and leave the
+        // log within its retention.
+        self.commit_batch(&mut batch, true);
     }
 
-    fn commit_batch(&mut self, batch: &mut Vec<Job>) {
+    fn commit_batch(&mut self, batch: &mut Vec<Job>, closing: bool) {
         let (sealing, through) = match &self.journal {
             Some(j) => match j.take() {
                 Ok(t) => t,
@@ -66,10 +67,10 @@ impl Writer {
             },
             None => (Vec::new(), None),
         };
-        if batch.is_empty() && sealing.is_empty() {
+        if batch.is_empty() && sealing.is_empty() && !closing {
             return;
         }
-        let flushing = batch.iter().any(|j| matches!(j.work, Work::Flush));
+        let flushing = closing || batch.iter().any(|j| matches!(j.work, Work::Flush));
         let mut results = Vec::with_capacity(batch.len());
         let mut chain = self.chain.clone();
         match self.apply_batch(batch, &sealing, &mut chain, flushing, &mut results) {

@@ -45,6 +45,13 @@ impl Gateway {
     }
 
     pub fn start_with_policy(extra_gateway: &str, agents: &str, policy: &str) -> Gateway {
+        let mut g = Gateway::prepare(extra_gateway, agents, policy);
+        g.launch().expect("gateway did not become ready");
+        g
+    }
+
+    /// Writes the config and policy in a fresh temp dir without starting.
+    pub fn prepare(extra_gateway: &str, agents: &str, policy: &str) -> Gateway {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         // Agents running under other uids must be able to traverse to their socket.
@@ -53,15 +60,13 @@ impl Gateway {
         let config = dir.join("cordon.toml");
         std::fs::write(&config, config_text(extra_gateway, agents)).unwrap();
         std::fs::write(tmp.path().join("policy.toml"), policy).unwrap();
-        let mut g = Gateway {
+        Gateway {
             dir,
             config,
             child: None,
             ready: Value::Null,
             _tmp: Some(tmp),
-        };
-        g.launch().expect("gateway did not become ready");
-        g
+        }
     }
 
     /// Starts (again) on the same dir; returns the gateway's stderr on failure.
