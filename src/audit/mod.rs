@@ -138,15 +138,24 @@ impl Chain {
         }
     }
 
-    /// Gives a drafted record its place in the chain.
-    pub fn seal(&mut self, mut record: Record) -> Record {
+    /// Gives a drafted record its place in the chain; returns its seq and its
+    /// stored form (canonical JSON with the hash).
+    pub fn seal(&mut self, mut record: Record) -> (u64, Vec<u8>) {
         self.seq += 1;
         record.seq = self.seq;
         record.prev = std::mem::take(&mut self.prev);
         record.hash = String::new();
-        record.hash = record.compute_hash();
-        self.prev = record.hash.clone();
-        record
+        // One conversion serves both the hashed form and the stored one.
+        let mut value = serde_json::to_value(&record).unwrap_or(Value::Null);
+        let mut h = Sha256::new();
+        h.update(record.prev.as_bytes());
+        h.update(canonical(&value));
+        let hash = hex(&h.finalize());
+        if let Value::Object(map) = &mut value {
+            map.insert("hash".into(), Value::String(hash.clone()));
+        }
+        self.prev = hash;
+        (self.seq, canonical(&value))
     }
 }
 
@@ -178,23 +187,25 @@ pub fn canonical(v: &Value) -> Vec<u8> {
     out
 }
 
+fn write_object(map: &Map<String, Value>, out: &mut Vec<u8>) {
+    out.push(b'{');
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort();
+    for (i, k) in keys.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        // Serialising a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, k);
+        out.push(b':');
+        write_canonical(&map[*k], out);
+    }
+    out.push(b'}');
+}
+
 fn write_canonical(v: &Value, out: &mut Vec<u8>) {
     match v {
-        Value::Object(map) => {
-            out.push(b'{');
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            for (i, k) in keys.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                // Serialising a string into a Vec cannot fail.
-                let _ = serde_json::to_writer(&mut *out, k);
-                out.push(b':');
-                write_canonical(&map[*k], out);
-            }
-            out.push(b'}');
-        }
+        Value::Object(map) => write_object(map, out),
         Value::Array(items) => {
             out.push(b'[');
             for (i, item) in items.iter().enumerate() {
@@ -213,7 +224,9 @@ fn write_canonical(v: &Value, out: &mut Vec<u8>) {
 
 /// Digest of a call's arguments.
 pub fn args_digest(args: &Map<String, Value>) -> String {
-    sha256_hex(&canonical(&Value::Object(args.clone())))
+    let mut out = Vec::with_capacity(128);
+    write_object(args, &mut out);
+    sha256_hex(&out)
 }
 
 /// Why the chain does not verify.
@@ -358,8 +371,7 @@ mod tests {
                 let mut r = Record::new("call");
                 r.tool = Some("kv_get".into());
                 r.keys = vec![format!("/k{i}")];
-                let r = c.seal(r);
-                (r.seq, r.canonical())
+                c.seal(r)
             })
             .collect()
     }

@@ -114,10 +114,8 @@ impl Writer {
     }
 
     fn seal(&self, wtxn: &mut RwTxn, chain: &mut Chain, record: Record) -> Result<(), heed::Error> {
-        let record = chain.seal(record);
-        self.dbs
-            .audit
-            .put(wtxn, &record.seq.to_be_bytes(), &record.canonical())
+        let (seq, stored) = chain.seal(record);
+        self.dbs.audit.put(wtxn, &seq.to_be_bytes(), &stored)
     }
 
     fn apply_batch(
