@@ -60,7 +60,7 @@ impl Filter {
     }
 }
 
-pub const TABLE_HEADER: &str = "SEQ      TIME                         EVENT               AGENT        ROLE         TOOL       DECISION  OUTCOME          KEYS";
+pub const TABLE_HEADER: &str = "SEQ      TIME                         EVENT               AGENT        ROLE         TOOL       DECISION  OUTCOME              KEYS";
 
 fn cell(s: &str, w: usize) -> String {
     let mut out: String = s.chars().take(w).collect();
@@ -99,7 +99,7 @@ pub fn row(r: &Record) -> String {
         cell(r.role.as_deref().unwrap_or("-"), 12),
         cell(r.tool.as_deref().unwrap_or("-"), 10),
         cell(r.decision.as_deref().unwrap_or("-"), 9),
-        cell(&outcome, 16),
+        cell(&outcome, 20),
         keys
     )
     .trim_end()
