@@ -39,7 +39,7 @@ enum Command {
     /// calls, commits, removes the sockets and exits 0.
     Gateway {
         /// Deployment config (TOML): [gateway] store, runtime_dir, bounds; [agents.*].
-        #[arg(long, short)]
+        #[arg(long, short, env = "CORDON_CONFIG")]
         config: PathBuf,
     },
     /// Relay stdin/stdout to a gateway socket (what an agent's MCP client runs).
@@ -105,7 +105,7 @@ enum AuditCommand {
     /// The latest records as a table; with -f, keep printing new ones.
     Tail {
         /// The deployment config (finds the store).
-        #[arg(long, short)]
+        #[arg(long, short, env = "CORDON_CONFIG")]
         config: PathBuf,
         /// Follow: print records as they are committed, until interrupted.
         #[arg(short, long)]
@@ -119,7 +119,7 @@ enum AuditCommand {
     /// Records in a time window: --since/--until take a time
     /// (2026-11-27T21:00:00Z, 2026-11-27) or an age (15m, 2h, 7d).
     Query {
-        #[arg(long, short)]
+        #[arg(long, short, env = "CORDON_CONFIG")]
         config: PathBuf,
         #[arg(long)]
         since: Option<String>,
@@ -133,13 +133,13 @@ enum AuditCommand {
     /// Check the whole hash chain: exit 0 with a count, or 1 naming the first
     /// bad seq and why.
     Verify {
-        #[arg(long, short)]
+        #[arg(long, short, env = "CORDON_CONFIG")]
         config: PathBuf,
     },
     /// Every record as one JSON object per line (the stored canonical form),
     /// for a SIEM.
     Export {
-        #[arg(long, short)]
+        #[arg(long, short, env = "CORDON_CONFIG")]
         config: PathBuf,
         /// Only jsonl.
         #[arg(long, value_parser = ["jsonl"], default_value = "jsonl")]
@@ -151,7 +151,7 @@ enum AuditCommand {
     },
     /// Calls, denials and errors per agent, role and tool; events by kind.
     Stats {
-        #[arg(long, short)]
+        #[arg(long, short, env = "CORDON_CONFIG")]
         config: PathBuf,
         #[arg(long)]
         since: Option<String>,
@@ -195,7 +195,7 @@ enum PolicyCommand {
     /// A policy that fails to load is rejected and the running one stays.
     Reload {
         /// The deployment config the gateway runs with (finds its admin socket).
-        #[arg(long, short)]
+        #[arg(long, short, env = "CORDON_CONFIG")]
         config: PathBuf,
     },
 }
