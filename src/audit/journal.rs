@@ -44,9 +44,11 @@ fn generations(dir: &Path) -> std::io::Result<Vec<u64>> {
 }
 
 impl Journal {
-    /// Opens the journal, returning with it the records a previous run left
-    /// unsealed (in order). A torn last line (a power loss mid-write) is dropped.
-    pub fn open(dir: &Path) -> Result<Journal, AuditError> {
+    /// Opens the journal; the records a previous run left unsealed (in order)
+    /// are pending. Generations up to `sealed_through` are already in LMDB (the
+    /// gateway died before deleting them) and are deleted, not replayed. A torn
+    /// last line (a power loss mid-write) is dropped.
+    pub fn open(dir: &Path, sealed_through: u64) -> Result<Journal, AuditError> {
         let err = |source| AuditError::Journal {
             path: dir.to_path_buf(),
             source,
@@ -56,7 +58,11 @@ impl Journal {
         }
         let gens = generations(dir).map_err(err)?;
         let mut pending = Vec::new();
-        for g in &gens {
+        for g in gens.iter().filter(|g| **g <= sealed_through) {
+            let path = gen_path(dir, *g);
+            fs::remove_file(&path).map_err(|source| AuditError::Journal { path, source })?;
+        }
+        for g in gens.iter().filter(|g| **g > sealed_through) {
             let path = gen_path(dir, *g);
             let file = File::open(&path).map_err(|source| AuditError::Journal {
                 path: path.clone(),
@@ -75,7 +81,7 @@ impl Journal {
                 }
             }
         }
-        let generation = gens.last().map_or(1, |g| g + 1);
+        let generation = gens.last().map_or(1, |g| g + 1).max(sealed_through + 1);
         let file = open_gen(dir, generation)?;
         Ok(Journal {
             dir: dir.to_path_buf(),
@@ -173,7 +179,7 @@ mod tests {
     fn survives_reopen_and_retires() {
         let dir = tempfile::tempdir().unwrap();
         let jdir = dir.path().join("j");
-        let j = Journal::open(&jdir).unwrap();
+        let j = Journal::open(&jdir, 0).unwrap();
         j.append(Record::new("call")).unwrap();
         j.append(Record::new("gateway_stop")).unwrap();
         drop(j);
@@ -184,13 +190,13 @@ mod tests {
             .open(gen_path(&jdir, last))
             .unwrap();
         f.write_all(b"{\"time\":\"2026").unwrap();
-        let j = Journal::open(&jdir).unwrap();
+        let j = Journal::open(&jdir, 0).unwrap();
         let (recs, through) = j.take().unwrap();
         assert_eq!(recs.len(), 2);
         assert_eq!(recs[1].event, "gateway_stop");
         j.append(Record::new("call")).unwrap();
         j.retire(through.unwrap());
-        let j2 = Journal::open(&jdir);
+        let j2 = Journal::open(&jdir, 0);
         drop(j);
         let (recs, _) = j2.unwrap().take().unwrap();
         assert_eq!(
@@ -198,5 +204,9 @@ mod tests {
             1,
             "only the record appended after take survives retire"
         );
+        // Generations marked sealed are skipped (and deleted), never replayed.
+        let j3 = Journal::open(&jdir, u64::MAX - 1).unwrap();
+        assert!(!j3.has_pending());
+        assert_eq!(generations(&jdir).unwrap().len(), 1, "only the new one");
     }
 }

@@ -30,6 +30,8 @@ pub use key::{Key, KeyError, Prefix, MAX_KEY_BYTES};
 
 const META_REVISION: &[u8] = b"revision";
 const META_COMPACTED: &[u8] = b"compacted";
+/// The last audit journal generation whose records are sealed in LMDB.
+const META_JOURNAL_SEALED: &[u8] = b"journal_sealed";
 const LOCK_FILE: &str = "cordon.lock";
 /// Keys or revisions a listing or watch may skip as invisible to the caller
 /// before it stops, so one call's cost stays bounded.
@@ -378,6 +380,7 @@ impl Store {
         let rtxn = env.read_txn().map_err(open_err)?;
         let revision = read_meta(&rtxn, dbs.meta, META_REVISION)?;
         let compacted = read_meta(&rtxn, dbs.meta, META_COMPACTED)?;
+        let journal_sealed = read_meta(&rtxn, dbs.meta, META_JOURNAL_SEALED)?;
         let chain = match dbs
             .audit
             .last(&rtxn)
@@ -398,8 +401,10 @@ impl Store {
         drop(rtxn);
         let journal = match &opts.audit {
             Some(_) => Some(Arc::new(
-                Journal::open(&path.join("audit-journal")).map_err(|e| StoreError::Audit {
-                    message: e.to_string(),
+                Journal::open(&path.join("audit-journal"), journal_sealed).map_err(|e| {
+                    StoreError::Audit {
+                        message: e.to_string(),
+                    }
                 })?,
             )),
             None => None,

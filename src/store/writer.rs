@@ -15,9 +15,15 @@ use std::sync::Arc;
 use super::{
     decode_u64, get_entry, AuditOptions, Check, Dbs, DeleteOutcome, Event, EventKind, Job, Key,
     Mutation, Op, OpResult, Outcome, PutOutcome, StoreError, TxnOutcome, Work, META_COMPACTED,
-    META_REVISION,
+    META_JOURNAL_SEALED, META_REVISION,
 };
 use crate::audit::{Chain, Journal, Record};
+
+/// Journal records being sealed in a batch, and the generation they end at.
+struct Sealing<'a> {
+    records: &'a [Record],
+    through: Option<u64>,
+}
 
 /// Upper bound on one batch, so that one commit's latency stays bounded under load.
 const MAX_BATCH: usize = 1024;
@@ -73,7 +79,11 @@ impl Writer {
         let flushing = closing || batch.iter().any(|j| matches!(j.work, Work::Flush));
         let mut results = Vec::with_capacity(batch.len());
         let mut chain = self.chain.clone();
-        match self.apply_batch(batch, &sealing, &mut chain, flushing, &mut results) {
+        let sealed = Sealing {
+            records: &sealing,
+            through,
+        };
+        match self.apply_batch(batch, &sealed, &mut chain, flushing, &mut results) {
             Ok((revision, compacted)) => {
                 self.revision = revision;
                 self.compacted = compacted;
@@ -121,15 +131,23 @@ impl Writer {
     fn apply_batch(
         &self,
         batch: &mut [Job],
-        sealing: &[Record],
+        sealing: &Sealing<'_>,
         chain: &mut Chain,
         flushing: bool,
         results: &mut Vec<Result<Outcome, StoreError>>,
     ) -> Result<(u64, u64), heed::Error> {
         let mut wtxn = self.env.write_txn()?;
         let audited = self.journal.is_some();
-        for record in sealing {
+        for record in sealing.records {
             self.seal(&mut wtxn, chain, record.clone())?;
+        }
+        if let Some(through) = sealing.through {
+            // Committed with the records it covers: if the gateway dies before
+            // the journal files are deleted, the next start skips them instead
+            // of sealing them twice.
+            self.dbs
+                .meta
+                .put(&mut wtxn, META_JOURNAL_SEALED, &through.to_be_bytes())?;
         }
         let mut revision = self.revision;
         for job in batch.iter_mut() {
