@@ -443,6 +443,34 @@ fn each_record(
     }
 }
 
+fn write_records(
+    config: &std::path::Path,
+    filter: audit::query::Filter,
+    format: AuditFormat,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let reader = audit_reader(config)?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if matches!(format, AuditFormat::Table) {
+        writeln!(out, "{}", audit::query::TABLE_HEADER)?;
+    }
+    let mut failed = None;
+    each_record(&reader, 1, &filter, |r, raw| {
+        let res = match format {
+            AuditFormat::Table => writeln!(out, "{}", audit::query::row(r)),
+            AuditFormat::Jsonl => out.write_all(raw).and_then(|()| out.write_all(b"\n")),
+        };
+        if let Err(e) = res {
+            failed.get_or_insert(e);
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    out.flush()?;
+    Ok(())
+}
+
 fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
     use std::io::Write;
     let stdout = std::io::stdout();
@@ -488,50 +516,15 @@ fn run_audit(command: AuditCommand) -> anyhow::Result<()> {
             until,
             format,
             filters,
-        } => {
-            let reader = audit_reader(&config)?;
-            let filter = filter(Some(filters), since, until)?;
-            let mut out = std::io::BufWriter::new(stdout.lock());
-            if matches!(format, AuditFormat::Table) {
-                writeln!(out, "{}", audit::query::TABLE_HEADER)?;
-            }
-            let mut failed = None;
-            each_record(&reader, 1, &filter, |r, raw| {
-                let res = match format {
-                    AuditFormat::Table => writeln!(out, "{}", audit::query::row(r)),
-                    AuditFormat::Jsonl => out.write_all(raw).and_then(|()| out.write_all(b"\n")),
-                };
-                if let Err(e) = res {
-                    failed.get_or_insert(e);
-                }
-            })?;
-            if let Some(e) = failed {
-                return Err(e.into());
-            }
-            out.flush()?;
-            Ok(())
-        }
+        } => write_records(&config, filter(Some(filters), since, until)?, format),
+        // The stored canonical form, one record per line: what a SIEM ingests
+        // and what tests/audit_verify.py checks.
         AuditCommand::Export {
             config,
             format: _,
             since,
             until,
-        } => {
-            let reader = audit_reader(&config)?;
-            let filter = filter(None, since, until)?;
-            let mut out = std::io::BufWriter::new(stdout.lock());
-            let mut failed = None;
-            each_record(&reader, 1, &filter, |_, raw| {
-                if let Err(e) = out.write_all(raw).and_then(|()| out.write_all(b"\n")) {
-                    failed.get_or_insert(e);
-                }
-            })?;
-            if let Some(e) = failed {
-                return Err(e.into());
-            }
-            out.flush()?;
-            Ok(())
-        }
+        } => write_records(&config, filter(None, since, until)?, AuditFormat::Jsonl),
         AuditCommand::Verify { config } => {
             let reader = audit_reader(&config)?;
             let mut v = audit::Verifier::default();
