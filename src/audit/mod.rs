@@ -33,45 +33,56 @@ pub enum AuditError {
 }
 
 /// One audited event. Absent fields are omitted from the canonical form.
+///
+/// The fields are declared in alphabetical order, and serde_json's maps are
+/// sorted (no `preserve_order`), so serialising a record directly yields its
+/// canonical form; `direct_serialisation_is_canonical` checks it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Record {
-    #[serde(default)]
-    pub seq: u64,
-    /// RFC 3339, UTC, microseconds.
-    pub time: String,
-    /// `call`, `connection_refused`, `policy_loaded`, `policy_rejected`,
-    /// `gateway_start`, `gateway_stop` or `checkpoint`.
-    pub event: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub role: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uid: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pid: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool: Option<String>,
-    /// Keys the call touched, or the prefix it listed or watched.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub keys: Vec<String>,
     /// SHA-256 of the canonical JSON of the call's arguments.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args_sha256: Option<String>,
     /// `allow`, `deny`, or `invalid` (arguments that did not parse).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<String>,
-    /// The deciding rule: `{file, line, text}`.
+    /// Event-specific details (refusal reason, policy path, checkpoint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rule: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub policy_sha256: Option<String>,
-    /// `{"status": "ok"}` or `{"status": "error", "code": …, "message": …}`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outcome: Option<Value>,
+    pub detail: Option<Value>,
+    /// `call`, `connection_refused`, `policy_loaded`, `policy_rejected`,
+    /// `gateway_start`, `gateway_stop` or `checkpoint`.
+    pub event: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hash: String,
+    /// Keys the call touched, or the prefix it listed or watched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub latency_us: Option<u64>,
+    /// `{"status": "ok"}` or `{"status": "error", "code": …, "message": …}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_sha256: Option<String>,
+    #[serde(default)]
+    pub prev: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// The deciding rule: `{file, line, text}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<RuleRef>,
+    #[serde(default)]
+    pub seq: u64,
+    /// RFC 3339, UTC, microseconds.
+    pub time: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
     /// Size and digest of the values written (kv_put, kv_txn puts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value_bytes: Option<u64>,
@@ -80,13 +91,33 @@ pub struct Record {
     /// The values themselves, only with `[audit] record_values = true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub values: Option<Value>,
-    /// Event-specific details (refusal reason, policy path, checkpoint).
+}
+
+/// `{"status": "ok"}` or `{"status": "error", "code": …, "message": …}`;
+/// fields in alphabetical order, so direct serialisation is canonical.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Outcome {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detail: Option<Value>,
-    #[serde(default)]
-    pub prev: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub hash: String,
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    pub status: String,
+}
+
+impl Outcome {
+    pub fn is_ok(&self) -> bool {
+        self.status == "ok"
+    }
+}
+
+/// The rule that decided: where it is written and what it says.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuleRef {
+    pub file: String,
+    pub line: usize,
+    pub text: String,
 }
 
 impl Record {
@@ -99,12 +130,19 @@ impl Record {
     }
 
     pub fn ok(&mut self) {
-        self.outcome = Some(serde_json::json!({"status": "ok"}));
+        self.outcome = Some(Outcome {
+            code: None,
+            message: None,
+            status: "ok".into(),
+        });
     }
 
     pub fn error(&mut self, code: &str, message: &str) {
-        self.outcome =
-            Some(serde_json::json!({"status": "error", "code": code, "message": message}));
+        self.outcome = Some(Outcome {
+            code: Some(code.to_string()),
+            message: Some(message.to_string()),
+            status: "error".into(),
+        });
     }
 
     /// The canonical JSON of the record as stored (with its hash).
@@ -138,24 +176,29 @@ impl Chain {
         }
     }
 
-    /// Gives a drafted record its place in the chain; returns its seq and its
-    /// stored form (canonical JSON with the hash).
-    pub fn seal(&mut self, mut record: Record) -> (u64, Vec<u8>) {
+    /// Gives a drafted record its place in the chain (in place); returns its
+    /// seq and its stored form (canonical JSON with the hash).
+    pub fn seal(&mut self, record: &mut Record) -> (u64, Vec<u8>) {
         self.seq += 1;
         record.seq = self.seq;
         record.prev = std::mem::take(&mut self.prev);
-        record.hash = String::new();
-        // One conversion serves both the hashed form and the stored one.
-        let mut value = serde_json::to_value(&record).unwrap_or(Value::Null);
+        record.hash.clear();
+        // Direct serialisation is canonical (see Record), and the hash field
+        // is omitted while empty.
+        let body = serde_json::to_vec(&*record).unwrap_or_default();
         let mut h = Sha256::new();
         h.update(record.prev.as_bytes());
-        h.update(canonical(&value));
-        let hash = hex(&h.finalize());
-        if let Value::Object(map) = &mut value {
-            map.insert("hash".into(), Value::String(hash.clone()));
-        }
-        self.prev = hash;
-        (self.seq, canonical(&value))
+        h.update(&body);
+        record.hash = hex(&h.finalize());
+        self.prev = record.hash.clone();
+        (self.seq, serde_json::to_vec(&*record).unwrap_or_default())
+    }
+
+    /// Undoes `seal` on a record whose commit failed, so it can be sealed again.
+    pub fn unseal(record: &mut Record) {
+        record.seq = 0;
+        record.prev.clear();
+        record.hash.clear();
     }
 }
 
@@ -371,9 +414,31 @@ mod tests {
                 let mut r = Record::new("call");
                 r.tool = Some("kv_get".into());
                 r.keys = vec![format!("/k{i}")];
-                c.seal(r)
+                c.seal(&mut r)
             })
             .collect()
+    }
+
+    #[test]
+    fn direct_serialisation_is_canonical() {
+        let mut r = Record::new("call");
+        r.agent = Some("a\n\u{7f}é".into());
+        r.keys = vec!["/k".into()];
+        r.rule = Some(RuleRef {
+            file: "f".into(),
+            line: 3,
+            text: "t\"".into(),
+        });
+        r.error("c", "m\u{1}");
+        r.detail = Some(serde_json::json!({"z": [ {"b": 1, "a": null} ], "a": 1.5}));
+        r.values = Some(serde_json::json!([{"y": 1, "x": 2}]));
+        r.uid = Some(0);
+        r.pid = Some(7);
+        r.latency_us = Some(12);
+        let mut c = Chain::genesis();
+        let (_, stored) = c.seal(&mut r);
+        assert_eq!(stored, canonical(&serde_json::to_value(&r).unwrap()));
+        assert_eq!(r.hash, r.compute_hash());
     }
 
     #[test]
@@ -420,13 +485,13 @@ mod tests {
         for i in 0..4 {
             let mut r = Record::new("call");
             r.keys = vec![format!("/k{i}")];
-            all.push(c.seal(r));
+            all.push(c.seal(&mut r));
         }
         let second: Record = serde_json::from_slice(&all[1].1).unwrap();
         let mut cp = Record::new("checkpoint");
         cp.detail =
             Some(serde_json::json!({"pruned_through_seq": 2, "pruned_through_hash": second.hash}));
-        all.push(c.seal(cp));
+        all.push(c.seal(&mut cp));
         let kept: Vec<(u64, Vec<u8>)> = all[2..].to_vec();
         assert_eq!(verify(kept), Ok(3));
     }

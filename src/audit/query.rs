@@ -73,8 +73,8 @@ fn cell(s: &str, w: usize) -> String {
 /// One table row (no trailing newline).
 pub fn row(r: &Record) -> String {
     let outcome = match &r.outcome {
-        Some(o) if o["status"] == "ok" => "ok".to_string(),
-        Some(o) => format!("error:{}", o["code"].as_str().unwrap_or("?")),
+        Some(o) if o.is_ok() => "ok".to_string(),
+        Some(o) => format!("error:{}", o.code.as_deref().unwrap_or("?")),
         None => "-".into(),
     };
     let mut keys = r.keys.join(",");
@@ -83,7 +83,7 @@ pub fn row(r: &Record) -> String {
         .as_ref()
         .filter(|_| r.decision.as_deref() == Some("deny"))
     {
-        let _ = write!(keys, "  rule: {}", rule["text"].as_str().unwrap_or("?"));
+        let _ = write!(keys, "  rule: {}", rule.text);
     }
     if let Some(d) = r.detail.as_ref().filter(|_| r.event != "call") {
         if let Some(reason) = d.get("error").or(d.get("reason")).and_then(Value::as_str) {
@@ -141,7 +141,7 @@ impl Stats {
         c.calls += 1;
         if r.decision.as_deref() != Some("allow") {
             c.denied += 1;
-        } else if r.outcome.as_ref().is_some_and(|o| o["status"] != "ok") {
+        } else if r.outcome.as_ref().is_some_and(|o| !o.is_ok()) {
             c.errors += 1;
         }
     }

@@ -149,7 +149,7 @@ impl ServerHandler for Session {
         if let Some(decision) = role.tool(&name).filter(|d| !d.allowed) {
             tracing::info!(agent = %id.agent, role = %id.role, tool = %name, rule = %decision.rule, "denied: tool");
             rec.decision = Some("deny".into());
-            rec.rule = Some(decision.rule.to_json());
+            rec.rule = Some(decision.rule.to_ref());
             let message = format!(
                 "denied by policy: role {} may not call {name} ({})",
                 id.role, decision.rule
@@ -160,7 +160,7 @@ impl ServerHandler for Session {
         if let Some(bound) = &role.limits.calls_per_minute {
             if !self.rate.try_acquire(bound.max) {
                 rec.decision = Some("deny".into());
-                rec.rule = Some(bound.rule.to_json());
+                rec.rule = Some(bound.rule.to_ref());
                 let message = format!(
                     "rate limited: agent {} may make {} calls per minute ({})",
                     id.agent, bound.max, bound.rule
@@ -189,7 +189,7 @@ impl ServerHandler for Session {
             Err(denial) => {
                 tracing::info!(agent = %id.agent, role = %id.role, tool = %name, rule = %denial.rule, "denied: {}", denial.message);
                 rec.decision = Some("deny".into());
-                rec.rule = Some(denial.rule.to_json());
+                rec.rule = Some(denial.rule.to_ref());
                 let message = format!("{} ({})", denial.message, denial.rule);
                 let rule = Some(denial.rule.to_json());
                 return audit.tool_error(rec, denial.kind.code(), message, rule);
@@ -197,7 +197,7 @@ impl ServerHandler for Session {
             Ok(rules) => {
                 rec.decision = Some("allow".into());
                 let deciding = rules.last().or(role.tool(&name).map(|d| &d.rule));
-                rec.rule = deciding.map(|r| r.to_json());
+                rec.rule = deciding.map(|r| r.to_ref());
             }
         }
         if let Some((bytes, digest, values)) = parsed.written_values() {

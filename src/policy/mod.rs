@@ -120,6 +120,15 @@ impl Rule {
     pub fn to_json(&self) -> Value {
         serde_json::json!({"file": &*self.file, "line": self.line, "text": self.text})
     }
+
+    /// The rule as an audit record names it.
+    pub fn to_ref(&self) -> crate::audit::RuleRef {
+        crate::audit::RuleRef {
+            file: self.file.to_string(),
+            line: self.line,
+            text: self.text.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

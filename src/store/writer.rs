@@ -21,7 +21,7 @@ use crate::audit::{Chain, Journal, Record};
 
 /// Journal records being sealed in a batch, and the generation they end at.
 struct Sealing<'a> {
-    records: &'a [Record],
+    records: &'a mut [Record],
     through: Option<u64>,
 }
 
@@ -63,7 +63,7 @@ impl Writer {
     }
 
     fn commit_batch(&mut self, batch: &mut Vec<Job>, closing: bool) {
-        let (sealing, through) = match &self.journal {
+        let (mut sealing, through) = match &self.journal {
             Some(j) => match j.take() {
                 Ok(t) => t,
                 Err(e) => {
@@ -79,11 +79,11 @@ impl Writer {
         let flushing = closing || batch.iter().any(|j| matches!(j.work, Work::Flush));
         let mut results = Vec::with_capacity(batch.len());
         let mut chain = self.chain.clone();
-        let sealed = Sealing {
-            records: &sealing,
+        let mut sealed = Sealing {
+            records: &mut sealing,
             through,
         };
-        match self.apply_batch(batch, &sealed, &mut chain, flushing, &mut results) {
+        match self.apply_batch(batch, &mut sealed, &mut chain, flushing, &mut results) {
             Ok((revision, compacted)) => {
                 self.revision = revision;
                 self.compacted = compacted;
@@ -104,6 +104,7 @@ impl Writer {
                 if let Some(j) = &self.journal {
                     // Nothing of this batch happened: the journal keeps what it
                     // had, and each mutation gets a record saying it failed.
+                    sealing.iter_mut().for_each(Chain::unseal);
                     j.restore(sealing);
                     for job in batch.iter_mut() {
                         if let Some(mut rec) = job.record.take() {
@@ -123,7 +124,12 @@ impl Writer {
         }
     }
 
-    fn seal(&self, wtxn: &mut RwTxn, chain: &mut Chain, record: Record) -> Result<(), heed::Error> {
+    fn seal(
+        &self,
+        wtxn: &mut RwTxn,
+        chain: &mut Chain,
+        record: &mut Record,
+    ) -> Result<(), heed::Error> {
         let (seq, stored) = chain.seal(record);
         self.dbs.audit.put(wtxn, &seq.to_be_bytes(), &stored)
     }
@@ -131,15 +137,15 @@ impl Writer {
     fn apply_batch(
         &self,
         batch: &mut [Job],
-        sealing: &Sealing<'_>,
+        sealing: &mut Sealing<'_>,
         chain: &mut Chain,
         flushing: bool,
         results: &mut Vec<Result<Outcome, StoreError>>,
     ) -> Result<(u64, u64), heed::Error> {
         let mut wtxn = self.env.write_txn()?;
         let audited = self.journal.is_some();
-        for record in sealing.records {
-            self.seal(&mut wtxn, chain, record.clone())?;
+        for record in sealing.records.iter_mut() {
+            self.seal(&mut wtxn, chain, record)?;
         }
         if let Some(through) = sealing.through {
             // Committed with the records it covers: if the gateway dies before
@@ -176,7 +182,7 @@ impl Writer {
                     Ok(_) => record.ok(),
                     Err(e) => record.error(e.code(), &e.to_string()),
                 }
-                self.seal(&mut wtxn, chain, record)?;
+                self.seal(&mut wtxn, chain, &mut record)?;
             }
             results.push(result);
         }
@@ -267,7 +273,7 @@ impl Writer {
             "max_age_s": opts.max_age.map(|a| a.as_secs()),
         }));
         checkpoint.ok();
-        self.seal(wtxn, chain, checkpoint)
+        self.seal(wtxn, chain, &mut checkpoint)
     }
 }
 
