@@ -360,6 +360,46 @@ fn sandbox_blocks_tcp_to_unlisted_ports_and_any_bind() {
 }
 
 #[test]
+fn sandbox_blocks_tcp_that_bypasses_the_connect_hook() {
+    let unlisted = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = unlisted.local_addr().unwrap().port();
+    let sbx = Sbx::new(Opts::default());
+    let addr = format!("('127.0.0.1', {port})");
+    // MPTCP: a SOCK_STREAM Landlock's TCP port rules do not see.
+    let mptcp =
+        format!("s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)\ns.connect({addr})");
+    if sbx.control_py(&mptcp) == "OK" {
+        assert_eq!(sbx.run_py(&mptcp), "ERR EPERM");
+    } else {
+        skipped("control of the MPTCP attempt: this kernel has no MPTCP");
+        assert_eq!(sbx.run_py(&mptcp), "ERR EPERM");
+    }
+    // TCP Fast Open: sendto/sendmsg with MSG_FASTOPEN connects without connect().
+    let tfo_sendto = format!("s = socket.socket()\ns.sendto(b'x', 0x20000000, {addr})");
+    let tfo_sendmsg = format!("s = socket.socket()\ns.sendmsg([b'x'], [], 0x20000000, {addr})");
+    // TCP_FASTOPEN_CONNECT (30): connect() only records the address.
+    let tfo_connect =
+        format!("s = socket.socket()\ns.setsockopt(6, 30, 1)\ns.connect({addr})\ns.send(b'x')");
+    for attempt in [&tfo_sendto, &tfo_sendmsg, &tfo_connect] {
+        assert_blocked(&sbx, attempt, "EPERM");
+    }
+    // SCTP (and any protocol other than TCP/UDP): refused at socket().
+    let sctp = "socket.socket(socket.AF_INET, socket.SOCK_STREAM, 132)";
+    if sbx.control_py(sctp) != "OK" {
+        skipped("control of the SCTP attempt: this kernel has no SCTP");
+    }
+    assert_eq!(sbx.run_py(sctp), "ERR EPERM");
+    let seqpacket = "socket.socket(socket.AF_INET6, socket.SOCK_SEQPACKET, 0)";
+    assert_eq!(sbx.run_py(seqpacket), "ERR EPERM");
+    // What stays allowed: TCP and UDP, with the type flags, and default protocols.
+    let fine = "socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, 6)\n\
+                socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, 17)\n\
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                s = socket.socket()\ns.setsockopt(6, 1, 1)";
+    assert_eq!(sbx.run_py(fine), "OK");
+}
+
+#[test]
 fn sandbox_blocks_abstract_unix_sockets_outside() {
     use std::os::linux::net::SocketAddrExt;
     let name = format!("cordon-test-{}", std::process::id());

@@ -66,12 +66,38 @@ const ALLOWED_FAMILIES: [u64; 3] = [
     libc::AF_INET6 as u64,
 ];
 
+/// The low bits of socket()'s type argument; the rest are SOCK_NONBLOCK and
+/// SOCK_CLOEXEC, which change nothing about what the socket can reach.
+const SOCK_TYPE_MASK: u64 = 0xf;
+
+/// Socket types an inet socket may have. Landlock (ABI 4) confines TCP by port
+/// and nothing else: SOCK_RAW, SOCK_SEQPACKET (SCTP), SOCK_DCCP and friends
+/// would connect where no rule looks.
+const INET_TYPES: [u64; 2] = [libc::SOCK_STREAM as u64, libc::SOCK_DGRAM as u64];
+
+/// Protocols an inet socket may have: the default (0), TCP and UDP. IPPROTO_MPTCP
+/// (262) is a SOCK_STREAM that Landlock's TCP hooks do not see (it connected to
+/// unlisted ports); SCTP (132), UDP-Lite (136) and ICMP (1) are not TCP either.
+const INET_PROTOCOLS: [u64; 3] = [0, libc::IPPROTO_TCP as u64, libc::IPPROTO_UDP as u64];
+
+/// MSG_FASTOPEN: sendto/sendmsg on an unconnected TCP socket connects
+/// implicitly (TCP Fast Open), through no connect() and so past Landlock's
+/// connect hook.
+const MSG_FASTOPEN: u64 = 0x2000_0000;
+
+/// TCP_FASTOPEN_CONNECT: the setsockopt form of the same implicit connect
+/// (connect() then only records the address; the first write connects).
+/// TCP_FASTOPEN (23) is the server side, which bind_tcp already confines.
+const TCP_FASTOPEN_CONNECT: u64 = 30;
+
 pub fn denied_syscalls() -> Vec<&'static str> {
     let mut v: Vec<&str> = DENIED.iter().map(|(n, _)| *n).collect();
     v.extend([
         "clone with namespace flags",
         "clone3 (ENOSYS: its flags sit behind a pointer seccomp cannot read; libc falls back to clone)",
         "socket/socketpair outside AF_UNIX, AF_INET, AF_INET6",
+        "AF_INET/AF_INET6 sockets other than SOCK_STREAM/SOCK_DGRAM with protocol 0, TCP or UDP (MPTCP, SCTP, raw)",
+        "MSG_FASTOPEN in sendto/sendmsg/sendmmsg and setsockopt(TCP_FASTOPEN_CONNECT) (TCP Fast Open connects without connect())",
     ]);
     v
 }
@@ -84,6 +110,53 @@ fn arch() -> Result<TargetArch, SeccompError> {
 fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, SeccompError> {
     SeccompCondition::new(arg, SeccompCmpArgLen::Qword, op, value)
         .map_err(SeccompError::BuildFilter)
+}
+
+/// A condition on the low 32 bits: for `int` arguments, whose upper half the
+/// kernel ignores (so the filter must too, or a caller could set it to slip past).
+fn cond32(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, SeccompError> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
+        .map_err(SeccompError::BuildFilter)
+}
+
+fn rule(conds: Vec<SeccompCondition>) -> Result<SeccompRule, SeccompError> {
+    SeccompRule::new(conds).map_err(SeccompError::BuildFilter)
+}
+
+/// The socket() rules that deny (ORed): a family outside the allowlist; an
+/// inet socket of another type; an inet socket of another protocol.
+fn socket_rules() -> Result<Vec<SeccompRule>, SeccompError> {
+    let mut rules = vec![rule(
+        ALLOWED_FAMILIES
+            .iter()
+            .map(|&f| cond32(0, SeccompCmpOp::Ne, f))
+            .collect::<Result<_, _>>()?,
+    )?];
+    for family in [libc::AF_INET as u64, libc::AF_INET6 as u64] {
+        // No "masked not-equal" comparison exists, so every other value of the
+        // type's low bits gets a rule of its own.
+        for ty in (0..=SOCK_TYPE_MASK).filter(|t| !INET_TYPES.contains(t)) {
+            rules.push(rule(vec![
+                cond32(0, SeccompCmpOp::Eq, family)?,
+                cond32(1, SeccompCmpOp::MaskedEq(SOCK_TYPE_MASK), ty)?,
+            ])?);
+        }
+        let mut conds = vec![cond32(0, SeccompCmpOp::Eq, family)?];
+        for &proto in &INET_PROTOCOLS {
+            conds.push(cond32(2, SeccompCmpOp::Ne, proto)?);
+        }
+        rules.push(rule(conds)?);
+    }
+    Ok(rules)
+}
+
+/// Denies a call whose flags argument `arg` has MSG_FASTOPEN.
+fn fastopen_rule(arg: u8) -> Result<Vec<SeccompRule>, SeccompError> {
+    Ok(vec![rule(vec![cond32(
+        arg,
+        SeccompCmpOp::MaskedEq(MSG_FASTOPEN),
+        MSG_FASTOPEN,
+    )?])?])
 }
 
 /// The two programs, compiled in advance (they allocate), installed last.
@@ -113,20 +186,27 @@ pub fn build() -> Result<Filters, SeccompError> {
         bit <<= 1;
     }
     rules.insert(libc::SYS_clone, clone_rules);
-    let family_rule = || -> Result<Vec<SeccompRule>, SeccompError> {
-        let conds = ALLOWED_FAMILIES
-            .iter()
-            .map(|&f| {
-                SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, f)
-                    .map_err(SeccompError::BuildFilter)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(vec![
-            SeccompRule::new(conds).map_err(SeccompError::BuildFilter)?
-        ])
-    };
-    rules.insert(libc::SYS_socket, family_rule()?);
-    rules.insert(libc::SYS_socketpair, family_rule()?);
+    rules.insert(libc::SYS_socket, socket_rules()?);
+    // socketpair only ever makes AF_UNIX pairs; the family check is enough.
+    rules.insert(
+        libc::SYS_socketpair,
+        vec![rule(
+            ALLOWED_FAMILIES
+                .iter()
+                .map(|&f| cond32(0, SeccompCmpOp::Ne, f))
+                .collect::<Result<_, _>>()?,
+        )?],
+    );
+    rules.insert(libc::SYS_sendto, fastopen_rule(3)?);
+    rules.insert(libc::SYS_sendmsg, fastopen_rule(2)?);
+    rules.insert(libc::SYS_sendmmsg, fastopen_rule(3)?);
+    rules.insert(
+        libc::SYS_setsockopt,
+        vec![rule(vec![
+            cond32(1, SeccompCmpOp::Eq, libc::IPPROTO_TCP as u64)?,
+            cond32(2, SeccompCmpOp::Eq, TCP_FASTOPEN_CONNECT)?,
+        ])?],
+    );
     let deny = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
