@@ -150,6 +150,22 @@ impl Sbx {
             .unwrap()
     }
 
+    /// `run` with extra `sandbox run` options (before `--`).
+    fn run_with(&self, opts: &[&str], argv: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(["sandbox", "run", "--profile"])
+            .arg(&self.profile)
+            .arg("--workdir")
+            .arg(&self.work)
+            .args(opts)
+            .arg("--")
+            .args(argv)
+            .current_dir(&self.work)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
     fn run_py(&self, body: &str) -> String {
         let py = python().0.display().to_string();
         last_line(&self.run(&[&py, "-c", &program(body)]))
@@ -285,6 +301,68 @@ fn sandbox_blocks_writing_through_a_symlink_planted_in_the_workdir() {
     );
     assert_eq!(sbx.run_py(&planted), "ERR EACCES");
     assert_blocked(&sbx, "open('link', 'a').write('x')", "EACCES");
+}
+
+#[test]
+fn a_symlink_planted_in_a_persistent_home_is_refused_on_the_next_run() {
+    let sbx = Sbx::new(Opts::default());
+    // HOME writable, as in the shipped profile, and a rule inside it.
+    let text = std::fs::read_to_string(&sbx.profile).unwrap().replace(
+        "write = [\"{workdir}\"",
+        "write = [\"{home}\", \"{home}/cache\", \"{workdir}\"",
+    );
+    std::fs::write(&sbx.profile, text).unwrap();
+    let home = sbx.root.join("home");
+    let victim = sbx.outside.join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    let home_opt = ["--home", &p(&home)];
+    let py = python().0.display().to_string();
+    // Run 1: the agent swaps {tmp} for a link to the victim, and plants {home}/cache.
+    let plant = format!(
+        "h = os.environ['HOME']\nos.rmdir(h + '/tmp')\nos.symlink({v:?}, h + '/tmp')\nos.symlink({v:?}, h + '/cache')",
+        v = p(&victim)
+    );
+    let out = sbx.run_with(&home_opt, &[&py, "-c", &program(&plant)]);
+    assert_eq!(last_line(&out), "OK", "{out:?}");
+    // Control: through either link, the victim is writable unsandboxed.
+    for link in ["tmp", "cache"] {
+        let write = format!("open({:?}, 'w').write('x')", p(&home.join(link).join("f")));
+        assert_eq!(sbx.control_py(&write), "OK");
+        std::fs::remove_file(victim.join("f")).unwrap();
+    }
+    // Run 2: {tmp} is a symlink, so cordon refuses before anything runs.
+    let write = format!("open({:?}, 'w').write('x')", p(&home.join("tmp/f")));
+    let out = sbx.run_with(&home_opt, &[&py, "-c", &program(&write)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(
+        stderr.contains("{tmp}") && stderr.contains("symlink"),
+        "{stderr}"
+    );
+    // With {tmp} a real directory again, the helper refuses the rule {home}/cache.
+    std::fs::remove_file(home.join("tmp")).unwrap();
+    std::fs::create_dir(home.join("tmp")).unwrap();
+    let write = format!("open({:?}, 'w').write('x')", p(&home.join("cache/f")));
+    let out = sbx.run_with(&home_opt, &[&py, "-c", &program(&write)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(
+        stderr.contains("cache") && stderr.contains("is a symlink inside"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 0);
+    // Without the planted link the same profile and home run (and system
+    // symlinks such as /lib -> usr/lib in `exec` keep working).
+    std::fs::remove_file(home.join("cache")).unwrap();
+    let out = sbx.run_with(
+        &home_opt,
+        &[
+            &py,
+            "-c",
+            &program("open(os.environ['HOME'] + '/tmp/f', 'w').write('x')"),
+        ],
+    );
+    assert_eq!(last_line(&out), "OK", "{out:?}");
 }
 
 #[test]

@@ -104,6 +104,12 @@ pub enum CliError {
         uid: u32,
         source: std::io::Error,
     },
+    #[error("refusing {path} as the agent's {what}: {why}")]
+    AgentDir {
+        what: &'static str,
+        path: PathBuf,
+        why: String,
+    },
     #[error("cannot start the sandbox helper: {0}")]
     Spawn(std::io::Error),
     #[error("cannot wait for the sandboxed command: {0}")]
@@ -212,6 +218,48 @@ fn canonical(what: &'static str, path: &Path) -> Result<PathBuf, CliError> {
     })
 }
 
+/// An absolute path without resolving symlinks: the helper resolves rule
+/// paths itself and refuses symlinks the agent may have planted, which a
+/// canonical path would hide.
+fn absolute(what: &'static str, path: &Path) -> Result<PathBuf, CliError> {
+    std::path::absolute(path).map_err(|source| CliError::Resolve {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// `{home}` and `{tmp}` must be real directories (lstat: a symlink there may
+/// be one the agent planted in an earlier run, to have this run hand it, and
+/// chown, a directory elsewhere) owned by one of `owners`. Returns the owner.
+fn check_agent_dir(what: &'static str, path: &Path, owners: &[u32]) -> Result<u32, CliError> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |why: String| CliError::AgentDir {
+        what,
+        path: path.to_path_buf(),
+        why,
+    };
+    let meta = fs::symlink_metadata(path).map_err(|e| refuse(e.to_string()))?;
+    if meta.file_type().is_symlink() {
+        return Err(refuse("it is a symlink, not a directory".into()));
+    }
+    if !meta.is_dir() {
+        return Err(refuse("it is not a directory".into()));
+    }
+    if !owners.is_empty() && !owners.contains(&meta.uid()) {
+        return Err(refuse(format!(
+            "it is owned by uid {}, expected {}",
+            meta.uid(),
+            owners
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )));
+    }
+    Ok(meta.uid())
+}
+
 fn fresh_home_path(attempt: u32) -> PathBuf {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -281,7 +329,7 @@ fn forward_signals() {
 
 fn run(args: RunArgs) -> Result<u8, CliError> {
     let profile = Profile::load(&args.profile)?;
-    let workdir = canonical(
+    let workdir = absolute(
         "--workdir",
         &args.workdir.clone().unwrap_or_else(|| PathBuf::from(".")),
     )?;
@@ -289,16 +337,19 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
     // uid (a --home that already existed keeps its owner).
     let (home, _fresh, created) = match &args.home {
         Some(h) => {
-            let created = make_private_dir(h)?;
-            (canonical("--home", h)?, None, created)
+            let h = absolute("--home", h)?;
+            let created = make_private_dir(&h)?;
+            (h, None, created)
         }
         None => {
             let h = make_fresh_home()?;
             (h.clone(), Some(FreshHome(h)), true)
         }
     };
+    check_agent_dir("{home}", &home, &[])?;
     let tmp = home.join("tmp");
     let tmp_created = make_private_dir(&tmp)?;
+    check_agent_dir("{tmp}", &tmp, &[])?;
     let cordon = std::env::current_exe()
         .and_then(fs::canonicalize)
         .map_err(|source| CliError::Resolve {
@@ -331,17 +382,24 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
     if let Some(cg) = &mut plan.cgroup {
         cg.push_str(&format!("-{}", std::process::id()));
     }
-    if let Some(ids) = plan.user {
-        let ours = [(&home, created), (&tmp, tmp_created)];
-        for (dir, _) in ours.iter().filter(|(_, created)| *created) {
-            std::os::unix::fs::chown(dir, Some(ids.uid), Some(ids.gid)).map_err(|source| {
-                CliError::Chown {
-                    path: dir.to_path_buf(),
-                    uid: ids.uid,
-                    source,
-                }
-            })?;
+    // Directories we made go to the agent (lchown: never through a link); ones
+    // that existed must belong to the agent or to us, or someone else prepared them.
+    let me = rustix::process::geteuid().as_raw();
+    let agent = plan.user.map_or(me, |ids| ids.uid);
+    for (what, dir, made) in [("{home}", &home, created), ("{tmp}", &tmp, tmp_created)] {
+        match plan.user {
+            Some(ids) if made => {
+                std::os::unix::fs::lchown(dir, Some(ids.uid), Some(ids.gid)).map_err(|source| {
+                    CliError::Chown {
+                        path: dir.to_path_buf(),
+                        uid: ids.uid,
+                        source,
+                    }
+                })?;
+            }
+            _ => {}
         }
+        check_agent_dir(what, dir, &[agent, me])?;
     }
 
     // The helper process: a fork of this one, which is single-threaded (no

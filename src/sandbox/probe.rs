@@ -158,10 +158,21 @@ pub fn plan_report(path: &Path, plan: &Plan, fresh_home: bool) -> (String, bool)
         plan.require
     );
     let verdict = ll::check(plan.require, abi);
-    let (rights, missing) = ll::path_rights(plan, abi);
+    let (rights, missing) = match ll::path_rights(plan, abi) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(o, "  would refuse: {e}");
+            return (o, false);
+        }
+    };
     let _ = writeln!(o, "  paths:");
-    for (p, access) in &rights {
-        let _ = writeln!(o, "    {}  {}", p.display(), ll::names(*access));
+    for r in &rights {
+        let via = if r.resolved == r.path {
+            String::new()
+        } else {
+            format!(" (-> {})", r.resolved.display())
+        };
+        let _ = writeln!(o, "    {}{via}  {}", r.path.display(), ll::names(r.access));
     }
     for p in &missing {
         let note = if fresh_home {
