@@ -57,6 +57,9 @@ fn program(body: &str) -> String {
 #[derive(Default)]
 struct Opts {
     user: &'static str,
+    /// Default: "strict" with a dedicated uid, "best-effort" with `inherit`
+    /// (strict refuses an agent that shares our uid before Landlock ABI 9).
+    require: &'static str,
     uid_range: Option<u32>,
     read: Vec<String>,
     exec: Vec<String>,
@@ -109,12 +112,17 @@ impl Sbx {
         } else {
             opts.user
         };
+        let require = match (opts.require, user) {
+            ("", "inherit") => "best-effort",
+            ("", _) => "strict",
+            (r, _) => r,
+        };
         let range = opts
             .uid_range
             .map(|u| format!("uid_range = [{u}, {u}]\n"))
             .unwrap_or_default();
         let text = format!(
-            "require = \"strict\"\nuser = \"{user}\"\n{range}read = [{}]\nexec = [{}]\nwrite = [\"{{workdir}}\", \"{{tmp}}\", \"/dev/null\"]\n\
+            "require = \"{require}\"\nuser = \"{user}\"\n{range}read = [{}]\nexec = [{}]\nwrite = [\"{{workdir}}\", \"{{tmp}}\", \"/dev/null\"]\n\
              [net]\nconnect_tcp = [{}]\n[env]\npass = [\"PATH\"]\nset = {{ HOME = \"{{home}}\" }}\n[limits]\n{}\n",
             q(&read),
             q(&exec),
@@ -510,6 +518,65 @@ fn sandbox_blocks_connecting_to_another_agents_socket() {
     assert_eq!(sbx.control_py_as(62001, &connect), "OK");
 }
 
+/// The kernel's Landlock ABI, as `cordon sandbox probe` reports it.
+fn landlock_abi() -> i32 {
+    let out = Command::new(BIN)
+        .args(["sandbox", "probe"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Landlock: ABI "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no ABI in {text}"))
+}
+
+#[test]
+fn strict_refuses_an_agent_sharing_our_uid_without_resolve_unix() {
+    if landlock_abi() >= 9 {
+        skipped("strict_refuses_an_agent_sharing_our_uid_without_resolve_unix: the kernel has RESOLVE_UNIX");
+        return;
+    }
+    // A pathname socket of our own uid, outside every rule (the user bus, docker.sock…).
+    let sbx = Sbx::new(Opts::default());
+    let sock = sbx.outside.join("bus.sock");
+    let _listener = UnixListener::bind(&sock).unwrap();
+    let connect = format!(
+        "s = socket.socket(socket.AF_UNIX)\ns.connect({:?})",
+        p(&sock)
+    );
+    // Control: best-effort with the shared uid reaches it — the hole strict refuses.
+    assert_eq!(sbx.control_py(&connect), "OK");
+    assert_eq!(sbx.run_py(&connect), "OK");
+    let strict = Sbx::new(Opts {
+        require: "strict",
+        ..Default::default()
+    });
+    let py = python().0.display().to_string();
+    let out = strict.run(&[&py, "-c", &program(&connect)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert!(
+        stderr.contains("RESOLVE_UNIX")
+            && stderr.contains("ABI 9")
+            && stderr.contains("user = \"auto\""),
+        "{stderr}"
+    );
+    // The probe says the same about that profile.
+    let out = Command::new(BIN)
+        .args(["sandbox", "probe", "--profile"])
+        .arg(&strict.profile)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("would refuse") && text.contains("RESOLVE_UNIX"),
+        "{text}"
+    );
+}
+
 #[test]
 fn sandbox_blocks_signals_to_processes_outside() {
     let target = Outsider::start();
@@ -840,7 +907,7 @@ fn sandbox_exec_takes_its_plan_from_a_file_or_an_inherited_fd() {
     // What the orchestrator runs: `cordon sandbox-exec --plan-fd N -- cmd`.
     let sbx = Sbx::new(Opts::default());
     let plan = serde_json::json!({
-        "name": "t", "require": "strict", "workdir": sbx.work,
+        "name": "t", "require": "best-effort", "workdir": sbx.work,
         "read": ["/etc", "/proc"], "write": ["/dev/null"], "exec": ["/usr", "/bin", "/lib", "/lib64"],
         "connect_tcp": [], "bind_tcp": [], "connect_unix": [],
         "env_pass": [], "env_set": {"X": "1"},

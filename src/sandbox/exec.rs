@@ -112,7 +112,9 @@ pub fn sandbox_exec(plan: &Plan, argv: &[OsString]) -> Result<Infallible, ExecEr
     // nothing the uid could not do), and nothing after the uid switch needs to
     // allocate or parse.
     let abi = landlock::kernel_abi();
-    let dropped = landlock::check(plan.require, abi)?;
+    // Whether the agent has a uid of its own decides whether anything stands
+    // in for RESOLVE_UNIX on kernels without it.
+    let dropped = landlock::check(plan.require, abi, plan.user.is_some())?;
     if plan.require == Require::BestEffort {
         for f in dropped.iter().filter(|f| f.required) {
             eprintln!(

@@ -28,6 +28,8 @@ pub enum LandlockError {
         needed: i32,
         have: i32,
     },
+    #[error("the kernel cannot confine connect() to pathname unix sockets (RESOLVE_UNIX needs Landlock ABI {needed}, this kernel has {have}), and the agent would share cordon's uid, so it could connect to any socket that uid can reach (the user's systemd bus, docker.sock, cordon's admin socket); refusing to run — run cordon as root with user = \"auto\" so the agent gets a dedicated uid, or set require = \"best-effort\" in the profile to accept this")]
+    UnixSocketsShared { needed: i32, have: i32 },
     #[error("cannot open {path} for a Landlock rule: {source}")]
     OpenPath {
         path: PathBuf,
@@ -123,9 +125,9 @@ pub const FEATURES: &[Feature] = &[
     },
     Feature {
         right: "pathname unix socket connect (RESOLVE_UNIX)",
-        abi: 9,
+        abi: RESOLVE_UNIX_ABI,
         required: false,
-        fallback: "pathname sockets stay reachable; the agent's uid, 0700 socket directories and the gateway's peer-credential check stand in",
+        fallback: "pathname sockets stay reachable; the agent's dedicated uid, 0700 socket directories and the gateway's peer-credential check stand in (only with a dedicated uid: a strict profile whose agent shares cordon's uid refuses to run)",
     },
     Feature {
         right: "UDP bind/connect/send by port",
@@ -135,11 +137,34 @@ pub const FEATURES: &[Feature] = &[
     },
 ];
 
+/// The ABI of Landlock's RESOLVE_UNIX (pathname unix-socket connect).
+pub const RESOLVE_UNIX_ABI: i32 = 9;
+
 /// The features this kernel lacks. Strict: the first required one is an error.
-pub fn check(require: Require, abi: i32) -> Result<Vec<Feature>, LandlockError> {
-    let missing: Vec<Feature> = FEATURES.iter().copied().filter(|f| f.abi > abi).collect();
+///
+/// `own_uid`: whether the agent runs under a uid of its own. Without one,
+/// nothing stands in for RESOLVE_UNIX (a pathname socket is reachable by
+/// whoever shares its owner's uid), so it becomes required.
+pub fn check(require: Require, abi: i32, own_uid: bool) -> Result<Vec<Feature>, LandlockError> {
+    let missing: Vec<Feature> = FEATURES
+        .iter()
+        .copied()
+        .filter(|f| f.abi > abi)
+        .map(|mut f| {
+            if f.abi == RESOLVE_UNIX_ABI && !own_uid {
+                f.required = true;
+            }
+            f
+        })
+        .collect();
     if require == Require::Strict {
         if let Some(f) = missing.iter().find(|f| f.required) {
+            if f.abi == RESOLVE_UNIX_ABI {
+                return Err(LandlockError::UnixSocketsShared {
+                    needed: f.abi,
+                    have: abi,
+                });
+            }
             return Err(LandlockError::Unsupported {
                 right: f.right,
                 needed: f.abi,
@@ -417,18 +442,37 @@ mod tests {
 
     #[test]
     fn strict_refuses_what_the_kernel_lacks() {
-        let err = check(Require::Strict, 3).unwrap_err().to_string();
+        let err = check(Require::Strict, 3, true).unwrap_err().to_string();
         assert!(
             err.contains("TCP bind/connect") && err.contains("ABI 4"),
             "{err}"
         );
-        assert!(check(Require::Strict, 0).is_err());
-        let dropped = check(Require::BestEffort, 3).unwrap();
+        assert!(check(Require::Strict, 0, true).is_err());
+        let dropped = check(Require::BestEffort, 3, true).unwrap();
         assert!(dropped.iter().any(|f| f.abi == 4));
-        // ResolveUnix and UDP are covered elsewhere: strict still runs on ABI 6.
-        let missing = check(Require::Strict, 6).unwrap();
+        // With a dedicated uid, ResolveUnix and UDP are covered elsewhere:
+        // strict still runs on ABI 6.
+        let missing = check(Require::Strict, 6, true).unwrap();
         assert!(missing.iter().all(|f| !f.required));
-        assert!(check(Require::Strict, 10).unwrap().is_empty());
+        assert!(check(Require::Strict, 10, true).unwrap().is_empty());
+        assert!(check(Require::Strict, 10, false).unwrap().is_empty());
+    }
+
+    #[test]
+    fn strict_without_a_dedicated_uid_needs_resolve_unix() {
+        let err = check(Require::Strict, 7, false).unwrap_err().to_string();
+        assert!(
+            err.contains("RESOLVE_UNIX")
+                && err.contains("ABI 9")
+                && err.contains("user = \"auto\""),
+            "{err}"
+        );
+        assert!(check(Require::Strict, 9, false).is_ok());
+        // Best-effort runs, and lists it as a required right it dropped.
+        let dropped = check(Require::BestEffort, 7, false).unwrap();
+        assert!(dropped
+            .iter()
+            .any(|f| f.abi == RESOLVE_UNIX_ABI && f.required));
     }
 
     #[test]

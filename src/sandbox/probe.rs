@@ -71,6 +71,8 @@ pub fn kernel_report() -> String {
             f.abi,
             if f.required {
                 " — strict profiles refuse to run".to_string()
+            } else if f.abi == ll::RESOLVE_UNIX_ABI {
+                " — strict profiles refuse to run unless the agent gets a dedicated uid (root and user = \"auto\"); with one, 0700 socket directories and the gateway's peer-credential check stand in".to_string()
             } else {
                 format!(" — {}", f.fallback)
             }
@@ -157,7 +159,7 @@ pub fn plan_report(path: &Path, plan: &Plan, fresh_home: bool) -> (String, bool)
         path.display(),
         plan.require
     );
-    let verdict = ll::check(plan.require, abi);
+    let verdict = ll::check(plan.require, abi, plan.user.is_some());
     let (rights, missing) = match ll::path_rights(plan, abi) {
         Ok(r) => r,
         Err(e) => {
@@ -196,10 +198,12 @@ pub fn plan_report(path: &Path, plan: &Plan, fresh_home: bool) -> (String, bool)
         ports(&plan.bind_tcp)
     );
     if !plan.connect_unix.is_empty() {
-        let how = if abi >= 9 {
+        let how = if abi >= ll::RESOLVE_UNIX_ABI {
             "RESOLVE_UNIX rule"
+        } else if plan.user.is_some() {
+            "not enforceable here (ABI < 9): the dedicated uid + peer-credential checks only"
         } else {
-            "not enforceable here (ABI < 9): uid + peer-credential checks only"
+            "not enforceable here (ABI < 9), and the agent shares cordon's uid: every socket that uid can reach is reachable"
         };
         for p in &plan.connect_unix {
             let _ = writeln!(o, "  unix socket {}: {how}", p.display());
