@@ -188,8 +188,12 @@ pub fn read_access(abi: ABI) -> BitFlags<AccessFs> {
 pub fn exec_access(abi: ABI) -> BitFlags<AccessFs> {
     read_access(abi) | (AccessFs::from_all(abi) & AccessFs::Execute)
 }
+/// Everything but Execute (write never implies execute) and ResolveUnix: on
+/// ABI ≥ 9 that right is what confines connect() to pathname sockets, and a
+/// writable tree (a HOME, a workdir) may hold anyone's socket; only
+/// `net.connect_unix` paths get it.
 pub fn write_access(abi: ABI) -> BitFlags<AccessFs> {
-    AccessFs::from_all(abi) & !AccessFs::Execute
+    AccessFs::from_all(abi) & !(AccessFs::Execute | AccessFs::ResolveUnix)
 }
 
 /// A path rule ready to add: the fd is opened before privileges are dropped.
@@ -500,6 +504,47 @@ mod tests {
             resolve_rule_path(&root.join("nope/x"), &writable).unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn access_sets_per_list_and_abi() {
+        for abi in [ABI::V7, ABI::V9, ABI::V10] {
+            let (r, x, w) = (read_access(abi), exec_access(abi), write_access(abi));
+            assert_eq!(r, AccessFs::ReadFile | AccessFs::ReadDir);
+            assert_eq!(x, r | AccessFs::Execute);
+            for right in [AccessFs::Execute, AccessFs::ResolveUnix] {
+                assert!(!w.contains(right), "write has {right:?} on {abi:?}");
+            }
+            assert_eq!(
+                w | AccessFs::Execute,
+                AccessFs::from_all(ABI::V8) & AccessFs::from_all(abi)
+            );
+        }
+        // On ABI 9 only a connect_unix path gets ResolveUnix.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().canonicalize().unwrap();
+        let sock = dir.join("s.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let plan = Plan {
+            name: "t".into(),
+            require: Require::Strict,
+            workdir: dir.clone(),
+            read: vec![],
+            write: vec![dir.clone()],
+            exec: vec![],
+            connect_tcp: vec![],
+            bind_tcp: vec![],
+            connect_unix: vec![sock.clone()],
+            env_pass: vec![],
+            env_set: Default::default(),
+            limits: Default::default(),
+            cgroup: None,
+            user: None,
+        };
+        let (rights, _) = path_rights(&plan, 9).unwrap();
+        let of = |p: &Path| rights.iter().find(|r| r.resolved == p).unwrap().access;
+        assert!(!of(&dir).contains(AccessFs::ResolveUnix));
+        assert_eq!(of(&sock), BitFlags::from(AccessFs::ResolveUnix));
     }
 
     #[test]
