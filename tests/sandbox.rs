@@ -578,6 +578,41 @@ fn strict_refuses_an_agent_sharing_our_uid_without_resolve_unix() {
 }
 
 #[test]
+fn an_adhoc_run_never_takes_a_deployed_agents_uid() {
+    if skip_unless_root("an_adhoc_run_never_takes_a_deployed_agents_uid") {
+        return;
+    }
+    // The uid `sandbox run --name run` used to hash to: 61000 + FNV-1a("run")
+    // % 1000, inside the deployments' default range. Give it to a deployed agent.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in "run".bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    let deployed = 61000 + h % 1000;
+    let gw = Gateway::start_with(
+        "",
+        &format!("[agents.other]\nrole = \"coder\"\nuid = {deployed}\n"),
+    );
+    let sock = gw.socket("other");
+    let sbx = Sbx::new(Opts {
+        user: "auto",
+        read: vec![p(&gw.dir)],
+        ..Default::default()
+    });
+    let connect = format!(
+        "s = socket.socket(socket.AF_UNIX)\ns.connect({:?})",
+        p(&sock)
+    );
+    // Control: that uid, unsandboxed, reaches the deployed agent's socket.
+    assert_eq!(sbx.control_py_as(deployed, &connect), "OK");
+    assert_eq!(sbx.run_py(&connect), "ERR EACCES");
+    let out = sbx.run(&["/usr/bin/id", "-u"]);
+    let uid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!((60000..=60999).contains(&uid), "ad-hoc uid {uid}");
+}
+
+#[test]
 fn sandbox_blocks_signals_to_processes_outside() {
     let target = Outsider::start();
     let sbx = Sbx::new(Opts::default());

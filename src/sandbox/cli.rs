@@ -290,7 +290,8 @@ fn cmd_dir(profile: &Profile, command: &[OsString]) -> Option<PathBuf> {
     Some(fs::canonicalize(found).ok()?.parent()?.to_path_buf())
 }
 
-/// A stable small number per agent name, for its `auto` uid.
+/// A stable number per agent name, for its `auto` uid (reduced into the
+/// profile's `uid_range`, by default the ad-hoc range, never the deployments').
 fn name_index(name: &str) -> u32 {
     // FNV-1a: stable across runs and builds, unlike std's hasher.
     let mut h: u32 = 0x811c_9dc5;
@@ -373,6 +374,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             placeholders: &placeholders,
             root,
             uid_index: name_index(&args.name),
+            adhoc: true,
         },
     )?;
     if plan.limits.needs_cgroup() && plan.cgroup.is_none() {
@@ -490,6 +492,7 @@ fn probe_cmd(args: ProbeArgs) -> Result<u8, CliError> {
                 placeholders: &placeholders,
                 root,
                 uid_index: name_index("probe"),
+                adhoc: true,
             },
         );
         let plan = match built {

@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::profile::{LimitsProfile, Placeholders, Profile, Require, UserSpec};
+use super::profile::{
+    LimitsProfile, Placeholders, Profile, Require, UserSpec, ADHOC_UID_RANGE, DEPLOYMENT_UID_RANGE,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -23,6 +25,13 @@ pub enum PlanError {
         entry: String,
         placeholder: &'static str,
         hint: &'static str,
+    },
+    #[error("agent number {index} has no uid of its own in uid_range [{lo}, {hi}] ({size} uids); widen the range (agents never share a uid)")]
+    UidRangeTooSmall {
+        index: u32,
+        lo: u32,
+        hi: u32,
+        size: u32,
     },
     #[error("user {name:?} is not in /etc/passwd")]
     UnknownUser { name: String },
@@ -86,8 +95,13 @@ pub struct PlanInput<'a> {
     /// Whether cordon runs as root (uid switching and cgroups need it).
     pub root: bool,
     /// The index of this agent in its deployment (its `auto` uid is
-    /// `uid_range[0] + index`); `sandbox run` passes a hash of the name.
+    /// `uid_range[0] + index`, an error past the range); `sandbox run` passes
+    /// a hash of the name and `adhoc`.
     pub uid_index: u32,
+    /// An ad-hoc run (`sandbox run`, `probe`): `uid_index` is a hash, reduced
+    /// into the range, and the default range is [`ADHOC_UID_RANGE`], apart
+    /// from the deployments' [`DEPLOYMENT_UID_RANGE`].
+    pub adhoc: bool,
 }
 
 impl Plan {
@@ -110,8 +124,29 @@ impl Plan {
             UserSpec::Inherit => None,
             UserSpec::Auto if !input.root => None,
             UserSpec::Auto => {
-                let [lo, hi] = profile.uid_range;
-                let uid = lo + input.uid_index % (hi - lo + 1);
+                let default = if input.adhoc {
+                    ADHOC_UID_RANGE
+                } else {
+                    DEPLOYMENT_UID_RANGE
+                };
+                let [lo, hi] = profile.uid_range.unwrap_or(default);
+                // Profile::validate guarantees 0 < lo <= hi; the size may be
+                // 2^32 - 1 at most, which fits.
+                let size = hi - lo + 1;
+                let index = if input.adhoc {
+                    input.uid_index % size
+                } else if input.uid_index < size {
+                    input.uid_index
+                } else {
+                    // A modulo here would silently give two agents one uid.
+                    return Err(PlanError::UidRangeTooSmall {
+                        index: input.uid_index,
+                        lo,
+                        hi,
+                        size,
+                    });
+                };
+                let uid = lo + index;
                 Some(Ids { uid, gid: uid })
             }
             UserSpec::Name(name) => {
@@ -287,7 +322,8 @@ mod tests {
             name: "coder",
             placeholders: &ph(),
             root: true,
-            uid_index: 12,
+            uid_index: 2,
+            adhoc: false,
         };
         let plan = Plan::build(&profile, &input).unwrap();
         assert_eq!(
@@ -322,12 +358,51 @@ mod tests {
     }
 
     #[test]
+    fn auto_uids_are_never_shared_and_adhoc_runs_have_their_own_range() {
+        let profile = Profile::parse(
+            "user = \"auto\"\nuid_range = [5000, 5009]\n",
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        let ph = ph();
+        let input = |uid_index, adhoc| PlanInput {
+            name: "a",
+            placeholders: &ph,
+            root: true,
+            uid_index,
+            adhoc,
+        };
+        let uid =
+            |p: &Profile, i, adhoc| Plan::build(p, &input(i, adhoc)).map(|p| p.user.unwrap().uid);
+        assert_eq!(uid(&profile, 9, false).unwrap(), 5009);
+        let err = uid(&profile, 10, false).unwrap_err().to_string();
+        assert!(err.contains("widen the range"), "{err}");
+        // Ad hoc: a hash, reduced into the range.
+        assert_eq!(uid(&profile, 12, true).unwrap(), 5002);
+        // Without uid_range: deployments and ad-hoc runs use disjoint ranges.
+        let default = Profile::parse("user = \"auto\"\n", Path::new("p.toml")).unwrap();
+        assert_eq!(
+            uid(&default, 3, false).unwrap(),
+            DEPLOYMENT_UID_RANGE[0] + 3
+        );
+        for hash in [0, 7, 999, 1000, u32::MAX] {
+            let u = uid(&default, hash, true).unwrap();
+            assert!(
+                (ADHOC_UID_RANGE[0]..=ADHOC_UID_RANGE[1]).contains(&u),
+                "{u}"
+            );
+        }
+        assert!(ADHOC_UID_RANGE[1] < DEPLOYMENT_UID_RANGE[0]);
+    }
+
+    #[test]
     fn missing_socket_drops_the_rule_but_not_an_env_value() {
         let input = PlanInput {
             name: "x",
             placeholders: &ph(),
             root: false,
             uid_index: 0,
+            adhoc: false,
         };
         let profile =
             Profile::parse("[net]\nconnect_unix = [\"{socket}\"]\n", Path::new("p")).unwrap();
