@@ -374,6 +374,52 @@ fn a_symlink_planted_in_a_persistent_home_is_refused_on_the_next_run() {
 }
 
 #[test]
+fn a_workdir_of_root_or_the_callers_home_is_refused() {
+    let sbx = Sbx::new(Opts::default());
+    let py = python().0.display().to_string();
+    // `sandbox run` without --workdir takes the current directory as {workdir}.
+    let run_in = |dir: &Path, home: &Path, body: &str| {
+        Command::new(BIN)
+            .args(["sandbox", "run", "--profile"])
+            .arg(&sbx.profile)
+            .args(["--", &py, "-c", &program(body)])
+            .current_dir(dir)
+            .env("HOME", home)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    // The caller's HOME (a stand-in, via $HOME): its dotfiles would be the agent's.
+    let home = sbx.root.join("operator");
+    std::fs::create_dir(&home).unwrap();
+    let rc = format!("open({:?}, 'a').write('evil')", p(&home.join(".bashrc")));
+    assert_eq!(sbx.control_py(&rc), "OK");
+    std::fs::remove_file(home.join(".bashrc")).unwrap();
+    let out = run_in(&home, &home, &rc);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(stderr.contains("your HOME"), "{stderr}");
+    assert!(!home.join(".bashrc").exists());
+    // "/": the whole machine.
+    let file = format!("/cordon-broad-test-{}", std::process::id());
+    let root_write = format!("open({file:?}, 'w').write('x')");
+    if is_root() {
+        assert_eq!(sbx.control_py(&root_write), "OK");
+        std::fs::remove_file(&file).unwrap();
+    } else {
+        skipped("control of the / attempt: only root can write /");
+    }
+    let out = run_in(Path::new("/"), &home, &root_write);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(
+        stderr.contains("root directory") && stderr.contains("--workdir"),
+        "{stderr}"
+    );
+    assert!(!Path::new(&file).exists());
+}
+
+#[test]
 fn sandbox_blocks_renaming_or_linking_a_file_out_of_the_workdir() {
     let sbx = Sbx::new(Opts::default());
     std::fs::write(sbx.work.join("f"), "x").unwrap();

@@ -33,6 +33,15 @@ pub enum PlanError {
         hi: u32,
         size: u32,
     },
+    #[error("refusing the {list} rule {entry:?}: it resolves to {path}, {what}, and would give the agent {right} access to all of it{hint}")]
+    BroadRule {
+        list: &'static str,
+        entry: String,
+        path: PathBuf,
+        what: &'static str,
+        right: &'static str,
+        hint: &'static str,
+    },
     #[error("user {name:?} is not in /etc/passwd")]
     UnknownUser { name: String },
     #[error("cannot read /etc/passwd: {0}")]
@@ -161,6 +170,12 @@ impl Plan {
                 (ids.uid != me).then_some(ids)
             }
         };
+        for (list, entries, right) in [
+            ("write", &profile.write, "write"),
+            ("exec", &profile.exec, "execute"),
+        ] {
+            check_not_broad(list, entries, ph, right)?;
+        }
         let needs_cgroup = profile.limits.needs_cgroup();
         if needs_cgroup && !input.root && profile.require == Require::Strict {
             return Err(PlanError::LimitsNeedRoot);
@@ -265,6 +280,62 @@ pub fn pass_plan_fd(command: &mut std::process::Command, plan_fd: OwnedFd, targe
     }
 }
 
+/// Refuses a rule that resolves to `/` or to the caller's HOME: a placeholder
+/// that expands wider than meant (`sandbox run` from `/` takes `/` as
+/// `{workdir}`; `--home ~`) would hand the agent the whole machine or the
+/// operator's dotfiles, keys and shell startup files.
+fn check_not_broad(
+    list: &'static str,
+    entries: &[String],
+    ph: &Placeholders,
+    right: &'static str,
+) -> Result<(), PlanError> {
+    let resolve = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let caller_home = caller_home().map(|h| resolve(&h));
+    for entry in entries {
+        let Some(expanded) = ph.expand(entry) else {
+            continue;
+        };
+        let path = resolve(Path::new(&expanded));
+        let what = if path == Path::new("/") {
+            "the root directory"
+        } else if caller_home.as_deref() == Some(path.as_path()) {
+            "your HOME"
+        } else {
+            continue;
+        };
+        let hint = if entry.contains("{workdir}") {
+            " (`sandbox run` uses the current directory as {workdir}: pass --workdir with a project directory)"
+        } else if entry.contains("{home}") {
+            " (pass a --home of its own, or none for a fresh one)"
+        } else {
+            ""
+        };
+        return Err(PlanError::BroadRule {
+            list,
+            entry: entry.clone(),
+            path,
+            what,
+            right,
+            hint,
+        });
+    }
+    Ok(())
+}
+
+/// The caller's HOME: the environment's, else the passwd entry of our uid.
+fn caller_home() -> Option<PathBuf> {
+    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return Some(PathBuf::from(h));
+    }
+    let me = rustix::process::getuid().as_raw().to_string();
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.len() >= 6 && fields[2] == me).then(|| PathBuf::from(fields[5]))
+    })
+}
+
 fn missing_placeholder(entry: &str) -> PlanError {
     let (placeholder, hint) = if entry.contains("{socket}") {
         ("{socket}", " (pass --socket, or run it from a deployment)")
@@ -355,6 +426,52 @@ mod tests {
         let plan = Plan::build(&lenient, &not_root).unwrap();
         assert_eq!(plan.user, None);
         assert_eq!(plan.cgroup, None);
+    }
+
+    #[test]
+    fn write_or_exec_on_root_or_the_callers_home_is_refused() {
+        let input = |ph| PlanInput {
+            name: "a",
+            placeholders: ph,
+            root: false,
+            uid_index: 0,
+            adhoc: true,
+        };
+        let profile = Profile::parse(
+            "require = \"best-effort\"\nwrite = [\"{workdir}\"]\nexec = [\"{home}/bin\"]\n",
+            Path::new("p"),
+        )
+        .unwrap();
+        let mut at_root = ph();
+        at_root.workdir = "/".into();
+        let err = Plan::build(&profile, &input(&at_root))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("root directory") && err.contains("--workdir"),
+            "{err}"
+        );
+        // exec on "/" too, and "/." is still "/".
+        let profile = Profile::parse(
+            "require = \"best-effort\"\nexec = [\"/.\"]\n",
+            Path::new("p"),
+        )
+        .unwrap();
+        let plain = ph();
+        assert!(Plan::build(&profile, &input(&plain)).is_err());
+        if let Some(home) = caller_home() {
+            let mut at_home = ph();
+            at_home.workdir = home;
+            let profile = Profile::parse(
+                "require = \"best-effort\"\nwrite = [\"{workdir}\"]\n",
+                Path::new("p"),
+            )
+            .unwrap();
+            let err = Plan::build(&profile, &input(&at_home))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("your HOME"), "{err}");
+        }
     }
 
     #[test]
