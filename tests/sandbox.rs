@@ -831,6 +831,52 @@ fn status_shows_no_new_privs_no_capabilities_and_seccomp() {
 }
 
 #[test]
+fn root_without_cap_setpcap_refuses_instead_of_keeping_the_bounding_set() {
+    if skip_unless_root("root_without_cap_setpcap_refuses_instead_of_keeping_the_bounding_set") {
+        return;
+    }
+    if !Path::new("/usr/bin/setpriv").exists() {
+        skipped("root_without_cap_setpcap_refuses_…: no setpriv");
+        return;
+    }
+    let sbx = Sbx::new(Opts::default());
+    // Root whose bounding set (and so, after execve, permitted set) lacks CAP_SETPCAP.
+    let setpriv = |argv: &[&str]| {
+        Command::new("/usr/bin/setpriv")
+            .args(["--bounding-set", "-setpcap", "--"])
+            .args(argv)
+            .current_dir(&sbx.work)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let status = "/proc/self/status";
+    // Control: a process started that way keeps a non-empty bounding set.
+    let out = setpriv(&["/bin/grep", "CapBnd", status]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("CapBnd") && !text.contains("0000000000000000"),
+        "{out:?}"
+    );
+    let profile = p(&sbx.profile);
+    let work = p(&sbx.work);
+    let args = [
+        "sandbox",
+        "run",
+        "--profile",
+        &profile,
+        "--workdir",
+        &work,
+        "--",
+    ];
+    let out = setpriv(&[&[BIN][..], &args, &["/bin/grep", "CapBnd", status]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert!(stderr.contains("bounding"), "{stderr}");
+}
+
+#[test]
 fn environment_is_the_allowlist_and_inherited_fds_are_closed() {
     let sbx = Sbx::new(Opts::default());
     let secret = sbx.root.join("fdsecret");

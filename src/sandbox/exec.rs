@@ -137,7 +137,11 @@ pub fn sandbox_exec(plan: &Plan, argv: &[OsString]) -> Result<Infallible, ExecEr
     // 6. Lock securebits, drop the bounding and ambient sets. Needs
     // CAP_SETPCAP, so before the uid switch removes it; afterwards no execve
     // (not of a setuid-root binary, not as uid 0) can give capabilities back.
-    let have_setpcap = privileges::can_setpcap();
+    let have_setpcap = privileges::can_setpcap()?;
+    // Root must end with an empty bounding set: one that lacks CAP_SETPCAP
+    // (a container that dropped it) cannot lock the securebits or clear the
+    // bounding set, and is refused in step 8 rather than run half-dropped.
+    let was_root = rustix::process::geteuid().is_root();
     if have_setpcap {
         privileges::lock_securebits()?;
     }
@@ -159,7 +163,7 @@ pub fn sandbox_exec(plan: &Plan, argv: &[OsString]) -> Result<Infallible, ExecEr
     // 8. Clear the capability sets and verify they are empty. With
     // NO_SETUID_FIXUP (or when the agent stays root) the switch did not clear
     // them; reading them back turns "should be empty" into "is empty".
-    privileges::clear_and_verify_caps(have_setpcap)?;
+    privileges::clear_and_verify_caps(have_setpcap || was_root)?;
 
     // 9. no_new_privs: Landlock and seccomp both require it from a process
     // without CAP_SYS_ADMIN, and it makes setuid binaries inert for good.

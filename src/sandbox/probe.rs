@@ -139,10 +139,11 @@ pub fn kernel_report() -> String {
     let _ = writeln!(
         o,
         "capabilities: {}",
-        if privileges::can_setpcap() {
-            "securebits locked and bounding set emptied (CAP_SETPCAP held)"
-        } else {
-            "bounding set kept (no CAP_SETPCAP to drop it; no_new_privs makes it inert)"
+        match privileges::can_setpcap() {
+            Ok(true) => "securebits locked and bounding set emptied (CAP_SETPCAP held)",
+            Ok(false) if root => "root without CAP_SETPCAP: the bounding set cannot be emptied, so the sandbox refuses to run",
+            Ok(false) => "bounding set kept (no CAP_SETPCAP to drop it; no_new_privs makes it inert)",
+            Err(_) => "cannot read this process's capabilities: the sandbox refuses to run",
         }
     );
     o
