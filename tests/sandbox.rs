@@ -1044,8 +1044,9 @@ fn sandbox_exec_takes_its_plan_from_a_file_or_an_inherited_fd() {
     let file = sbx.root.join("plan.json");
     std::fs::write(&file, plan.to_string()).unwrap();
     let script = "grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status; echo $X; cat /proc/self/environ >/dev/null; ls /root 2>&1 >/dev/null | wc -l";
+    let me = std::process::id().to_string();
     let out = Command::new(BIN)
-        .args(["sandbox-exec", "--plan"])
+        .args(["sandbox-exec", "--parent-pid", &me, "--plan"])
         .arg(&file)
         .args(["--", "/bin/sh", "-c", script])
         .output()
@@ -1054,7 +1055,7 @@ fn sandbox_exec_takes_its_plan_from_a_file_or_an_inherited_fd() {
     assert_eq!(text, "NoNewPrivs:\t1\nSeccomp:\t2\n1\n1\n", "{out:?}");
     // On an inherited fd (placed by a wrapper, as Plan::helper_command does).
     let wrapper = format!(
-        "import os\nfd = os.open({:?}, os.O_RDONLY)\nif fd != 3:\n    os.dup2(fd, 3)\nos.set_inheritable(3, True)\nos.execv({BIN:?}, [{BIN:?}, 'sandbox-exec', '--plan-fd', '3', '--', '/bin/sh', '-c', {script:?}])",
+        "import os\nfd = os.open({:?}, os.O_RDONLY)\nif fd != 3:\n    os.dup2(fd, 3)\nos.set_inheritable(3, True)\nos.execv({BIN:?}, [{BIN:?}, 'sandbox-exec', '--parent-pid', {me:?}, '--plan-fd', '3', '--', '/bin/sh', '-c', {script:?}])",
         p(&file)
     );
     let out = Command::new(&python().0)
@@ -1065,12 +1066,63 @@ fn sandbox_exec_takes_its_plan_from_a_file_or_an_inherited_fd() {
     // A plan with an unknown field is refused before anything runs.
     std::fs::write(&file, plan.to_string().replace("\"cgroup\"", "\"cgroupz\"")).unwrap();
     let out = Command::new(BIN)
-        .args(["sandbox-exec", "--plan"])
+        .args(["sandbox-exec", "--parent-pid", &me, "--plan"])
         .arg(&file)
         .args(["--", "/bin/true"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(125), "{out:?}");
+}
+
+#[test]
+fn sandbox_exec_exits_at_once_when_its_supervisor_is_already_gone() {
+    let sbx = Sbx::new(Opts::default());
+    let plan = serde_json::json!({
+        "name": "t", "require": "best-effort", "workdir": sbx.work,
+        "read": ["/etc"], "write": [], "exec": ["/usr", "/bin", "/lib", "/lib64"],
+        "connect_tcp": [], "bind_tcp": [], "connect_unix": [],
+        "env_pass": [], "env_set": {},
+        "limits": {"memory": null, "pids": null, "nofile": null, "cpu_weight": null},
+        "cgroup": null, "user": null
+    });
+    let file = sbx.root.join("plan.json");
+    std::fs::write(&file, plan.to_string()).unwrap();
+    // The supervisor forks, captures its pid, and exits; its child waits for
+    // that (EOF on a pipe: no sleeping), then execs what it was given, now an
+    // orphan re-parented to a reaper.
+    let orphan = |argv: Vec<String>| {
+        let wrapper = format!(
+            "import os\nr, w = os.pipe()\nsupervisor = str(os.getpid())\nif os.fork() == 0:\n    os.close(w)\n    os.read(r, 1)\n    argv = [a.replace('SUPERVISOR', supervisor) for a in {argv:?}]\n    os.execv(argv[0], argv)\nos._exit(0)"
+        );
+        let out = Command::new(&python().0)
+            .args(["-c", &wrapper])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Control: unsupervised, the orphan runs its command.
+    let (stdout, _) = orphan(vec!["/bin/echo".into(), "ran".into()]);
+    assert_eq!(stdout, "ran\n");
+    let (stdout, stderr) = orphan(vec![
+        BIN.into(),
+        "sandbox-exec".into(),
+        "--parent-pid".into(),
+        "SUPERVISOR".into(),
+        "--plan".into(),
+        p(&file),
+        "--".into(),
+        "/bin/echo".into(),
+        "ran".into(),
+    ]);
+    assert_eq!(stdout, "", "{stderr}");
+    assert!(
+        stderr.contains("exited before the sandbox was set up"),
+        "{stderr}"
+    );
 }
 
 #[test]

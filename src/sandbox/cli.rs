@@ -74,6 +74,10 @@ pub struct ExecArgs {
     /// Read the plan (JSON) from this file.
     #[arg(long)]
     pub plan: Option<PathBuf>,
+    /// The supervisor's pid, captured by it before spawning us: the helper
+    /// exits at once if its parent is not (or no longer) that process.
+    #[arg(long)]
+    pub parent_pid: i32,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<OsString>,
@@ -146,7 +150,14 @@ pub fn exec_main(args: ExecArgs) -> ExitCode {
             return ExitCode::from(EXIT_SETUP_FAILED);
         }
     };
-    let Err(e) = exec::sandbox_exec(&plan, &args.command);
+    let Some(parent) = rustix::process::Pid::from_raw(args.parent_pid) else {
+        eprintln!(
+            "cordon sandbox-exec: --parent-pid {} is not a process id",
+            args.parent_pid
+        );
+        return ExitCode::from(EXIT_SETUP_FAILED);
+    };
+    let Err(e) = exec::sandbox_exec(&plan, &args.command, parent);
     eprintln!("cordon sandbox-exec: {e}");
     ExitCode::from(e.exit_code())
 }
@@ -409,6 +420,8 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
     // the whole sequence; the orchestrator, which has threads, re-executes
     // /proc/self/exe into `sandbox-exec` instead. Same function either way.
     exec::ensure_single_threaded().map_err(CliError::Spawn)?;
+    // Our pid, for the child's parent-death check: taken before the fork.
+    let parent = rustix::process::getpid();
     // SAFETY: fork in a single-threaded process: the child is a full copy with
     // no other thread that could have held a lock, so it may do anything the
     // parent could, and it ends in execve or _exit.
@@ -417,7 +430,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
         return Err(CliError::Spawn(std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        let Err(e) = exec::sandbox_exec(&plan, &args.command);
+        let Err(e) = exec::sandbox_exec(&plan, &args.command, parent);
         eprintln!("cordon: {e}");
         // SAFETY: _exit ends the child without running the parent's exit-time
         // cleanup (the fresh home's Drop) twice.

@@ -30,8 +30,8 @@ pub enum ExecError {
     NewSession(std::io::Error),
     #[error("cannot set the parent-death signal: {0}")]
     ParentDeathSignal(std::io::Error),
-    #[error("the parent exited before the sandbox was set up")]
-    ParentGone,
+    #[error("the parent (pid {expected}) exited before the sandbox was set up (our parent is now {actual})")]
+    ParentGone { expected: i32, actual: i32 },
     #[error(transparent)]
     Limits(#[from] LimitsError),
     #[error("cannot close inherited file descriptors: {0}")]
@@ -74,11 +74,21 @@ impl ExecError {
 
 /// The privilege sequence. One linear function on purpose: the order is the
 /// security argument, and each step says why it sits where it does.
-pub fn sandbox_exec(plan: &Plan, argv: &[OsString]) -> Result<Infallible, ExecError> {
+///
+/// `parent` is the supervisor's pid as the supervisor captured it before the
+/// fork or spawn. Reading getppid() here instead would be too late: had the
+/// supervisor already died, it would name the reaper we were re-parented to,
+/// and the parent-death signal would never come.
+pub fn sandbox_exec(
+    plan: &Plan,
+    argv: &[OsString],
+    parent: rustix::process::Pid,
+) -> Result<Infallible, ExecError> {
     // 0. The credential calls below change the calling thread only; with a
-    // second thread alive it would keep root. Checked, not assumed.
+    // second thread alive it would keep root. Checked, not assumed. And an
+    // orphan stops here, before doing anything.
+    check_parent(parent)?;
     ensure_single_threaded().map_err(ExecError::NotSingleThreaded)?;
-    let parent = rustix::process::getppid();
 
     // 1. New session, parent-death signal. First, so that from here on the
     // helper and the command cannot outlive their supervisor, and so that the
@@ -211,15 +221,25 @@ pub fn ensure_single_threaded() -> std::io::Result<()> {
     Ok(())
 }
 
-/// PR_SET_PDEATHSIG, then a check that the parent is still the one we had: if
-/// it died before the prctl, no signal will ever come.
-fn arm_parent_death_signal(parent: Option<rustix::process::Pid>) -> Result<(), ExecError> {
-    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
-        .map_err(|e| ExecError::ParentDeathSignal(e.into()))?;
-    if rustix::process::getppid() != parent {
-        return Err(ExecError::ParentGone);
+/// Our parent is still `parent` (the supervisor has not died and left us
+/// re-parented).
+fn check_parent(parent: rustix::process::Pid) -> Result<(), ExecError> {
+    let actual = rustix::process::getppid();
+    if actual != Some(parent) {
+        return Err(ExecError::ParentGone {
+            expected: parent.as_raw_nonzero().get(),
+            actual: actual.map_or(0, |p| p.as_raw_nonzero().get()),
+        });
     }
     Ok(())
+}
+
+/// PR_SET_PDEATHSIG, then a check that the parent is still the one we had: if
+/// it died before the prctl, no signal will ever come.
+fn arm_parent_death_signal(parent: rustix::process::Pid) -> Result<(), ExecError> {
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+        .map_err(|e| ExecError::ParentDeathSignal(e.into()))?;
+    check_parent(parent)
 }
 
 fn close_inherited_fds() -> Result<(), ExecError> {

@@ -199,9 +199,15 @@ impl Plan {
         })
     }
 
-    /// `/proc/self/exe sandbox-exec --plan-fd 3 -- argv…`, with the plan on fd 3:
-    /// how the orchestrator (which runs threads, so cannot fork and continue)
-    /// starts an agent.
+    /// `/proc/self/exe sandbox-exec --parent-pid <ours> --plan-fd 3 -- argv…`,
+    /// with the plan on fd 3: how the orchestrator (which runs threads, so
+    /// cannot fork and continue) starts an agent. Our pid is captured here,
+    /// before the spawn, so a helper that outlived us exits at once.
+    ///
+    /// PR_SET_PDEATHSIG fires when the *thread* that forked the helper exits,
+    /// not the process: the orchestrator must spawn agents from a long-lived
+    /// thread (not a short-lived or pooled blocking thread), or its agents
+    /// are SIGKILLed when that thread ends.
     // The orchestrator issue is the caller; `sandbox run` forks instead.
     #[allow(dead_code)]
     pub fn helper_command(
@@ -211,6 +217,8 @@ impl Plan {
         const PLAN_FD: i32 = 3;
         let mut cmd = std::process::Command::new("/proc/self/exe");
         cmd.arg("sandbox-exec")
+            .arg("--parent-pid")
+            .arg(std::process::id().to_string())
             .arg("--plan-fd")
             .arg(PLAN_FD.to_string())
             .arg("--")
