@@ -669,19 +669,62 @@ fn sandbox_blocks_signals_to_processes_outside() {
     );
 }
 
+/// The uid for "same uid" attempts: the target and the sandboxed process
+/// share it and it is not root, so only the sandbox (not missing capabilities,
+/// not DAC) can stop them. As root: a dedicated test uid, which the sandbox
+/// gets as its `auto` uid; otherwise our own uid, inherited.
+const SAME_UID: u32 = 62004;
+
+fn same_uid_sandbox() -> (Sbx, Option<u32>) {
+    if is_root() {
+        let sbx = Sbx::new(Opts {
+            user: "auto",
+            uid_range: Some(SAME_UID),
+            ..Default::default()
+        });
+        (sbx, Some(SAME_UID))
+    } else {
+        (Sbx::new(Opts::default()), None)
+    }
+}
+
+/// A process outside the sandbox running as `uid` (None: ours), with a secret
+/// in its environment.
+fn same_uid_target(uid: Option<u32>) -> Outsider {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("/bin/cat");
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .env("CORDON_TEST_SECRET", "s3cret");
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    Outsider(cmd.spawn().unwrap())
+}
+
+/// The attempt fails sandboxed and succeeds unsandboxed as the same uid.
+fn assert_blocked_same_uid(sbx: &Sbx, uid: Option<u32>, body: &str, err: &str) {
+    let control = match uid {
+        Some(uid) => sbx.control_py_as(uid, body),
+        None => sbx.control_py(body),
+    };
+    assert_eq!(
+        control, "OK",
+        "control run (same uid, unsandboxed) failed: {body}"
+    );
+    assert_eq!(sbx.run_py(body), format!("ERR {err}"), "sandboxed: {body}");
+}
+
 #[test]
 fn sandbox_blocks_ptrace_of_processes_outside() {
-    if skip_unless_root("sandbox_blocks_ptrace_of_processes_outside") {
-        return;
-    }
-    let target = Outsider::start();
-    let sbx = Sbx::new(Opts::default());
+    let (sbx, uid) = same_uid_sandbox();
+    let target = same_uid_target(uid);
     // PTRACE_SEIZE attaches without stopping the target; the tracer's exit detaches.
     let seize = format!(
         "libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]\ncheck(libc.ptrace(0x4206, {}, None, None))",
         target.pid()
     );
-    assert_blocked(&sbx, &seize, "EPERM");
+    assert_blocked_same_uid(&sbx, uid, &seize, "EPERM");
     let vm_read = format!(
         "buf = ctypes.create_string_buffer(8)\n\
          class iov(ctypes.Structure):\n    _fields_ = [('base', ctypes.c_void_p), ('len', ctypes.c_size_t)]\n\
@@ -690,19 +733,20 @@ fn sandbox_blocks_ptrace_of_processes_outside() {
          if r == -1 and ctypes.get_errno() != errno.EFAULT:\n    check(r)",
         target.pid()
     );
-    assert_blocked(&sbx, &vm_read, "EPERM");
+    assert_blocked_same_uid(&sbx, uid, &vm_read, "EPERM");
 }
 
 #[test]
-fn sandbox_blocks_reading_the_gateways_environ_and_its_store() {
-    let gw = Gateway::start();
-    let pid = gw.child.as_ref().unwrap().id();
-    let sbx = Sbx::new(Opts::default());
-    assert_blocked(
-        &sbx,
-        &format!("open('/proc/{pid}/environ', 'rb').read()"),
-        "EACCES",
+fn sandbox_blocks_reading_a_same_uid_processes_environ_and_the_gateways_store() {
+    let (sbx, uid) = same_uid_sandbox();
+    let target = same_uid_target(uid);
+    let environ = format!(
+        "assert b'CORDON_TEST_SECRET=s3cret' in open('/proc/{}/environ', 'rb').read()",
+        target.pid()
     );
+    assert_blocked_same_uid(&sbx, uid, &environ, "EACCES");
+    let gw = Gateway::start();
+    let sbx = Sbx::new(Opts::default());
     let store = gw.dir.join("state/store");
     assert_blocked(&sbx, &format!("os.listdir({:?})", p(&store)), "EACCES");
     assert_blocked(
