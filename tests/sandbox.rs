@@ -810,6 +810,23 @@ fn sandbox_blocks_socket_families_other_than_unix_and_inet() {
 }
 
 #[test]
+fn x32_system_calls_kill_the_process() {
+    if !cfg!(target_arch = "x86_64") {
+        skipped("x32_system_calls_kill_the_process: not x86_64");
+        return;
+    }
+    let sbx = Sbx::new(Opts::default());
+    // getpid (39) with the x32 bit: no filter rule matches that number.
+    let x32 = "libc.syscall(0x40000000 | 39)";
+    // Control: the call returns (a pid, or ENOSYS where x32 is disabled).
+    assert_eq!(sbx.control_py(x32), "OK");
+    let py = python().0.display().to_string();
+    let out = sbx.run(&[&py, "-c", &program(x32)]);
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert_eq!(out.status.code(), Some(128 + libc::SIGSYS), "{out:?}");
+}
+
+#[test]
 fn setuid_root_binary_gains_nothing() {
     if skip_unless_root("setuid_root_binary_gains_nothing") {
         return;
