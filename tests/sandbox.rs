@@ -934,7 +934,10 @@ fn root_without_cap_setpcap_refuses_instead_of_keeping_the_bounding_set() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{out:?}");
     assert!(out.stdout.is_empty(), "{out:?}");
-    assert!(stderr.contains("bounding"), "{stderr}");
+    assert!(
+        stderr.contains("CAP_SETPCAP") && stderr.contains("bounding"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -150,8 +150,12 @@ pub fn sandbox_exec(
     let have_setpcap = privileges::can_setpcap()?;
     // Root must end with an empty bounding set: one that lacks CAP_SETPCAP
     // (a container that dropped it) cannot lock the securebits or clear the
-    // bounding set, and is refused in step 8 rather than run half-dropped.
+    // bounding set, and is refused rather than run half-dropped (step 8
+    // checks the bounding set is empty whenever we were root).
     let was_root = rustix::process::geteuid().is_root();
+    if was_root && !have_setpcap {
+        return Err(PrivilegesError::RootWithoutSetpcap.into());
+    }
     if have_setpcap {
         privileges::lock_securebits()?;
     }

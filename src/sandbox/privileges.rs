@@ -30,6 +30,8 @@ pub enum PrivilegesError {
         set: &'static str,
         caps: Vec<String>,
     },
+    #[error("cordon runs as root without CAP_SETPCAP, so it can neither lock the securebits nor empty the bounding set; refusing to run an agent that would keep them (give cordon CAP_SETPCAP, or run it as a non-root user)")]
+    RootWithoutSetpcap,
     #[error("cannot drop supplementary groups: {0}")]
     SetGroups(io::Error),
     #[error("cannot switch to gid {gid}: {source}")]
