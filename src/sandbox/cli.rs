@@ -242,8 +242,8 @@ fn absolute(what: &'static str, path: &Path) -> Result<PathBuf, CliError> {
 
 /// `{home}` and `{tmp}` must be real directories (lstat: a symlink there may
 /// be one the agent planted in an earlier run, to have this run hand it, and
-/// chown, a directory elsewhere) owned by one of `owners`. Returns the owner.
-fn check_agent_dir(what: &'static str, path: &Path, owners: &[u32]) -> Result<u32, CliError> {
+/// chown, a directory elsewhere) owned by one of `owners` (any, when empty).
+fn check_agent_dir(what: &'static str, path: &Path, owners: &[u32]) -> Result<(), CliError> {
     use std::os::unix::fs::MetadataExt;
     let refuse = |why: String| CliError::AgentDir {
         what,
@@ -268,7 +268,7 @@ fn check_agent_dir(what: &'static str, path: &Path, owners: &[u32]) -> Result<u3
                 .join(" or ")
         )));
     }
-    Ok(meta.uid())
+    Ok(())
 }
 
 fn fresh_home_path(attempt: u32) -> PathBuf {
