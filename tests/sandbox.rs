@@ -57,6 +57,9 @@ fn program(body: &str) -> String {
 #[derive(Default)]
 struct Opts {
     user: &'static str,
+    /// Default: "strict" with a dedicated uid, "best-effort" with `inherit`
+    /// (strict refuses an agent that shares our uid before Landlock ABI 9).
+    require: &'static str,
     uid_range: Option<u32>,
     read: Vec<String>,
     exec: Vec<String>,
@@ -109,12 +112,17 @@ impl Sbx {
         } else {
             opts.user
         };
+        let require = match (opts.require, user) {
+            ("", "inherit") => "best-effort",
+            ("", _) => "strict",
+            (r, _) => r,
+        };
         let range = opts
             .uid_range
             .map(|u| format!("uid_range = [{u}, {u}]\n"))
             .unwrap_or_default();
         let text = format!(
-            "require = \"strict\"\nuser = \"{user}\"\n{range}read = [{}]\nexec = [{}]\nwrite = [\"{{workdir}}\", \"{{tmp}}\", \"/dev/null\"]\n\
+            "require = \"{require}\"\nuser = \"{user}\"\n{range}read = [{}]\nexec = [{}]\nwrite = [\"{{workdir}}\", \"{{tmp}}\", \"/dev/null\"]\n\
              [net]\nconnect_tcp = [{}]\n[env]\npass = [\"PATH\"]\nset = {{ HOME = \"{{home}}\" }}\n[limits]\n{}\n",
             q(&read),
             q(&exec),
@@ -142,6 +150,22 @@ impl Sbx {
             .arg(&self.profile)
             .arg("--workdir")
             .arg(&self.work)
+            .arg("--")
+            .args(argv)
+            .current_dir(&self.work)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// `run` with extra `sandbox run` options (before `--`).
+    fn run_with(&self, opts: &[&str], argv: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(["sandbox", "run", "--profile"])
+            .arg(&self.profile)
+            .arg("--workdir")
+            .arg(&self.work)
+            .args(opts)
             .arg("--")
             .args(argv)
             .current_dir(&self.work)
@@ -288,6 +312,114 @@ fn sandbox_blocks_writing_through_a_symlink_planted_in_the_workdir() {
 }
 
 #[test]
+fn a_symlink_planted_in_a_persistent_home_is_refused_on_the_next_run() {
+    let sbx = Sbx::new(Opts::default());
+    // HOME writable, as in the shipped profile, and a rule inside it.
+    let text = std::fs::read_to_string(&sbx.profile).unwrap().replace(
+        "write = [\"{workdir}\"",
+        "write = [\"{home}\", \"{home}/cache\", \"{workdir}\"",
+    );
+    std::fs::write(&sbx.profile, text).unwrap();
+    let home = sbx.root.join("home");
+    let victim = sbx.outside.join("victim");
+    std::fs::create_dir(&victim).unwrap();
+    let home_opt = ["--home", &p(&home)];
+    let py = python().0.display().to_string();
+    // Run 1: the agent swaps {tmp} for a link to the victim, and plants {home}/cache.
+    let plant = format!(
+        "h = os.environ['HOME']\nos.rmdir(h + '/tmp')\nos.symlink({v:?}, h + '/tmp')\nos.symlink({v:?}, h + '/cache')",
+        v = p(&victim)
+    );
+    let out = sbx.run_with(&home_opt, &[&py, "-c", &program(&plant)]);
+    assert_eq!(last_line(&out), "OK", "{out:?}");
+    // Control: through either link, the victim is writable unsandboxed.
+    for link in ["tmp", "cache"] {
+        let write = format!("open({:?}, 'w').write('x')", p(&home.join(link).join("f")));
+        assert_eq!(sbx.control_py(&write), "OK");
+        std::fs::remove_file(victim.join("f")).unwrap();
+    }
+    // Run 2: {tmp} is a symlink, so cordon refuses before anything runs.
+    let write = format!("open({:?}, 'w').write('x')", p(&home.join("tmp/f")));
+    let out = sbx.run_with(&home_opt, &[&py, "-c", &program(&write)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(
+        stderr.contains("{tmp}") && stderr.contains("symlink"),
+        "{stderr}"
+    );
+    // With {tmp} a real directory again, the helper refuses the rule {home}/cache.
+    std::fs::remove_file(home.join("tmp")).unwrap();
+    std::fs::create_dir(home.join("tmp")).unwrap();
+    let write = format!("open({:?}, 'w').write('x')", p(&home.join("cache/f")));
+    let out = sbx.run_with(&home_opt, &[&py, "-c", &program(&write)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(
+        stderr.contains("cache") && stderr.contains("is a symlink inside"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(&victim).unwrap().count(), 0);
+    // Without the planted link the same profile and home run (and system
+    // symlinks such as /lib -> usr/lib in `exec` keep working).
+    std::fs::remove_file(home.join("cache")).unwrap();
+    let out = sbx.run_with(
+        &home_opt,
+        &[
+            &py,
+            "-c",
+            &program("open(os.environ['HOME'] + '/tmp/f', 'w').write('x')"),
+        ],
+    );
+    assert_eq!(last_line(&out), "OK", "{out:?}");
+}
+
+#[test]
+fn a_workdir_of_root_or_the_callers_home_is_refused() {
+    let sbx = Sbx::new(Opts::default());
+    let py = python().0.display().to_string();
+    // `sandbox run` without --workdir takes the current directory as {workdir}.
+    let run_in = |dir: &Path, home: &Path, body: &str| {
+        Command::new(BIN)
+            .args(["sandbox", "run", "--profile"])
+            .arg(&sbx.profile)
+            .args(["--", &py, "-c", &program(body)])
+            .current_dir(dir)
+            .env("HOME", home)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    // The caller's HOME (a stand-in, via $HOME): its dotfiles would be the agent's.
+    let home = sbx.root.join("operator");
+    std::fs::create_dir(&home).unwrap();
+    let rc = format!("open({:?}, 'a').write('evil')", p(&home.join(".bashrc")));
+    assert_eq!(sbx.control_py(&rc), "OK");
+    std::fs::remove_file(home.join(".bashrc")).unwrap();
+    let out = run_in(&home, &home, &rc);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(stderr.contains("your HOME"), "{stderr}");
+    assert!(!home.join(".bashrc").exists());
+    // "/": the whole machine.
+    let file = format!("/cordon-broad-test-{}", std::process::id());
+    let root_write = format!("open({file:?}, 'w').write('x')");
+    if is_root() {
+        assert_eq!(sbx.control_py(&root_write), "OK");
+        std::fs::remove_file(&file).unwrap();
+    } else {
+        skipped("control of the / attempt: only root can write /");
+    }
+    let out = run_in(Path::new("/"), &home, &root_write);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(
+        stderr.contains("root directory") && stderr.contains("--workdir"),
+        "{stderr}"
+    );
+    assert!(!Path::new(&file).exists());
+}
+
+#[test]
 fn sandbox_blocks_renaming_or_linking_a_file_out_of_the_workdir() {
     let sbx = Sbx::new(Opts::default());
     std::fs::write(sbx.work.join("f"), "x").unwrap();
@@ -360,6 +492,46 @@ fn sandbox_blocks_tcp_to_unlisted_ports_and_any_bind() {
 }
 
 #[test]
+fn sandbox_blocks_tcp_that_bypasses_the_connect_hook() {
+    let unlisted = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = unlisted.local_addr().unwrap().port();
+    let sbx = Sbx::new(Opts::default());
+    let addr = format!("('127.0.0.1', {port})");
+    // MPTCP: a SOCK_STREAM Landlock's TCP port rules do not see.
+    let mptcp =
+        format!("s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)\ns.connect({addr})");
+    if sbx.control_py(&mptcp) == "OK" {
+        assert_eq!(sbx.run_py(&mptcp), "ERR EPERM");
+    } else {
+        skipped("control of the MPTCP attempt: this kernel has no MPTCP");
+        assert_eq!(sbx.run_py(&mptcp), "ERR EPERM");
+    }
+    // TCP Fast Open: sendto/sendmsg with MSG_FASTOPEN connects without connect().
+    let tfo_sendto = format!("s = socket.socket()\ns.sendto(b'x', 0x20000000, {addr})");
+    let tfo_sendmsg = format!("s = socket.socket()\ns.sendmsg([b'x'], [], 0x20000000, {addr})");
+    // TCP_FASTOPEN_CONNECT (30): connect() only records the address.
+    let tfo_connect =
+        format!("s = socket.socket()\ns.setsockopt(6, 30, 1)\ns.connect({addr})\ns.send(b'x')");
+    for attempt in [&tfo_sendto, &tfo_sendmsg, &tfo_connect] {
+        assert_blocked(&sbx, attempt, "EPERM");
+    }
+    // SCTP (and any protocol other than TCP/UDP): refused at socket().
+    let sctp = "socket.socket(socket.AF_INET, socket.SOCK_STREAM, 132)";
+    if sbx.control_py(sctp) != "OK" {
+        skipped("control of the SCTP attempt: this kernel has no SCTP");
+    }
+    assert_eq!(sbx.run_py(sctp), "ERR EPERM");
+    let seqpacket = "socket.socket(socket.AF_INET6, socket.SOCK_SEQPACKET, 0)";
+    assert_eq!(sbx.run_py(seqpacket), "ERR EPERM");
+    // What stays allowed: TCP and UDP, with the type flags, and default protocols.
+    let fine = "socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC, 6)\n\
+                socket.socket(socket.AF_INET6, socket.SOCK_DGRAM, 17)\n\
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+                s = socket.socket()\ns.setsockopt(6, 1, 1)";
+    assert_eq!(sbx.run_py(fine), "OK");
+}
+
+#[test]
 fn sandbox_blocks_abstract_unix_sockets_outside() {
     use std::os::linux::net::SocketAddrExt;
     let name = format!("cordon-test-{}", std::process::id());
@@ -392,6 +564,100 @@ fn sandbox_blocks_connecting_to_another_agents_socket() {
     assert_eq!(sbx.control_py_as(62001, &connect), "OK");
 }
 
+/// The kernel's Landlock ABI, as `cordon sandbox probe` reports it.
+fn landlock_abi() -> i32 {
+    let out = Command::new(BIN)
+        .args(["sandbox", "probe"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Landlock: ABI "))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no ABI in {text}"))
+}
+
+#[test]
+fn strict_refuses_an_agent_sharing_our_uid_without_resolve_unix() {
+    if landlock_abi() >= 9 {
+        skipped("strict_refuses_an_agent_sharing_our_uid_without_resolve_unix: the kernel has RESOLVE_UNIX");
+        return;
+    }
+    // A pathname socket of our own uid, outside every rule (the user bus, docker.sock…).
+    let sbx = Sbx::new(Opts::default());
+    let sock = sbx.outside.join("bus.sock");
+    let _listener = UnixListener::bind(&sock).unwrap();
+    let connect = format!(
+        "s = socket.socket(socket.AF_UNIX)\ns.connect({:?})",
+        p(&sock)
+    );
+    // Control: best-effort with the shared uid reaches it — the hole strict refuses.
+    assert_eq!(sbx.control_py(&connect), "OK");
+    assert_eq!(sbx.run_py(&connect), "OK");
+    let strict = Sbx::new(Opts {
+        require: "strict",
+        ..Default::default()
+    });
+    let py = python().0.display().to_string();
+    let out = strict.run(&[&py, "-c", &program(&connect)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert!(
+        stderr.contains("RESOLVE_UNIX")
+            && stderr.contains("ABI 9")
+            && stderr.contains("user = \"auto\""),
+        "{stderr}"
+    );
+    // The probe says the same about that profile.
+    let out = Command::new(BIN)
+        .args(["sandbox", "probe", "--profile"])
+        .arg(&strict.profile)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("would refuse") && text.contains("RESOLVE_UNIX"),
+        "{text}"
+    );
+}
+
+#[test]
+fn an_adhoc_run_never_takes_a_deployed_agents_uid() {
+    if skip_unless_root("an_adhoc_run_never_takes_a_deployed_agents_uid") {
+        return;
+    }
+    // The uid `sandbox run --name run` used to hash to: 61000 + FNV-1a("run")
+    // % 1000, inside the deployments' default range. Give it to a deployed agent.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in "run".bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    let deployed = 61000 + h % 1000;
+    let gw = Gateway::start_with(
+        "",
+        &format!("[agents.other]\nrole = \"coder\"\nuid = {deployed}\n"),
+    );
+    let sock = gw.socket("other");
+    let sbx = Sbx::new(Opts {
+        user: "auto",
+        read: vec![p(&gw.dir)],
+        ..Default::default()
+    });
+    let connect = format!(
+        "s = socket.socket(socket.AF_UNIX)\ns.connect({:?})",
+        p(&sock)
+    );
+    // Control: that uid, unsandboxed, reaches the deployed agent's socket.
+    assert_eq!(sbx.control_py_as(deployed, &connect), "OK");
+    assert_eq!(sbx.run_py(&connect), "ERR EACCES");
+    let out = sbx.run(&["/usr/bin/id", "-u"]);
+    let uid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!((60000..=60999).contains(&uid), "ad-hoc uid {uid}");
+}
+
 #[test]
 fn sandbox_blocks_signals_to_processes_outside() {
     let target = Outsider::start();
@@ -403,19 +669,62 @@ fn sandbox_blocks_signals_to_processes_outside() {
     );
 }
 
+/// The uid for "same uid" attempts: the target and the sandboxed process
+/// share it and it is not root, so only the sandbox (not missing capabilities,
+/// not DAC) can stop them. As root: a dedicated test uid, which the sandbox
+/// gets as its `auto` uid; otherwise our own uid, inherited.
+const SAME_UID: u32 = 62004;
+
+fn same_uid_sandbox() -> (Sbx, Option<u32>) {
+    if is_root() {
+        let sbx = Sbx::new(Opts {
+            user: "auto",
+            uid_range: Some(SAME_UID),
+            ..Default::default()
+        });
+        (sbx, Some(SAME_UID))
+    } else {
+        (Sbx::new(Opts::default()), None)
+    }
+}
+
+/// A process outside the sandbox running as `uid` (None: ours), with a secret
+/// in its environment.
+fn same_uid_target(uid: Option<u32>) -> Outsider {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new("/bin/cat");
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .env("CORDON_TEST_SECRET", "s3cret");
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    Outsider(cmd.spawn().unwrap())
+}
+
+/// The attempt fails sandboxed and succeeds unsandboxed as the same uid.
+fn assert_blocked_same_uid(sbx: &Sbx, uid: Option<u32>, body: &str, err: &str) {
+    let control = match uid {
+        Some(uid) => sbx.control_py_as(uid, body),
+        None => sbx.control_py(body),
+    };
+    assert_eq!(
+        control, "OK",
+        "control run (same uid, unsandboxed) failed: {body}"
+    );
+    assert_eq!(sbx.run_py(body), format!("ERR {err}"), "sandboxed: {body}");
+}
+
 #[test]
 fn sandbox_blocks_ptrace_of_processes_outside() {
-    if skip_unless_root("sandbox_blocks_ptrace_of_processes_outside") {
-        return;
-    }
-    let target = Outsider::start();
-    let sbx = Sbx::new(Opts::default());
+    let (sbx, uid) = same_uid_sandbox();
+    let target = same_uid_target(uid);
     // PTRACE_SEIZE attaches without stopping the target; the tracer's exit detaches.
     let seize = format!(
         "libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]\ncheck(libc.ptrace(0x4206, {}, None, None))",
         target.pid()
     );
-    assert_blocked(&sbx, &seize, "EPERM");
+    assert_blocked_same_uid(&sbx, uid, &seize, "EPERM");
     let vm_read = format!(
         "buf = ctypes.create_string_buffer(8)\n\
          class iov(ctypes.Structure):\n    _fields_ = [('base', ctypes.c_void_p), ('len', ctypes.c_size_t)]\n\
@@ -424,19 +733,20 @@ fn sandbox_blocks_ptrace_of_processes_outside() {
          if r == -1 and ctypes.get_errno() != errno.EFAULT:\n    check(r)",
         target.pid()
     );
-    assert_blocked(&sbx, &vm_read, "EPERM");
+    assert_blocked_same_uid(&sbx, uid, &vm_read, "EPERM");
 }
 
 #[test]
-fn sandbox_blocks_reading_the_gateways_environ_and_its_store() {
-    let gw = Gateway::start();
-    let pid = gw.child.as_ref().unwrap().id();
-    let sbx = Sbx::new(Opts::default());
-    assert_blocked(
-        &sbx,
-        &format!("open('/proc/{pid}/environ', 'rb').read()"),
-        "EACCES",
+fn sandbox_blocks_reading_a_same_uid_processes_environ_and_the_gateways_store() {
+    let (sbx, uid) = same_uid_sandbox();
+    let target = same_uid_target(uid);
+    let environ = format!(
+        "assert b'CORDON_TEST_SECRET=s3cret' in open('/proc/{}/environ', 'rb').read()",
+        target.pid()
     );
+    assert_blocked_same_uid(&sbx, uid, &environ, "EACCES");
+    let gw = Gateway::start();
+    let sbx = Sbx::new(Opts::default());
     let store = gw.dir.join("state/store");
     assert_blocked(&sbx, &format!("os.listdir({:?})", p(&store)), "EACCES");
     assert_blocked(
@@ -497,6 +807,23 @@ fn sandbox_blocks_socket_families_other_than_unix_and_inet() {
     let netlink = "socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)";
     assert_blocked(&sbx, netlink, "EPERM");
     assert_eq!(sbx.run_py("socket.socket(socket.AF_UNIX)"), "OK");
+}
+
+#[test]
+fn x32_system_calls_kill_the_process() {
+    if !cfg!(target_arch = "x86_64") {
+        skipped("x32_system_calls_kill_the_process: not x86_64");
+        return;
+    }
+    let sbx = Sbx::new(Opts::default());
+    // getpid (39) with the x32 bit: no filter rule matches that number.
+    let x32 = "libc.syscall(0x40000000 | 39)";
+    // Control: the call returns (a pid, or ENOSYS where x32 is disabled).
+    assert_eq!(sbx.control_py(x32), "OK");
+    let py = python().0.display().to_string();
+    let out = sbx.run(&[&py, "-c", &program(x32)]);
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert_eq!(out.status.code(), Some(128 + libc::SIGSYS), "{out:?}");
 }
 
 #[test]
@@ -562,6 +889,55 @@ fn status_shows_no_new_privs_no_capabilities_and_seccomp() {
     // Control: cordon itself runs without any of that.
     let control = std::fs::read_to_string("/proc/self/status").unwrap();
     assert!(control.contains("NoNewPrivs:\t0"), "{control}");
+}
+
+#[test]
+fn root_without_cap_setpcap_refuses_instead_of_keeping_the_bounding_set() {
+    if skip_unless_root("root_without_cap_setpcap_refuses_instead_of_keeping_the_bounding_set") {
+        return;
+    }
+    if !Path::new("/usr/bin/setpriv").exists() {
+        skipped("root_without_cap_setpcap_refuses_…: no setpriv");
+        return;
+    }
+    let sbx = Sbx::new(Opts::default());
+    // Root whose bounding set (and so, after execve, permitted set) lacks CAP_SETPCAP.
+    let setpriv = |argv: &[&str]| {
+        Command::new("/usr/bin/setpriv")
+            .args(["--bounding-set", "-setpcap", "--"])
+            .args(argv)
+            .current_dir(&sbx.work)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let status = "/proc/self/status";
+    // Control: a process started that way keeps a non-empty bounding set.
+    let out = setpriv(&["/bin/grep", "CapBnd", status]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("CapBnd") && !text.contains("0000000000000000"),
+        "{out:?}"
+    );
+    let profile = p(&sbx.profile);
+    let work = p(&sbx.work);
+    let args = [
+        "sandbox",
+        "run",
+        "--profile",
+        &profile,
+        "--workdir",
+        &work,
+        "--",
+    ];
+    let out = setpriv(&[&[BIN][..], &args, &["/bin/grep", "CapBnd", status]].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    assert!(
+        stderr.contains("CAP_SETPCAP") && stderr.contains("bounding"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -722,7 +1098,7 @@ fn sandbox_exec_takes_its_plan_from_a_file_or_an_inherited_fd() {
     // What the orchestrator runs: `cordon sandbox-exec --plan-fd N -- cmd`.
     let sbx = Sbx::new(Opts::default());
     let plan = serde_json::json!({
-        "name": "t", "require": "strict", "workdir": sbx.work,
+        "name": "t", "require": "best-effort", "workdir": sbx.work,
         "read": ["/etc", "/proc"], "write": ["/dev/null"], "exec": ["/usr", "/bin", "/lib", "/lib64"],
         "connect_tcp": [], "bind_tcp": [], "connect_unix": [],
         "env_pass": [], "env_set": {"X": "1"},
@@ -732,8 +1108,9 @@ fn sandbox_exec_takes_its_plan_from_a_file_or_an_inherited_fd() {
     let file = sbx.root.join("plan.json");
     std::fs::write(&file, plan.to_string()).unwrap();
     let script = "grep -E '^(NoNewPrivs|Seccomp):' /proc/self/status; echo $X; cat /proc/self/environ >/dev/null; ls /root 2>&1 >/dev/null | wc -l";
+    let me = std::process::id().to_string();
     let out = Command::new(BIN)
-        .args(["sandbox-exec", "--plan"])
+        .args(["sandbox-exec", "--parent-pid", &me, "--plan"])
         .arg(&file)
         .args(["--", "/bin/sh", "-c", script])
         .output()
@@ -742,7 +1119,7 @@ fn sandbox_exec_takes_its_plan_from_a_file_or_an_inherited_fd() {
     assert_eq!(text, "NoNewPrivs:\t1\nSeccomp:\t2\n1\n1\n", "{out:?}");
     // On an inherited fd (placed by a wrapper, as Plan::helper_command does).
     let wrapper = format!(
-        "import os\nfd = os.open({:?}, os.O_RDONLY)\nif fd != 3:\n    os.dup2(fd, 3)\nos.set_inheritable(3, True)\nos.execv({BIN:?}, [{BIN:?}, 'sandbox-exec', '--plan-fd', '3', '--', '/bin/sh', '-c', {script:?}])",
+        "import os\nfd = os.open({:?}, os.O_RDONLY)\nif fd != 3:\n    os.dup2(fd, 3)\nos.set_inheritable(3, True)\nos.execv({BIN:?}, [{BIN:?}, 'sandbox-exec', '--parent-pid', {me:?}, '--plan-fd', '3', '--', '/bin/sh', '-c', {script:?}])",
         p(&file)
     );
     let out = Command::new(&python().0)
@@ -753,12 +1130,63 @@ fn sandbox_exec_takes_its_plan_from_a_file_or_an_inherited_fd() {
     // A plan with an unknown field is refused before anything runs.
     std::fs::write(&file, plan.to_string().replace("\"cgroup\"", "\"cgroupz\"")).unwrap();
     let out = Command::new(BIN)
-        .args(["sandbox-exec", "--plan"])
+        .args(["sandbox-exec", "--parent-pid", &me, "--plan"])
         .arg(&file)
         .args(["--", "/bin/true"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(125), "{out:?}");
+}
+
+#[test]
+fn sandbox_exec_exits_at_once_when_its_supervisor_is_already_gone() {
+    let sbx = Sbx::new(Opts::default());
+    let plan = serde_json::json!({
+        "name": "t", "require": "best-effort", "workdir": sbx.work,
+        "read": ["/etc"], "write": [], "exec": ["/usr", "/bin", "/lib", "/lib64"],
+        "connect_tcp": [], "bind_tcp": [], "connect_unix": [],
+        "env_pass": [], "env_set": {},
+        "limits": {"memory": null, "pids": null, "nofile": null, "cpu_weight": null},
+        "cgroup": null, "user": null
+    });
+    let file = sbx.root.join("plan.json");
+    std::fs::write(&file, plan.to_string()).unwrap();
+    // The supervisor forks, captures its pid, and exits; its child waits for
+    // that (EOF on a pipe: no sleeping), then execs what it was given, now an
+    // orphan re-parented to a reaper.
+    let orphan = |argv: Vec<String>| {
+        let wrapper = format!(
+            "import os\nr, w = os.pipe()\nsupervisor = str(os.getpid())\nif os.fork() == 0:\n    os.close(w)\n    os.read(r, 1)\n    argv = [a.replace('SUPERVISOR', supervisor) for a in {argv:?}]\n    os.execv(argv[0], argv)\nos._exit(0)"
+        );
+        let out = Command::new(&python().0)
+            .args(["-c", &wrapper])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Control: unsupervised, the orphan runs its command.
+    let (stdout, _) = orphan(vec!["/bin/echo".into(), "ran".into()]);
+    assert_eq!(stdout, "ran\n");
+    let (stdout, stderr) = orphan(vec![
+        BIN.into(),
+        "sandbox-exec".into(),
+        "--parent-pid".into(),
+        "SUPERVISOR".into(),
+        "--plan".into(),
+        p(&file),
+        "--".into(),
+        "/bin/echo".into(),
+        "ran".into(),
+    ]);
+    assert_eq!(stdout, "", "{stderr}");
+    assert!(
+        stderr.contains("exited before the sandbox was set up"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -74,6 +74,10 @@ pub struct ExecArgs {
     /// Read the plan (JSON) from this file.
     #[arg(long)]
     pub plan: Option<PathBuf>,
+    /// The supervisor's pid, captured by it before spawning us: the helper
+    /// exits at once if its parent is not (or no longer) that process.
+    #[arg(long)]
+    pub parent_pid: i32,
     /// The command and its arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<OsString>,
@@ -103,6 +107,12 @@ pub enum CliError {
         path: PathBuf,
         uid: u32,
         source: std::io::Error,
+    },
+    #[error("refusing {path} as the agent's {what}: {why}")]
+    AgentDir {
+        what: &'static str,
+        path: PathBuf,
+        why: String,
     },
     #[error("cannot start the sandbox helper: {0}")]
     Spawn(std::io::Error),
@@ -140,7 +150,14 @@ pub fn exec_main(args: ExecArgs) -> ExitCode {
             return ExitCode::from(EXIT_SETUP_FAILED);
         }
     };
-    let Err(e) = exec::sandbox_exec(&plan, &args.command);
+    let Some(parent) = rustix::process::Pid::from_raw(args.parent_pid) else {
+        eprintln!(
+            "cordon sandbox-exec: --parent-pid {} is not a process id",
+            args.parent_pid
+        );
+        return ExitCode::from(EXIT_SETUP_FAILED);
+    };
+    let Err(e) = exec::sandbox_exec(&plan, &args.command, parent);
     eprintln!("cordon sandbox-exec: {e}");
     ExitCode::from(e.exit_code())
 }
@@ -212,6 +229,48 @@ fn canonical(what: &'static str, path: &Path) -> Result<PathBuf, CliError> {
     })
 }
 
+/// An absolute path without resolving symlinks: the helper resolves rule
+/// paths itself and refuses symlinks the agent may have planted, which a
+/// canonical path would hide.
+fn absolute(what: &'static str, path: &Path) -> Result<PathBuf, CliError> {
+    std::path::absolute(path).map_err(|source| CliError::Resolve {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// `{home}` and `{tmp}` must be real directories (lstat: a symlink there may
+/// be one the agent planted in an earlier run, to have this run hand it, and
+/// chown, a directory elsewhere) owned by one of `owners` (any, when empty).
+fn check_agent_dir(what: &'static str, path: &Path, owners: &[u32]) -> Result<(), CliError> {
+    use std::os::unix::fs::MetadataExt;
+    let refuse = |why: String| CliError::AgentDir {
+        what,
+        path: path.to_path_buf(),
+        why,
+    };
+    let meta = fs::symlink_metadata(path).map_err(|e| refuse(e.to_string()))?;
+    if meta.file_type().is_symlink() {
+        return Err(refuse("it is a symlink, not a directory".into()));
+    }
+    if !meta.is_dir() {
+        return Err(refuse("it is not a directory".into()));
+    }
+    if !owners.is_empty() && !owners.contains(&meta.uid()) {
+        return Err(refuse(format!(
+            "it is owned by uid {}, expected {}",
+            meta.uid(),
+            owners
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )));
+    }
+    Ok(())
+}
+
 fn fresh_home_path(attempt: u32) -> PathBuf {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -242,7 +301,8 @@ fn cmd_dir(profile: &Profile, command: &[OsString]) -> Option<PathBuf> {
     Some(fs::canonicalize(found).ok()?.parent()?.to_path_buf())
 }
 
-/// A stable small number per agent name, for its `auto` uid.
+/// A stable number per agent name, for its `auto` uid (reduced into the
+/// profile's `uid_range`, by default the ad-hoc range, never the deployments').
 fn name_index(name: &str) -> u32 {
     // FNV-1a: stable across runs and builds, unlike std's hasher.
     let mut h: u32 = 0x811c_9dc5;
@@ -281,7 +341,7 @@ fn forward_signals() {
 
 fn run(args: RunArgs) -> Result<u8, CliError> {
     let profile = Profile::load(&args.profile)?;
-    let workdir = canonical(
+    let workdir = absolute(
         "--workdir",
         &args.workdir.clone().unwrap_or_else(|| PathBuf::from(".")),
     )?;
@@ -289,16 +349,19 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
     // uid (a --home that already existed keeps its owner).
     let (home, _fresh, created) = match &args.home {
         Some(h) => {
-            let created = make_private_dir(h)?;
-            (canonical("--home", h)?, None, created)
+            let h = absolute("--home", h)?;
+            let created = make_private_dir(&h)?;
+            (h, None, created)
         }
         None => {
             let h = make_fresh_home()?;
             (h.clone(), Some(FreshHome(h)), true)
         }
     };
+    check_agent_dir("{home}", &home, &[])?;
     let tmp = home.join("tmp");
     let tmp_created = make_private_dir(&tmp)?;
+    check_agent_dir("{tmp}", &tmp, &[])?;
     let cordon = std::env::current_exe()
         .and_then(fs::canonicalize)
         .map_err(|source| CliError::Resolve {
@@ -322,6 +385,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
             placeholders: &placeholders,
             root,
             uid_index: name_index(&args.name),
+            adhoc: true,
         },
     )?;
     if plan.limits.needs_cgroup() && plan.cgroup.is_none() {
@@ -331,17 +395,24 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
     if let Some(cg) = &mut plan.cgroup {
         cg.push_str(&format!("-{}", std::process::id()));
     }
-    if let Some(ids) = plan.user {
-        let ours = [(&home, created), (&tmp, tmp_created)];
-        for (dir, _) in ours.iter().filter(|(_, created)| *created) {
-            std::os::unix::fs::chown(dir, Some(ids.uid), Some(ids.gid)).map_err(|source| {
-                CliError::Chown {
-                    path: dir.to_path_buf(),
-                    uid: ids.uid,
-                    source,
-                }
-            })?;
+    // Directories we made go to the agent (lchown: never through a link); ones
+    // that existed must belong to the agent or to us, or someone else prepared them.
+    let me = rustix::process::geteuid().as_raw();
+    let agent = plan.user.map_or(me, |ids| ids.uid);
+    for (what, dir, made) in [("{home}", &home, created), ("{tmp}", &tmp, tmp_created)] {
+        match plan.user {
+            Some(ids) if made => {
+                std::os::unix::fs::lchown(dir, Some(ids.uid), Some(ids.gid)).map_err(|source| {
+                    CliError::Chown {
+                        path: dir.to_path_buf(),
+                        uid: ids.uid,
+                        source,
+                    }
+                })?;
+            }
+            _ => {}
         }
+        check_agent_dir(what, dir, &[agent, me])?;
     }
 
     // The helper process: a fork of this one, which is single-threaded (no
@@ -349,6 +420,8 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
     // the whole sequence; the orchestrator, which has threads, re-executes
     // /proc/self/exe into `sandbox-exec` instead. Same function either way.
     exec::ensure_single_threaded().map_err(CliError::Spawn)?;
+    // Our pid, for the child's parent-death check: taken before the fork.
+    let parent = rustix::process::getpid();
     // SAFETY: fork in a single-threaded process: the child is a full copy with
     // no other thread that could have held a lock, so it may do anything the
     // parent could, and it ends in execve or _exit.
@@ -357,7 +430,7 @@ fn run(args: RunArgs) -> Result<u8, CliError> {
         return Err(CliError::Spawn(std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        let Err(e) = exec::sandbox_exec(&plan, &args.command);
+        let Err(e) = exec::sandbox_exec(&plan, &args.command, parent);
         eprintln!("cordon: {e}");
         // SAFETY: _exit ends the child without running the parent's exit-time
         // cleanup (the fresh home's Drop) twice.
@@ -432,6 +505,7 @@ fn probe_cmd(args: ProbeArgs) -> Result<u8, CliError> {
                 placeholders: &placeholders,
                 root,
                 uid_index: name_index("probe"),
+                adhoc: true,
             },
         );
         let plan = match built {

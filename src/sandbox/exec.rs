@@ -30,8 +30,8 @@ pub enum ExecError {
     NewSession(std::io::Error),
     #[error("cannot set the parent-death signal: {0}")]
     ParentDeathSignal(std::io::Error),
-    #[error("the parent exited before the sandbox was set up")]
-    ParentGone,
+    #[error("the parent (pid {expected}) exited before the sandbox was set up (our parent is now {actual})")]
+    ParentGone { expected: i32, actual: i32 },
     #[error(transparent)]
     Limits(#[from] LimitsError),
     #[error("cannot close inherited file descriptors: {0}")]
@@ -74,11 +74,21 @@ impl ExecError {
 
 /// The privilege sequence. One linear function on purpose: the order is the
 /// security argument, and each step says why it sits where it does.
-pub fn sandbox_exec(plan: &Plan, argv: &[OsString]) -> Result<Infallible, ExecError> {
+///
+/// `parent` is the supervisor's pid as the supervisor captured it before the
+/// fork or spawn. Reading getppid() here instead would be too late: had the
+/// supervisor already died, it would name the reaper we were re-parented to,
+/// and the parent-death signal would never come.
+pub fn sandbox_exec(
+    plan: &Plan,
+    argv: &[OsString],
+    parent: rustix::process::Pid,
+) -> Result<Infallible, ExecError> {
     // 0. The credential calls below change the calling thread only; with a
-    // second thread alive it would keep root. Checked, not assumed.
+    // second thread alive it would keep root. Checked, not assumed. And an
+    // orphan stops here, before doing anything.
+    check_parent(parent)?;
     ensure_single_threaded().map_err(ExecError::NotSingleThreaded)?;
-    let parent = rustix::process::getppid();
 
     // 1. New session, parent-death signal. First, so that from here on the
     // helper and the command cannot outlive their supervisor, and so that the
@@ -112,7 +122,9 @@ pub fn sandbox_exec(plan: &Plan, argv: &[OsString]) -> Result<Infallible, ExecEr
     // nothing the uid could not do), and nothing after the uid switch needs to
     // allocate or parse.
     let abi = landlock::kernel_abi();
-    let dropped = landlock::check(plan.require, abi)?;
+    // Whether the agent has a uid of its own decides whether anything stands
+    // in for RESOLVE_UNIX on kernels without it.
+    let dropped = landlock::check(plan.require, abi, plan.user.is_some())?;
     if plan.require == Require::BestEffort {
         for f in dropped.iter().filter(|f| f.required) {
             eprintln!(
@@ -135,7 +147,15 @@ pub fn sandbox_exec(plan: &Plan, argv: &[OsString]) -> Result<Infallible, ExecEr
     // 6. Lock securebits, drop the bounding and ambient sets. Needs
     // CAP_SETPCAP, so before the uid switch removes it; afterwards no execve
     // (not of a setuid-root binary, not as uid 0) can give capabilities back.
-    let have_setpcap = privileges::can_setpcap();
+    let have_setpcap = privileges::can_setpcap()?;
+    // Root must end with an empty bounding set: one that lacks CAP_SETPCAP
+    // (a container that dropped it) cannot lock the securebits or clear the
+    // bounding set, and is refused rather than run half-dropped (step 8
+    // checks the bounding set is empty whenever we were root).
+    let was_root = rustix::process::geteuid().is_root();
+    if was_root && !have_setpcap {
+        return Err(PrivilegesError::RootWithoutSetpcap.into());
+    }
     if have_setpcap {
         privileges::lock_securebits()?;
     }
@@ -157,7 +177,7 @@ pub fn sandbox_exec(plan: &Plan, argv: &[OsString]) -> Result<Infallible, ExecEr
     // 8. Clear the capability sets and verify they are empty. With
     // NO_SETUID_FIXUP (or when the agent stays root) the switch did not clear
     // them; reading them back turns "should be empty" into "is empty".
-    privileges::clear_and_verify_caps(have_setpcap)?;
+    privileges::clear_and_verify_caps(have_setpcap || was_root)?;
 
     // 9. no_new_privs: Landlock and seccomp both require it from a process
     // without CAP_SYS_ADMIN, and it makes setuid binaries inert for good.
@@ -205,15 +225,25 @@ pub fn ensure_single_threaded() -> std::io::Result<()> {
     Ok(())
 }
 
-/// PR_SET_PDEATHSIG, then a check that the parent is still the one we had: if
-/// it died before the prctl, no signal will ever come.
-fn arm_parent_death_signal(parent: Option<rustix::process::Pid>) -> Result<(), ExecError> {
-    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
-        .map_err(|e| ExecError::ParentDeathSignal(e.into()))?;
-    if rustix::process::getppid() != parent {
-        return Err(ExecError::ParentGone);
+/// Our parent is still `parent` (the supervisor has not died and left us
+/// re-parented).
+fn check_parent(parent: rustix::process::Pid) -> Result<(), ExecError> {
+    let actual = rustix::process::getppid();
+    if actual != Some(parent) {
+        return Err(ExecError::ParentGone {
+            expected: parent.as_raw_nonzero().get(),
+            actual: actual.map_or(0, |p| p.as_raw_nonzero().get()),
+        });
     }
     Ok(())
+}
+
+/// PR_SET_PDEATHSIG, then a check that the parent is still the one we had: if
+/// it died before the prctl, no signal will ever come.
+fn arm_parent_death_signal(parent: rustix::process::Pid) -> Result<(), ExecError> {
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+        .map_err(|e| ExecError::ParentDeathSignal(e.into()))?;
+    check_parent(parent)
 }
 
 fn close_inherited_fds() -> Result<(), ExecError> {

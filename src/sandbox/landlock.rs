@@ -8,11 +8,13 @@
 //! hard-requirement mode for exactly what remains, so the crate can only fail
 //! loudly, never degrade quietly.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::path::{Component, Path, PathBuf};
 
 use landlock::{
-    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath, PathFd,
-    Ruleset, RulesetAttr, RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+    Access, AccessFs, AccessNet, BitFlags, CompatLevel, Compatible, NetPort, PathBeneath, Ruleset,
+    RulesetAttr, RulesetCreated, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 
 use super::plan::Plan;
@@ -26,10 +28,23 @@ pub enum LandlockError {
         needed: i32,
         have: i32,
     },
+    #[error("the kernel cannot confine connect() to pathname unix sockets (RESOLVE_UNIX needs Landlock ABI {needed}, this kernel has {have}), and the agent would share cordon's uid, so it could connect to any socket that uid can reach (the user's systemd bus, docker.sock, cordon's admin socket); refusing to run — run cordon as root with user = \"auto\" so the agent gets a dedicated uid, or set require = \"best-effort\" in the profile to accept this")]
+    UnixSocketsShared { needed: i32, have: i32 },
     #[error("cannot open {path} for a Landlock rule: {source}")]
     OpenPath {
         path: PathBuf,
-        source: landlock::PathFdError,
+        source: std::io::Error,
+    },
+    #[error("refusing the rule path {path}: {link} is a symlink inside {writable}, which the agent may write (a link it planted in an earlier run would point a rule, opened with cordon's privileges, anywhere)")]
+    SymlinkInWritable {
+        path: PathBuf,
+        link: PathBuf,
+        writable: PathBuf,
+    },
+    #[error("cannot resolve the rule path {path}: {source}")]
+    ResolvePath {
+        path: PathBuf,
+        source: std::io::Error,
     },
     #[error("cannot build the Landlock ruleset: {0}")]
     BuildRuleset(landlock::RulesetError),
@@ -110,9 +125,9 @@ pub const FEATURES: &[Feature] = &[
     },
     Feature {
         right: "pathname unix socket connect (RESOLVE_UNIX)",
-        abi: 9,
+        abi: RESOLVE_UNIX_ABI,
         required: false,
-        fallback: "pathname sockets stay reachable; the agent's uid, 0700 socket directories and the gateway's peer-credential check stand in",
+        fallback: "pathname sockets stay reachable; the agent's dedicated uid, 0700 socket directories and the gateway's peer-credential check stand in (only with a dedicated uid: a strict profile whose agent shares cordon's uid refuses to run)",
     },
     Feature {
         right: "UDP bind/connect/send by port",
@@ -122,11 +137,34 @@ pub const FEATURES: &[Feature] = &[
     },
 ];
 
+/// The ABI of Landlock's RESOLVE_UNIX (pathname unix-socket connect).
+pub const RESOLVE_UNIX_ABI: i32 = 9;
+
 /// The features this kernel lacks. Strict: the first required one is an error.
-pub fn check(require: Require, abi: i32) -> Result<Vec<Feature>, LandlockError> {
-    let missing: Vec<Feature> = FEATURES.iter().copied().filter(|f| f.abi > abi).collect();
+///
+/// `own_uid`: whether the agent runs under a uid of its own. Without one,
+/// nothing stands in for RESOLVE_UNIX (a pathname socket is reachable by
+/// whoever shares its owner's uid), so it becomes required.
+pub fn check(require: Require, abi: i32, own_uid: bool) -> Result<Vec<Feature>, LandlockError> {
+    let missing: Vec<Feature> = FEATURES
+        .iter()
+        .copied()
+        .filter(|f| f.abi > abi)
+        .map(|mut f| {
+            if f.abi == RESOLVE_UNIX_ABI && !own_uid {
+                f.required = true;
+            }
+            f
+        })
+        .collect();
     if require == Require::Strict {
         if let Some(f) = missing.iter().find(|f| f.required) {
+            if f.abi == RESOLVE_UNIX_ABI {
+                return Err(LandlockError::UnixSocketsShared {
+                    needed: f.abi,
+                    have: abi,
+                });
+            }
             return Err(LandlockError::Unsupported {
                 right: f.right,
                 needed: f.abi,
@@ -150,22 +188,124 @@ pub fn read_access(abi: ABI) -> BitFlags<AccessFs> {
 pub fn exec_access(abi: ABI) -> BitFlags<AccessFs> {
     read_access(abi) | (AccessFs::from_all(abi) & AccessFs::Execute)
 }
+/// Everything but Execute (write never implies execute) and ResolveUnix: on
+/// ABI ≥ 9 that right is what confines connect() to pathname sockets, and a
+/// writable tree (a HOME, a workdir) may hold anyone's socket; only
+/// `net.connect_unix` paths get it.
 pub fn write_access(abi: ABI) -> BitFlags<AccessFs> {
-    AccessFs::from_all(abi) & !AccessFs::Execute
+    AccessFs::from_all(abi) & !(AccessFs::Execute | AccessFs::ResolveUnix)
 }
 
 /// A path rule ready to add: the fd is opened before privileges are dropped.
 pub struct PathRule {
-    pub fd: PathFd,
+    pub fd: OwnedFd,
     pub access: BitFlags<AccessFs>,
+}
+
+/// One rule path: as the plan has it, and resolved (no symlink left in it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RulePath {
+    pub path: PathBuf,
+    pub resolved: PathBuf,
+    pub access: BitFlags<AccessFs>,
+}
+
+/// The write rule that `candidate` lies strictly inside, if any: a symlink
+/// there may have been planted by the agent (in this run or an earlier one).
+fn inside_writable<'a>(candidate: &Path, writable: &'a [PathBuf]) -> Option<&'a PathBuf> {
+    writable
+        .iter()
+        .find(|w| candidate != w.as_path() && candidate.starts_with(w))
+}
+
+/// Resolves `path` component by component as the kernel would, and refuses a
+/// symlink that sits inside a writable directory. Symlinks elsewhere (merged
+/// /usr's `/lib -> usr/lib`, root's to set up) are followed. `None`: the path
+/// does not exist (a rule for nothing grants nothing).
+pub fn resolve_rule_path(
+    path: &Path,
+    writable: &[PathBuf],
+) -> Result<Option<PathBuf>, LandlockError> {
+    const MAX_LINKS: u32 = 40; // the kernel's own limit (ELOOP)
+    let err = |source: std::io::Error| LandlockError::ResolvePath {
+        path: path.to_path_buf(),
+        source,
+    };
+    // A stack of components still to walk, next on top.
+    let push = |stack: &mut Vec<OsString>, p: &Path| {
+        let mut comps: Vec<OsString> = p.components().map(|c| c.as_os_str().into()).collect();
+        comps.reverse();
+        stack.extend(comps);
+    };
+    let mut pending = Vec::new();
+    push(&mut pending, path);
+    let mut out = PathBuf::from("/");
+    let mut links = 0u32;
+    while let Some(comp) = pending.pop() {
+        match Path::new(&comp).components().next() {
+            Some(Component::RootDir) => out = PathBuf::from("/"),
+            Some(Component::ParentDir) => {
+                out.pop();
+            }
+            Some(Component::Normal(name)) => {
+                let candidate = out.join(name);
+                let meta = match std::fs::symlink_metadata(&candidate) {
+                    Ok(m) => m,
+                    Err(e)
+                        if e.kind() == std::io::ErrorKind::NotFound
+                            || e.raw_os_error() == Some(libc::ENOTDIR) =>
+                    {
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(err(e)),
+                };
+                if !meta.file_type().is_symlink() {
+                    out = candidate;
+                    continue;
+                }
+                if let Some(w) = inside_writable(&candidate, writable) {
+                    return Err(LandlockError::SymlinkInWritable {
+                        path: path.to_path_buf(),
+                        link: candidate,
+                        writable: w.clone(),
+                    });
+                }
+                links += 1;
+                if links > MAX_LINKS {
+                    return Err(err(std::io::Error::from_raw_os_error(libc::ELOOP)));
+                }
+                let target = std::fs::read_link(&candidate).map_err(err)?;
+                // A relative target continues from the link's directory (`out`).
+                push(&mut pending, &target);
+            }
+            _ => {} // `.` and prefixes (none on Unix)
+        }
+    }
+    Ok(Some(out))
+}
+
+/// The directories the plan makes writable, as written and as resolved: a
+/// symlink inside either form is one the agent may have planted.
+fn writable_dirs(plan: &Plan) -> Result<Vec<PathBuf>, LandlockError> {
+    let mut writable = plan.write.clone();
+    for w in &plan.write {
+        if let Some(r) = resolve_rule_path(w, &plan.write)? {
+            if !writable.contains(&r) {
+                writable.push(r);
+            }
+        }
+    }
+    Ok(writable)
 }
 
 /// Paths of the plan with the rights each gets (a path in several lists gets
 /// the union), and the paths that do not exist (skipped: a rule for nothing
 /// grants nothing, and failing would make one profile unusable across distros).
-pub fn path_rights(plan: &Plan, abi: i32) -> (Vec<(PathBuf, BitFlags<AccessFs>)>, Vec<PathBuf>) {
+/// A symlink inside a writable directory on the way to any rule path is an error.
+pub fn path_rights(plan: &Plan, abi: i32) -> Result<(Vec<RulePath>, Vec<PathBuf>), LandlockError> {
     let abi = abi_enum(abi);
-    let mut rights: Vec<(PathBuf, BitFlags<AccessFs>)> = Vec::new();
+    let writable = writable_dirs(plan)?;
+    let mut rights: Vec<RulePath> = Vec::new();
     let mut missing = Vec::new();
     let lists: [(&Vec<PathBuf>, BitFlags<AccessFs>); 4] = [
         (&plan.read, read_access(abi)),
@@ -178,7 +318,13 @@ pub fn path_rights(plan: &Plan, abi: i32) -> (Vec<(PathBuf, BitFlags<AccessFs>)>
     ];
     for (paths, access) in lists {
         for path in paths {
-            let Ok(meta) = std::fs::metadata(path) else {
+            let Some(resolved) = resolve_rule_path(path, &writable)? else {
+                if !missing.contains(path) {
+                    missing.push(path.clone());
+                }
+                continue;
+            };
+            let Ok(meta) = std::fs::symlink_metadata(&resolved) else {
                 if !missing.contains(path) {
                     missing.push(path.clone());
                 }
@@ -193,26 +339,43 @@ pub fn path_rights(plan: &Plan, abi: i32) -> (Vec<(PathBuf, BitFlags<AccessFs>)>
             if access.is_empty() {
                 continue;
             }
-            match rights.iter_mut().find(|(p, _)| p == path) {
-                Some((_, a)) => *a |= access,
-                None => rights.push((path.clone(), access)),
+            match rights.iter_mut().find(|r| r.resolved == resolved) {
+                Some(r) => r.access |= access,
+                None => rights.push(RulePath {
+                    path: path.clone(),
+                    resolved,
+                    access,
+                }),
             }
         }
     }
-    (rights, missing)
+    Ok((rights, missing))
 }
 
-/// Opens the rule paths (as the caller, before any privilege is dropped).
+/// Opens the rule paths (as the caller, before any privilege is dropped). The
+/// resolved path is opened with RESOLVE_NO_SYMLINKS: a directory swapped for a
+/// symlink since it was checked makes the open fail instead of following it.
 pub fn open_rules(plan: &Plan, abi: i32) -> Result<Vec<PathRule>, LandlockError> {
-    let (rights, _missing) = path_rights(plan, abi);
+    use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
+    let (rights, _missing) = path_rights(plan, abi)?;
     rights
         .into_iter()
-        .map(|(path, access)| {
-            let fd = PathFd::new(&path).map_err(|source| LandlockError::OpenPath {
-                path: path.clone(),
-                source,
+        .map(|r| {
+            let fd = rustix::fs::openat2(
+                CWD,
+                &r.resolved,
+                OFlags::PATH | OFlags::CLOEXEC,
+                Mode::empty(),
+                ResolveFlags::NO_SYMLINKS,
+            )
+            .map_err(|e| LandlockError::OpenPath {
+                path: r.resolved.clone(),
+                source: e.into(),
             })?;
-            Ok(PathRule { fd, access })
+            Ok(PathRule {
+                fd,
+                access: r.access,
+            })
         })
         .collect()
 }
@@ -283,18 +446,105 @@ mod tests {
 
     #[test]
     fn strict_refuses_what_the_kernel_lacks() {
-        let err = check(Require::Strict, 3).unwrap_err().to_string();
+        let err = check(Require::Strict, 3, true).unwrap_err().to_string();
         assert!(
             err.contains("TCP bind/connect") && err.contains("ABI 4"),
             "{err}"
         );
-        assert!(check(Require::Strict, 0).is_err());
-        let dropped = check(Require::BestEffort, 3).unwrap();
+        assert!(check(Require::Strict, 0, true).is_err());
+        let dropped = check(Require::BestEffort, 3, true).unwrap();
         assert!(dropped.iter().any(|f| f.abi == 4));
-        // ResolveUnix and UDP are covered elsewhere: strict still runs on ABI 6.
-        let missing = check(Require::Strict, 6).unwrap();
+        // With a dedicated uid, ResolveUnix and UDP are covered elsewhere:
+        // strict still runs on ABI 6.
+        let missing = check(Require::Strict, 6, true).unwrap();
         assert!(missing.iter().all(|f| !f.required));
-        assert!(check(Require::Strict, 10).unwrap().is_empty());
+        assert!(check(Require::Strict, 10, true).unwrap().is_empty());
+        assert!(check(Require::Strict, 10, false).unwrap().is_empty());
+    }
+
+    #[test]
+    fn strict_without_a_dedicated_uid_needs_resolve_unix() {
+        let err = check(Require::Strict, 7, false).unwrap_err().to_string();
+        assert!(
+            err.contains("RESOLVE_UNIX")
+                && err.contains("ABI 9")
+                && err.contains("user = \"auto\""),
+            "{err}"
+        );
+        assert!(check(Require::Strict, 9, false).is_ok());
+        // Best-effort runs, and lists it as a required right it dropped.
+        let dropped = check(Require::BestEffort, 7, false).unwrap();
+        assert!(dropped
+            .iter()
+            .any(|f| f.abi == RESOLVE_UNIX_ABI && f.required));
+    }
+
+    #[test]
+    fn rule_paths_refuse_symlinks_inside_writable_dirs_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let (w, real) = (root.join("w"), root.join("real"));
+        std::fs::create_dir_all(real.join("sub")).unwrap();
+        std::fs::create_dir(&w).unwrap();
+        std::os::unix::fs::symlink(&real, w.join("link")).unwrap();
+        std::os::unix::fs::symlink("real", root.join("outlink")).unwrap();
+        let writable = vec![w.clone()];
+        let err = resolve_rule_path(&w.join("link/sub"), &writable).unwrap_err();
+        assert!(
+            matches!(err, LandlockError::SymlinkInWritable { .. }),
+            "{err}"
+        );
+        // A link outside the writable dirs (root's /lib -> usr/lib) is followed.
+        let got = resolve_rule_path(&root.join("outlink/sub"), &writable).unwrap();
+        assert_eq!(got, Some(real.join("sub")));
+        // The writable dir itself may be a link its (non-writable) parent holds.
+        let got = resolve_rule_path(&root.join("outlink"), &[root.join("outlink")]).unwrap();
+        assert_eq!(got, Some(real.clone()));
+        assert_eq!(
+            resolve_rule_path(&root.join("nope/x"), &writable).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn access_sets_per_list_and_abi() {
+        for abi in [ABI::V7, ABI::V9, ABI::V10] {
+            let (r, x, w) = (read_access(abi), exec_access(abi), write_access(abi));
+            assert_eq!(r, AccessFs::ReadFile | AccessFs::ReadDir);
+            assert_eq!(x, r | AccessFs::Execute);
+            for right in [AccessFs::Execute, AccessFs::ResolveUnix] {
+                assert!(!w.contains(right), "write has {right:?} on {abi:?}");
+            }
+            assert_eq!(
+                w | AccessFs::Execute,
+                AccessFs::from_all(ABI::V8) & AccessFs::from_all(abi)
+            );
+        }
+        // On ABI 9 only a connect_unix path gets ResolveUnix.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().canonicalize().unwrap();
+        let sock = dir.join("s.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let plan = Plan {
+            name: "t".into(),
+            require: Require::Strict,
+            workdir: dir.clone(),
+            read: vec![],
+            write: vec![dir.clone()],
+            exec: vec![],
+            connect_tcp: vec![],
+            bind_tcp: vec![],
+            connect_unix: vec![sock.clone()],
+            env_pass: vec![],
+            env_set: Default::default(),
+            limits: Default::default(),
+            cgroup: None,
+            user: None,
+        };
+        let (rights, _) = path_rights(&plan, 9).unwrap();
+        let of = |p: &Path| rights.iter().find(|r| r.resolved == p).unwrap().access;
+        assert!(!of(&dir).contains(AccessFs::ResolveUnix));
+        assert_eq!(of(&sock), BitFlags::from(AccessFs::ResolveUnix));
     }
 
     #[test]

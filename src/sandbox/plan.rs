@@ -14,7 +14,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::profile::{LimitsProfile, Placeholders, Profile, Require, UserSpec};
+use super::profile::{
+    LimitsProfile, Placeholders, Profile, Require, UserSpec, ADHOC_UID_RANGE, DEPLOYMENT_UID_RANGE,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
@@ -22,6 +24,22 @@ pub enum PlanError {
     MissingPlaceholder {
         entry: String,
         placeholder: &'static str,
+        hint: &'static str,
+    },
+    #[error("agent number {index} has no uid of its own in uid_range [{lo}, {hi}] ({size} uids); widen the range (agents never share a uid)")]
+    UidRangeTooSmall {
+        index: u32,
+        lo: u32,
+        hi: u32,
+        size: u32,
+    },
+    #[error("refusing the {list} rule {entry:?}: it resolves to {path}, {what}, and would give the agent {right} access to all of it{hint}")]
+    BroadRule {
+        list: &'static str,
+        entry: String,
+        path: PathBuf,
+        what: &'static str,
+        right: &'static str,
         hint: &'static str,
     },
     #[error("user {name:?} is not in /etc/passwd")]
@@ -86,8 +104,13 @@ pub struct PlanInput<'a> {
     /// Whether cordon runs as root (uid switching and cgroups need it).
     pub root: bool,
     /// The index of this agent in its deployment (its `auto` uid is
-    /// `uid_range[0] + index`); `sandbox run` passes a hash of the name.
+    /// `uid_range[0] + index`, an error past the range); `sandbox run` passes
+    /// a hash of the name and `adhoc`.
     pub uid_index: u32,
+    /// An ad-hoc run (`sandbox run`, `probe`): `uid_index` is a hash, reduced
+    /// into the range, and the default range is [`ADHOC_UID_RANGE`], apart
+    /// from the deployments' [`DEPLOYMENT_UID_RANGE`].
+    pub adhoc: bool,
 }
 
 impl Plan {
@@ -110,8 +133,29 @@ impl Plan {
             UserSpec::Inherit => None,
             UserSpec::Auto if !input.root => None,
             UserSpec::Auto => {
-                let [lo, hi] = profile.uid_range;
-                let uid = lo + input.uid_index % (hi - lo + 1);
+                let default = if input.adhoc {
+                    ADHOC_UID_RANGE
+                } else {
+                    DEPLOYMENT_UID_RANGE
+                };
+                let [lo, hi] = profile.uid_range.unwrap_or(default);
+                // Profile::validate guarantees 0 < lo <= hi; the size may be
+                // 2^32 - 1 at most, which fits.
+                let size = hi - lo + 1;
+                let index = if input.adhoc {
+                    input.uid_index % size
+                } else if input.uid_index < size {
+                    input.uid_index
+                } else {
+                    // A modulo here would silently give two agents one uid.
+                    return Err(PlanError::UidRangeTooSmall {
+                        index: input.uid_index,
+                        lo,
+                        hi,
+                        size,
+                    });
+                };
+                let uid = lo + index;
                 Some(Ids { uid, gid: uid })
             }
             UserSpec::Name(name) => {
@@ -126,6 +170,12 @@ impl Plan {
                 (ids.uid != me).then_some(ids)
             }
         };
+        for (list, entries, right) in [
+            ("write", &profile.write, "write"),
+            ("exec", &profile.exec, "execute"),
+        ] {
+            check_not_broad(list, entries, ph, right)?;
+        }
         let needs_cgroup = profile.limits.needs_cgroup();
         if needs_cgroup && !input.root && profile.require == Require::Strict {
             return Err(PlanError::LimitsNeedRoot);
@@ -149,9 +199,15 @@ impl Plan {
         })
     }
 
-    /// `/proc/self/exe sandbox-exec --plan-fd 3 -- argv…`, with the plan on fd 3:
-    /// how the orchestrator (which runs threads, so cannot fork and continue)
-    /// starts an agent.
+    /// `/proc/self/exe sandbox-exec --parent-pid <ours> --plan-fd 3 -- argv…`,
+    /// with the plan on fd 3: how the orchestrator (which runs threads, so
+    /// cannot fork and continue) starts an agent. Our pid is captured here,
+    /// before the spawn, so a helper that outlived us exits at once.
+    ///
+    /// PR_SET_PDEATHSIG fires when the *thread* that forked the helper exits,
+    /// not the process: the orchestrator must spawn agents from a long-lived
+    /// thread (not a short-lived or pooled blocking thread), or its agents
+    /// are SIGKILLed when that thread ends.
     // The orchestrator issue is the caller; `sandbox run` forks instead.
     #[allow(dead_code)]
     pub fn helper_command(
@@ -161,6 +217,8 @@ impl Plan {
         const PLAN_FD: i32 = 3;
         let mut cmd = std::process::Command::new("/proc/self/exe");
         cmd.arg("sandbox-exec")
+            .arg("--parent-pid")
+            .arg(std::process::id().to_string())
             .arg("--plan-fd")
             .arg(PLAN_FD.to_string())
             .arg("--")
@@ -230,6 +288,62 @@ pub fn pass_plan_fd(command: &mut std::process::Command, plan_fd: OwnedFd, targe
     }
 }
 
+/// Refuses a rule that resolves to `/` or to the caller's HOME: a placeholder
+/// that expands wider than meant (`sandbox run` from `/` takes `/` as
+/// `{workdir}`; `--home ~`) would hand the agent the whole machine or the
+/// operator's dotfiles, keys and shell startup files.
+fn check_not_broad(
+    list: &'static str,
+    entries: &[String],
+    ph: &Placeholders,
+    right: &'static str,
+) -> Result<(), PlanError> {
+    let resolve = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    let caller_home = caller_home().map(|h| resolve(&h));
+    for entry in entries {
+        let Some(expanded) = ph.expand(entry) else {
+            continue;
+        };
+        let path = resolve(Path::new(&expanded));
+        let what = if path == Path::new("/") {
+            "the root directory"
+        } else if caller_home.as_deref() == Some(path.as_path()) {
+            "your HOME"
+        } else {
+            continue;
+        };
+        let hint = if entry.contains("{workdir}") {
+            " (`sandbox run` uses the current directory as {workdir}: pass --workdir with a project directory)"
+        } else if entry.contains("{home}") {
+            " (pass a --home of its own, or none for a fresh one)"
+        } else {
+            ""
+        };
+        return Err(PlanError::BroadRule {
+            list,
+            entry: entry.clone(),
+            path,
+            what,
+            right,
+            hint,
+        });
+    }
+    Ok(())
+}
+
+/// The caller's HOME: the environment's, else the passwd entry of our uid.
+fn caller_home() -> Option<PathBuf> {
+    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return Some(PathBuf::from(h));
+    }
+    let me = rustix::process::getuid().as_raw().to_string();
+    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split(':').collect();
+        (fields.len() >= 6 && fields[2] == me).then(|| PathBuf::from(fields[5]))
+    })
+}
+
 fn missing_placeholder(entry: &str) -> PlanError {
     let (placeholder, hint) = if entry.contains("{socket}") {
         ("{socket}", " (pass --socket, or run it from a deployment)")
@@ -287,7 +401,8 @@ mod tests {
             name: "coder",
             placeholders: &ph(),
             root: true,
-            uid_index: 12,
+            uid_index: 2,
+            adhoc: false,
         };
         let plan = Plan::build(&profile, &input).unwrap();
         assert_eq!(
@@ -322,12 +437,97 @@ mod tests {
     }
 
     #[test]
+    fn write_or_exec_on_root_or_the_callers_home_is_refused() {
+        let input = |ph| PlanInput {
+            name: "a",
+            placeholders: ph,
+            root: false,
+            uid_index: 0,
+            adhoc: true,
+        };
+        let profile = Profile::parse(
+            "require = \"best-effort\"\nwrite = [\"{workdir}\"]\nexec = [\"{home}/bin\"]\n",
+            Path::new("p"),
+        )
+        .unwrap();
+        let mut at_root = ph();
+        at_root.workdir = "/".into();
+        let err = Plan::build(&profile, &input(&at_root))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("root directory") && err.contains("--workdir"),
+            "{err}"
+        );
+        // exec on "/" too, and "/." is still "/".
+        let profile = Profile::parse(
+            "require = \"best-effort\"\nexec = [\"/.\"]\n",
+            Path::new("p"),
+        )
+        .unwrap();
+        let plain = ph();
+        assert!(Plan::build(&profile, &input(&plain)).is_err());
+        if let Some(home) = caller_home() {
+            let mut at_home = ph();
+            at_home.workdir = home;
+            let profile = Profile::parse(
+                "require = \"best-effort\"\nwrite = [\"{workdir}\"]\n",
+                Path::new("p"),
+            )
+            .unwrap();
+            let err = Plan::build(&profile, &input(&at_home))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("your HOME"), "{err}");
+        }
+    }
+
+    #[test]
+    fn auto_uids_are_never_shared_and_adhoc_runs_have_their_own_range() {
+        let profile = Profile::parse(
+            "user = \"auto\"\nuid_range = [5000, 5009]\n",
+            Path::new("p.toml"),
+        )
+        .unwrap();
+        let ph = ph();
+        let input = |uid_index, adhoc| PlanInput {
+            name: "a",
+            placeholders: &ph,
+            root: true,
+            uid_index,
+            adhoc,
+        };
+        let uid =
+            |p: &Profile, i, adhoc| Plan::build(p, &input(i, adhoc)).map(|p| p.user.unwrap().uid);
+        assert_eq!(uid(&profile, 9, false).unwrap(), 5009);
+        let err = uid(&profile, 10, false).unwrap_err().to_string();
+        assert!(err.contains("widen the range"), "{err}");
+        // Ad hoc: a hash, reduced into the range.
+        assert_eq!(uid(&profile, 12, true).unwrap(), 5002);
+        // Without uid_range: deployments and ad-hoc runs use disjoint ranges.
+        let default = Profile::parse("user = \"auto\"\n", Path::new("p.toml")).unwrap();
+        assert_eq!(
+            uid(&default, 3, false).unwrap(),
+            DEPLOYMENT_UID_RANGE[0] + 3
+        );
+        for hash in [0, 7, 999, 1000, u32::MAX] {
+            let u = uid(&default, hash, true).unwrap();
+            assert!(
+                (ADHOC_UID_RANGE[0]..=ADHOC_UID_RANGE[1]).contains(&u),
+                "{u}"
+            );
+        }
+        assert!(ADHOC_UID_RANGE[1] < DEPLOYMENT_UID_RANGE[0]);
+    }
+
+    #[test]
     fn missing_socket_drops_the_rule_but_not_an_env_value() {
         let input = PlanInput {
             name: "x",
             placeholders: &ph(),
             root: false,
             uid_index: 0,
+            adhoc: false,
         };
         let profile =
             Profile::parse("[net]\nconnect_unix = [\"{socket}\"]\n", Path::new("p")).unwrap();

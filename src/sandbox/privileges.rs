@@ -30,6 +30,8 @@ pub enum PrivilegesError {
         set: &'static str,
         caps: Vec<String>,
     },
+    #[error("cordon runs as root without CAP_SETPCAP, so it can neither lock the securebits nor empty the bounding set; refusing to run an agent that would keep them (give cordon CAP_SETPCAP, or run it as a non-root user)")]
+    RootWithoutSetpcap,
     #[error("cannot drop supplementary groups: {0}")]
     SetGroups(io::Error),
     #[error("cannot switch to gid {gid}: {source}")]
@@ -43,9 +45,16 @@ pub enum PrivilegesError {
 }
 
 /// Whether we hold CAP_SETPCAP (needed to lock securebits and shrink the
-/// bounding set); an unprivileged caller has neither to give up.
-pub fn can_setpcap() -> bool {
-    caps::has_cap(None, CapSet::Effective, caps::Capability::CAP_SETPCAP).unwrap_or(false)
+/// bounding set); an unprivileged caller has neither to give up. A failed
+/// capget is an error, not "no": read as "no", it would silently skip the
+/// securebits lock and the bounding-set clear.
+pub fn can_setpcap() -> Result<bool, PrivilegesError> {
+    caps::has_cap(None, CapSet::Effective, caps::Capability::CAP_SETPCAP).map_err(|source| {
+        PrivilegesError::ReadCaps {
+            set: "effective",
+            source,
+        }
+    })
 }
 
 /// NOROOT: uid 0 gains no capabilities at execve (a setuid-root binary or a

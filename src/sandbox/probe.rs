@@ -71,6 +71,8 @@ pub fn kernel_report() -> String {
             f.abi,
             if f.required {
                 " — strict profiles refuse to run".to_string()
+            } else if f.abi == ll::RESOLVE_UNIX_ABI {
+                " — strict profiles refuse to run unless the agent gets a dedicated uid (root and user = \"auto\"); with one, 0700 socket directories and the gateway's peer-credential check stand in".to_string()
             } else {
                 format!(" — {}", f.fallback)
             }
@@ -137,10 +139,11 @@ pub fn kernel_report() -> String {
     let _ = writeln!(
         o,
         "capabilities: {}",
-        if privileges::can_setpcap() {
-            "securebits locked and bounding set emptied (CAP_SETPCAP held)"
-        } else {
-            "bounding set kept (no CAP_SETPCAP to drop it; no_new_privs makes it inert)"
+        match privileges::can_setpcap() {
+            Ok(true) => "securebits locked and bounding set emptied (CAP_SETPCAP held)",
+            Ok(false) if root => "root without CAP_SETPCAP: the bounding set cannot be emptied, so the sandbox refuses to run",
+            Ok(false) => "bounding set kept (no CAP_SETPCAP to drop it; no_new_privs makes it inert)",
+            Err(_) => "cannot read this process's capabilities: the sandbox refuses to run",
         }
     );
     o
@@ -157,11 +160,22 @@ pub fn plan_report(path: &Path, plan: &Plan, fresh_home: bool) -> (String, bool)
         path.display(),
         plan.require
     );
-    let verdict = ll::check(plan.require, abi);
-    let (rights, missing) = ll::path_rights(plan, abi);
+    let verdict = ll::check(plan.require, abi, plan.user.is_some());
+    let (rights, missing) = match ll::path_rights(plan, abi) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(o, "  would refuse: {e}");
+            return (o, false);
+        }
+    };
     let _ = writeln!(o, "  paths:");
-    for (p, access) in &rights {
-        let _ = writeln!(o, "    {}  {}", p.display(), ll::names(*access));
+    for r in &rights {
+        let via = if r.resolved == r.path {
+            String::new()
+        } else {
+            format!(" (-> {})", r.resolved.display())
+        };
+        let _ = writeln!(o, "    {}{via}  {}", r.path.display(), ll::names(r.access));
     }
     for p in &missing {
         let note = if fresh_home {
@@ -185,10 +199,12 @@ pub fn plan_report(path: &Path, plan: &Plan, fresh_home: bool) -> (String, bool)
         ports(&plan.bind_tcp)
     );
     if !plan.connect_unix.is_empty() {
-        let how = if abi >= 9 {
+        let how = if abi >= ll::RESOLVE_UNIX_ABI {
             "RESOLVE_UNIX rule"
+        } else if plan.user.is_some() {
+            "not enforceable here (ABI < 9): the dedicated uid + peer-credential checks only"
         } else {
-            "not enforceable here (ABI < 9): uid + peer-credential checks only"
+            "not enforceable here (ABI < 9), and the agent shares cordon's uid: every socket that uid can reach is reachable"
         };
         for p in &plan.connect_unix {
             let _ = writeln!(o, "  unix socket {}: {how}", p.display());

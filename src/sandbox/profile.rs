@@ -122,9 +122,14 @@ impl LimitsProfile {
     }
 }
 
-fn default_uid_range() -> [u32; 2] {
-    [61000, 61999]
-}
+/// Where deployed agents' `auto` uids come from when the profile sets no
+/// `uid_range`: agent number i of a deployment gets `61000 + i`.
+pub const DEPLOYMENT_UID_RANGE: [u32; 2] = [61000, 61999];
+
+/// Where `cordon sandbox run` takes `auto` uids when the profile sets no
+/// `uid_range` (a hash of `--name`): a range of its own, so an ad-hoc run can
+/// never be given a deployed agent's uid (and reach its socket and files).
+pub const ADHOC_UID_RANGE: [u32; 2] = [60000, 60999];
 
 /// A sandbox profile as written. Paths may use `{workdir}`, `{home}`, `{tmp}`,
 /// `{socket}`, `{cordon}` (the cordon binary, for `cordon bridge`) and
@@ -136,9 +141,11 @@ pub struct Profile {
     pub require: Require,
     #[serde(default)]
     pub user: UserSpec,
-    /// Inclusive range the `auto` uids come from.
-    #[serde(default = "default_uid_range")]
-    pub uid_range: [u32; 2],
+    /// Inclusive range the `auto` uids come from; default
+    /// [`DEPLOYMENT_UID_RANGE`] in a deployment, [`ADHOC_UID_RANGE`] under
+    /// `sandbox run`.
+    #[serde(default)]
+    pub uid_range: Option<[u32; 2]>,
     /// Read (files and directory listings).
     #[serde(default)]
     pub read: Vec<String>,
@@ -270,11 +277,12 @@ impl Profile {
             check_env_name(name.strip_suffix('*').unwrap_or(name))
                 .map_err(|m| format!("env.pass: {m}"))?;
         }
-        let [lo, hi] = self.uid_range;
-        if lo == 0 || hi < lo {
-            return Err(format!(
-                "uid_range [{lo}, {hi}] must be a non-empty range that excludes root (0)"
-            ));
+        if let Some([lo, hi]) = self.uid_range {
+            if lo == 0 || hi < lo {
+                return Err(format!(
+                    "uid_range [{lo}, {hi}] must be a non-empty range that excludes root (0)"
+                ));
+            }
         }
         if let Some(w) = self.limits.cpu_weight {
             if !(1..=10000).contains(&w) {
