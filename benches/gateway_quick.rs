@@ -163,6 +163,9 @@ fn run(audit: bool) -> Figures {
     }
 }
 
+/// Which figure of a run a table row shows.
+type Pick = fn(&Figures) -> (f64, f64);
+
 fn main() {
     // Interleaved, so that drift in the machine's load hits both alike.
     let runs: Vec<(bool, Figures)> = [false, true, false, true]
@@ -198,7 +201,7 @@ fn main() {
         "off CPU µs",
         "on CPU µs"
     );
-    let rows: [(&str, fn(&Figures) -> (f64, f64)); 4] = [
+    let rows: [(&str, Pick); 4] = [
         ("kv_get, 1 connection, sequential", |f| f.get_1),
         ("kv_get, 32 connections", |f| f.get_32),
         ("kv_put durable, 1 connection", |f| f.put_1),
