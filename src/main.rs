@@ -41,6 +41,9 @@ enum Command {
         /// Deployment config (TOML): [gateway] store, runtime_dir, bounds; [agents.*].
         #[arg(long, short)]
         config: PathBuf,
+        /// Started by `cordon up`: serve an agent only once its root process is registered.
+        #[arg(long, hide = true)]
+        managed: bool,
     },
     /// Relay stdin/stdout to a gateway socket (what an agent's MCP client runs).
     ///
@@ -215,9 +218,9 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Gateway { config } => {
+        Command::Gateway { config, managed } => {
             init_logging(cli.log_format);
-            run_gateway(config)
+            run_gateway(config, managed)
         }
         Command::Bridge { socket } => run_bridge(socket),
         Command::Policy { command } => run_policy(command),
@@ -249,13 +252,13 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
-fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
+fn run_gateway(path: PathBuf, managed: bool) -> anyhow::Result<()> {
     let config = config::Config::load(&path)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(gateway::run(config))?;
+    runtime.block_on(gateway::run_with(config, managed))?;
     Ok(())
 }
 
