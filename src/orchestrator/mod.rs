@@ -326,6 +326,9 @@ impl Up {
             .stderr(log);
         {
             use std::os::unix::process::CommandExt;
+            // Its own process group: a Ctrl-C on the terminal reaches `cordon
+            // up` alone, which stops the agents before the gateway.
+            cmd.process_group(0);
             // SAFETY: runs between fork and exec; prctl(PR_SET_PDEATHSIG) is a
             // raw syscall that neither allocates nor locks. The gateway gets
             // SIGTERM (a clean shutdown) if `cordon up` dies without stopping it.

@@ -327,4 +327,23 @@ mod tests {
         );
         assert!(allowed_tools(&p, "nope").is_empty());
     }
+
+    #[test]
+    fn shipped_deployments_load() {
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let apex = Config::load(&repo.join("configs/apex.toml")).unwrap();
+        let names: Vec<&str> = apex.agents.keys().map(String::as_str).collect();
+        assert_eq!(names, ["adversary", "coder-1", "coder-2", "supervisor"]);
+        let coder = &apex.agents["coder-2"];
+        assert_eq!(coder.replica_of.as_deref(), Some("coder"));
+        assert!(coder.prompt.as_deref().unwrap().contains("kv_txn"));
+        let policy = Policy::load(&apex.gateway.policy).unwrap();
+        let tools = allowed_tools(&policy, "adversary");
+        assert!(tools.contains(&"mcp__cordon__kv_put".to_string()));
+        assert!(!tools
+            .iter()
+            .any(|t| t.ends_with("kv_txn") || t.ends_with("kv_delete")));
+        let demo = Config::load(&repo.join("configs/demo.toml")).unwrap();
+        assert_eq!(demo.agents.len(), 4);
+    }
 }
