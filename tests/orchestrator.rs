@@ -62,8 +62,23 @@ impl Deployment {
 
     fn logs(&self) -> String {
         let read = |f: &str| std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
+        let mut agents = String::new();
+        for e in std::fs::read_dir(self.dir.join("state/run/up"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.path().is_dir() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                agents.push_str(&format!(
+                    "--- agent {name} stderr\n{}--- agent {name} events\n{}",
+                    read(&format!("state/run/up/{name}/stderr.log")),
+                    read(&format!("state/run/up/{name}/events.jsonl"))
+                ));
+            }
+        }
         format!(
-            "--- stdout\n{}\n--- stderr\n{}\n--- gateway\n{}",
+            "--- stdout\n{}\n--- stderr\n{}\n--- gateway\n{}\n{agents}",
             read("up.out"),
             read("up.err"),
             read("state/run/up/gateway.log")
@@ -90,8 +105,8 @@ impl Deployment {
     fn agent(&self, status: &Value, name: &str) -> Value {
         status["agents"]
             .as_array()
-            .unwrap()
-            .iter()
+            .into_iter()
+            .flatten()
             .find(|a| a["name"] == name)
             .cloned()
             .unwrap_or(Value::Null)
@@ -102,15 +117,17 @@ impl Deployment {
     /// instead of hanging.
     fn until(&self, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + Duration::from_secs(60);
+        let mut last = None;
         loop {
             if let Some(s) = self.status() {
                 if cond(&s) {
                     return s;
                 }
+                last = Some(s);
             }
             assert!(
-                Instant::now() < deadline,
-                "never saw {what}\n{}",
+                Instant::now() < deadline && last.as_ref().is_none_or(|s| s["ok"] == true),
+                "never saw {what}; last status {last:?}\n{}",
                 self.logs()
             );
             std::thread::sleep(Duration::from_millis(20));
@@ -287,8 +304,8 @@ fn agent_restart_restarts_only_that_agent_and_sigterm_leaves_nothing_behind() {
     let running = |s: &Value, name: &str| {
         s["agents"]
             .as_array()
-            .unwrap()
-            .iter()
+            .into_iter()
+            .flatten()
             .any(|a| a["name"] == name && a["state"] == "running" && a["pid"].is_i64())
     };
     let s = d.until("both agents running", |s| {
@@ -332,12 +349,13 @@ fn agent_restart_restarts_only_that_agent_and_sigterm_leaves_nothing_behind() {
 fn gateway_refuses_a_process_outside_the_agents_tree() {
     // The agent runs as this test's uid (user = "inherit"), so the uid check
     // alone would let this test in; the root-process check does not.
-    let agents = "[agents.a]\nrole = \"worker\"\ncommand = [\"/bin/sh\", \"-c\", \"echo up; sleep 1000 & wait\"]\nrestart = \"never\"\n[agents.a.sandbox]\nuser = \"inherit\"\nexec = [\"/bin\", \"/usr\", \"/lib\", \"/lib64\"]\n";
+    let agents = "[agents.a]\nrole = \"worker\"\ncommand = [\"/bin/sh\", \"-c\", \"echo up; sleep 1000 & wait\"]\nrestart = \"never\"\n[agents.a.sandbox]\nuser = \"inherit\"\nexec = [\"/bin\", \"/usr\", \"/lib\", \"/lib64\"]\nwrite = [\"/dev/null\"]\n";
     let d = Deployment::new(ALLOW_ALL, agents);
     let mut up = d.up();
     d.until("a running", |s| d.agent(s, "a")["state"] == "running");
     let socket = d.dir.join("state/run/agents/a/mcp.sock");
-    let mut c = common::Client::connect_raw(&socket).unwrap();
+    let mut c =
+        common::Client::connect_raw(&socket).unwrap_or_else(|e| panic!("{e}: {}", d.logs()));
     let line = c.recv().expect("a refusal line");
     assert!(
         line["error"]["message"]
