@@ -346,7 +346,7 @@ fn agent_restart_restarts_only_that_agent_and_sigterm_leaves_nothing_behind() {
 }
 
 #[test]
-fn gateway_refuses_a_process_outside_the_agents_tree() {
+fn gateway_refuses_a_process_outside_the_agents_tree_and_is_restarted_when_it_dies() {
     // The agent runs as this test's uid (user = "inherit"), so the uid check
     // alone would let this test in; the root-process check does not.
     let agents = "[agents.a]\nrole = \"worker\"\ncommand = [\"/bin/sh\", \"-c\", \"echo up; sleep 1000 & wait\"]\nrestart = \"never\"\n[agents.a.sandbox]\nuser = \"inherit\"\nexec = [\"/bin\", \"/usr\", \"/lib\", \"/lib64\"]\nwrite = [\"/dev/null\"]\n";
@@ -364,6 +364,22 @@ fn gateway_refuses_a_process_outside_the_agents_tree() {
             .contains("not agent a's"),
         "{line}"
     );
+
+    // The gateway dies: cordon up starts a new one and tells it the running
+    // agent's root again, so the check still holds (not "not running").
+    let s = d.until("the gateway", |s| s["gateway"]["pid"].is_i64());
+    let gateway = s["gateway"]["pid"].as_i64().unwrap();
+    kill_process(Pid::from_raw(gateway as i32).unwrap(), Signal::KILL).unwrap();
+    let s = d.until("a new gateway", |s| {
+        s["gateway"]["restarts"] == 1 && s["gateway"]["state"] == "running"
+    });
+    assert_ne!(s["gateway"]["pid"], gateway);
+    assert_eq!(d.agent(&s, "a")["state"], "running");
+    let mut c = common::Client::connect_raw(&socket).unwrap();
+    let line = c.recv().expect("a refusal line");
+    let msg = line["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("descend"), "{line}");
+
     kill_process(Pid::from_raw(up.id() as i32).unwrap(), Signal::TERM).unwrap();
     assert!(wait(&mut up).success(), "{}", d.logs());
     // The refusal is in the audit.
