@@ -392,3 +392,40 @@ fn gateway_refuses_a_process_outside_the_agents_tree_and_is_restarted_when_it_di
     ]);
     assert!(refused.contains("descend"), "{refused}");
 }
+
+#[test]
+fn a_memory_hog_is_killed_alone_in_its_cgroup() {
+    if !common::is_root() {
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"SKIPPED a_memory_hog_is_killed_alone: cgroup limits need root\n",
+        );
+        return;
+    }
+    // `tail -c` keeps the last 256 MiB it read in memory: far over the limit.
+    let agents = "[agents.hog]\nrole = \"worker\"\ncommand = [\"/bin/sh\", \"-c\", \"head -c 512M /dev/zero | tail -c 256M > /dev/null\"]\nsandbox = \"hog.toml\"\nrestart = \"never\"\n\n\
+                  [agents.quiet]\nrole = \"worker\"\ncommand = [\"/bin/sh\", \"-c\", \"echo up; sleep 1000 & wait\"]\nsandbox = \"shell.toml\"\nrestart = \"never\"\n";
+    let d = Deployment::new(ALLOW_ALL, agents);
+    std::fs::write(
+        d.dir.join("hog.toml"),
+        format!(
+            "{}[limits]\nmemory = \"32MiB\"\npids = 16\n",
+            SHELL_PROFILE.replace("read = [\"/etc\"]", "read = [\"/etc\", \"/dev/zero\"]")
+        ),
+    )
+    .unwrap();
+    let mut up = d.up();
+    let s = d.until("the hog killed", |s| {
+        d.agent(s, "hog")["state"] == "failed" && d.agent(s, "quiet")["state"] == "running"
+    });
+    let exit = d.agent(&s, "hog")["exit"].as_str().unwrap().to_string();
+    assert!(exit.contains("out of memory"), "{exit}\n{}", d.logs());
+    // The other agent is untouched and still works.
+    assert!(
+        d.events("quiet").iter().any(|e| e["text"] == "up"),
+        "{}",
+        d.logs()
+    );
+    kill_process(Pid::from_raw(up.id() as i32).unwrap(), Signal::TERM).unwrap();
+    wait(&mut up);
+}

@@ -71,6 +71,8 @@ pub enum Msg {
         idx: usize,
         run: u64,
         status: std::process::ExitStatus,
+        /// Its cgroup's memory limit was reached.
+        oom: bool,
     },
     /// A backoff elapsed: start the agent again (if still waiting for it).
     Due {
@@ -479,6 +481,10 @@ impl Up {
         let plan = spec.plan.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
+            let oom = process::oom_killed(&plan);
+            if oom {
+                tracing::error!(agent = %plan.name, limit = plan.limits.memory, "the agent reached its memory limit; the kernel killed a process in its cgroup");
+            }
             // What the agent left behind dies with it; then its stdout ends.
             process::cleanup(pid, &plan);
             let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
@@ -489,13 +495,23 @@ impl Up {
                     std::os::unix::process::ExitStatusExt::from_raw(1 << 8)
                 }
             };
-            let _ = tx.send(Msg::Exited { idx, run, status });
+            let _ = tx.send(Msg::Exited {
+                idx,
+                run,
+                status,
+                oom,
+            });
         });
     }
 
     async fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Exited { idx, run, status } => self.exited(idx, run, status).await,
+            Msg::Exited {
+                idx,
+                run,
+                status,
+                oom,
+            } => self.exited(idx, run, status, oom).await,
             Msg::Due { idx, run } => {
                 let a = &self.agents[idx];
                 if a.run == run && a.state == State::Backoff && !self.shutting_down {
@@ -552,13 +568,16 @@ impl Up {
         }
     }
 
-    async fn exited(&mut self, idx: usize, run: u64, status: std::process::ExitStatus) {
+    async fn exited(&mut self, idx: usize, run: u64, status: std::process::ExitStatus, oom: bool) {
         if self.agents[idx].run != run {
             return;
         }
         let name = self.agents[idx].spec.name.clone();
         let _ = self.register(&name, None).await;
-        let (text, ok) = exit_text(&status);
+        let (mut text, ok) = exit_text(&status);
+        if oom {
+            text.push_str(", out of memory");
+        }
         let shutting_down = self.shutting_down;
         let a = &mut self.agents[idx];
         a.pid = None;

@@ -105,6 +105,14 @@ pub fn signal_tree(pid: i32, plan: &Plan, sig: Signal) {
     }
 }
 
+/// Whether the kernel's OOM killer acted in the agent's cgroup (its memory
+/// limit was reached). Read before `cleanup` removes the cgroup.
+pub fn oom_killed(plan: &Plan) -> bool {
+    plan.cgroup
+        .as_deref()
+        .is_some_and(|rel| limits::oom_killed(&Layout::detect(), rel))
+}
+
 /// After the agent's root exited: kill whatever it left behind and remove its
 /// cgroup.
 pub fn cleanup(pid: i32, plan: &Plan) {
