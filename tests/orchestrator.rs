@@ -330,6 +330,15 @@ fn agent_restart_restarts_only_that_agent_and_sigterm_leaves_nothing_behind() {
     assert!(group_gone(a1.as_i64().unwrap()));
     let a2 = d.agent(&s, "a")["pid"].as_i64().unwrap();
 
+    // A second `cordon up` of the same deployment refuses, touching nothing.
+    let second = Command::new(BIN).arg("up").arg(&d.config).output().unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("already running"),
+        "{second:?}"
+    );
+    assert_eq!(d.agent(&d.status().unwrap(), "b")["pid"], b1);
+
     // An unknown agent is an error that names the agents.
     let out = d.cordon(&["agent", "stop", "nope"]);
     assert!(!out.status.success());

@@ -162,6 +162,11 @@ struct GatewayProc {
     running: bool,
 }
 
+/// Longest wait for the gateway's admin socket to answer.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the gateway gets to stop, beyond its own shutdown grace.
+const GATEWAY_STOP_SLACK: Duration = Duration::from_secs(10);
+
 pub struct Options {
     /// The live status table on stderr (a terminal); otherwise log lines.
     pub live: bool,
@@ -209,11 +214,25 @@ pub async fn up(config: Config, options: Options) -> Result<bool, OrchestratorEr
             path: PathBuf::from("/proc/self/exe"),
             source,
         })?;
-    let specs = spec::build_all(&config, &policy, &cordon)?;
-    let config = Arc::new(config);
     let mut sigterm = signal(SignalKind::terminate()).map_err(OrchestratorError::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(OrchestratorError::Signal)?;
+    // First, so a second `cordon up` of the same deployment stops here, before
+    // it touches the running one's directories.
+    std::fs::create_dir_all(&config.gateway.runtime_dir).map_err(|source| {
+        OrchestratorError::Prepare {
+            path: config.gateway.runtime_dir.clone(),
+            source,
+        }
+    })?;
     let listener = control::bind(&config.up_socket())?;
+    let specs = match spec::build_all(&config, &policy, &cordon) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(config.up_socket());
+            return Err(e);
+        }
+    };
+    let config = Arc::new(config);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let control_task = tokio::spawn(control::serve(listener, tx.clone()));
 
@@ -395,11 +414,16 @@ impl Up {
     }
 
     async fn register(&self, agent: &str, pid: Option<i32>) -> Result<(), String> {
-        let answer = admin::request(
-            &self.config.admin_socket(),
-            &json!({"op": "agent_root", "agent": agent, "pid": pid}),
+        // Bounded: a hung gateway must not hang the supervisor.
+        let answer = tokio::time::timeout(
+            ADMIN_TIMEOUT,
+            admin::request(
+                &self.config.admin_socket(),
+                &json!({"op": "agent_root", "agent": agent, "pid": pid}),
+            ),
         )
         .await
+        .map_err(|_| format!("no answer within {ADMIN_TIMEOUT:?}"))?
         .map_err(|e| e.to_string())?;
         if answer["ok"] == true {
             Ok(())
@@ -687,13 +711,26 @@ impl Up {
         };
         let _ = rustix::process::kill_process(pid, Signal::TERM);
         let generation = self.gateway.generation;
-        while let Some(msg) = rx.recv().await {
-            match msg {
-                Msg::GatewayExited { generation: g, .. } if g == generation => break,
-                Msg::Control { reply, .. } => {
-                    let _ = reply.send(json!({"ok": false, "error": "shutting down"}));
+        let grace =
+            Duration::from_millis(self.config.gateway.shutdown_grace_ms) + GATEWAY_STOP_SLACK;
+        let kill = tokio::time::sleep(grace);
+        tokio::pin!(kill);
+        let mut killed = false;
+        loop {
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(Msg::GatewayExited { generation: g, .. }) if g == generation => break,
+                    Some(Msg::Control { reply, .. }) => {
+                        let _ = reply.send(json!({"ok": false, "error": "shutting down"}));
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+                _ = &mut kill, if !killed => {
+                    tracing::error!(?grace, "the gateway did not stop in time: SIGKILL");
+                    let _ = rustix::process::kill_process(pid, Signal::KILL);
+                    killed = true;
                 }
-                _ => {}
             }
         }
         self.gateway.running = false;
