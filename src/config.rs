@@ -597,6 +597,48 @@ mod tests {
     }
 
     #[test]
+    fn replicas_and_agent_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.md"), "do the work").unwrap();
+        let c = Config::parse(
+            "[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"x.toml\"\n[agents.coder]\nrole = \"coder\"\ncount = 2\ncommand = \"claude -p {prompt}\"\nprompt_file = \"p.md\"\nrestart = \"always\"\nbackoff = \"50ms\"\nenv = { A = \"1\" }\n[agents.x]\nrole = \"r\"\ncommand = [\"a b\", \"c\"]\n",
+            &dir.path().join("c.toml"),
+        )
+        .unwrap();
+        let names: Vec<&str> = c.agents.keys().map(String::as_str).collect();
+        assert_eq!(names, ["coder-1", "coder-2", "x"]);
+        let a = &c.agents["coder-2"];
+        assert_eq!(a.replica_of.as_deref(), Some("coder"));
+        assert_eq!(a.prompt.as_deref(), Some("do the work"));
+        assert_eq!(a.restart, RestartPolicy::Always);
+        assert_eq!(a.backoff.unwrap().0, std::time::Duration::from_millis(50));
+        assert_eq!(
+            a.command.as_ref().unwrap().argv(),
+            ["claude", "-p", "{prompt}"]
+        );
+        assert_eq!(c.agents["x"].command.as_ref().unwrap().argv(), ["a b", "c"]);
+        assert_eq!(c.agents["x"].restart, RestartPolicy::OnFailure);
+        let bad = |agents: &str| {
+            Config::parse(
+                &format!("[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"x\"\n{agents}"),
+                &dir.path().join("c.toml"),
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(bad("[agents.a]\nrole = \"r\"\ncount = 0\n").contains("count"));
+        assert!(
+            bad("[agents.a]\nrole = \"r\"\ncount = 2\n[agents.a-1]\nrole = \"r\"\n")
+                .contains("used twice")
+        );
+        assert!(
+            bad("[agents.a]\nrole = \"r\"\nprompt = \"x\"\nprompt_file = \"p.md\"\n")
+                .contains("not both")
+        );
+        assert!(bad("[agents.a]\nrole = \"r\"\nrestart = \"sometimes\"\n").contains("sometimes"));
+    }
+
+    #[test]
     fn rejects_bad_agent_names_and_bounds() {
         let bad = |extra: &str| {
             Config::parse(

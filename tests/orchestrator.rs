@@ -344,10 +344,19 @@ fn agent_restart_restarts_only_that_agent_and_sigterm_leaves_nothing_behind() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("agents: a, b"));
 
+    // Stop and start b alone: stopped is final (no restart despite "always").
+    assert!(d.cordon(&["agent", "stop", "b"]).status.success());
+    d.until("b stopped", |s| d.agent(s, "b")["state"] == "stopped");
+    assert!(group_gone(b1.as_i64().unwrap()));
+    assert!(d.cordon(&["agent", "start", "b"]).status.success());
+    let s = d.until("b running again", |s| running(s, "b"));
+    let b2 = d.agent(&s, "b")["pid"].as_i64().unwrap();
+    assert_eq!(d.agent(&s, "a")["pid"], a2);
+
     kill_process(Pid::from_raw(up.id() as i32).unwrap(), Signal::TERM).unwrap();
     let status = wait(&mut up);
     assert!(status.success(), "{}", d.logs());
-    for pid in [a2, b1.as_i64().unwrap()] {
+    for pid in [a2, b2] {
         assert!(group_gone(pid), "agent group {pid} survived\n{}", d.logs());
     }
     assert!(gone(gateway), "the gateway survived");
