@@ -808,6 +808,7 @@ impl Up {
                     "restarts": a.restarts,
                     "uptime_s": a.started.map(|t| t.elapsed().as_secs()),
                     "memory_bytes": a.pid.and_then(|p| process::memory(p, &a.spec.plan)),
+                    "pids": a.pid.and_then(|p| process::pids(p, &a.spec.plan)),
                     "calls": s.calls,
                     "denials": s.denials,
                     "errors": s.errors,

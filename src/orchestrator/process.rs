@@ -126,9 +126,21 @@ pub fn cleanup(pid: i32, plan: &Plan) {
     }
 }
 
-/// Whether any process of the group is still alive.
-pub fn group_alive(pgid: i32) -> bool {
-    Pid::from_raw(pgid).is_some_and(|p| rustix::process::test_kill_process_group(p).is_ok())
+/// Processes of the agent: its cgroup's `pids.current` when it has one, else
+/// the live members of its process group.
+pub fn pids(pid: i32, plan: &Plan) -> Option<u64> {
+    for (c, dir) in cgroup_dirs(plan) {
+        if c.name == "pids" {
+            if let Some(n) = read_number(&dir.join("pids.current")) {
+                return Some(n);
+            }
+        }
+    }
+    group_members(pid).map(|(n, _)| n)
+}
+
+fn read_number(path: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// Bytes of memory: the cgroup's usage when it has one, else the resident
@@ -142,16 +154,18 @@ pub fn memory(pid: i32, plan: &Plan) -> Option<u64> {
             Version::V1 => "memory.usage_in_bytes",
             Version::V2 => "memory.current",
         };
-        if let Some(n) = std::fs::read_to_string(dir.join(file))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-        {
+        if let Some(n) = read_number(&dir.join(file)) {
             return Some(n);
         }
     }
+    group_members(pid).map(|(_, rss)| rss)
+}
+
+/// (count, resident bytes) of the live processes whose process group is `pgid`.
+fn group_members(pgid: i32) -> Option<(u64, u64)> {
     let page = rustix::param::page_size() as u64;
     let mut total = 0u64;
-    let mut found = false;
+    let mut count = 0u64;
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let name = entry.file_name();
         let Some(p) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -165,8 +179,10 @@ pub fn memory(pid: i32, plan: &Plan) -> Option<u64> {
         };
         let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
         // After the command: state(0) ppid(1) pgrp(2) … rss(21), in pages.
-        if fields.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(pid) {
-            found = true;
+        if fields.get(2).and_then(|g| g.parse::<i32>().ok()) == Some(pgid)
+            && fields.first() != Some(&"Z")
+        {
+            count += 1;
             total += fields
                 .get(21)
                 .and_then(|r| r.parse::<u64>().ok())
@@ -174,5 +190,5 @@ pub fn memory(pid: i32, plan: &Plan) -> Option<u64> {
                 * page;
         }
     }
-    found.then_some(total)
+    (count > 0).then_some((count, total))
 }
