@@ -447,3 +447,46 @@ fn a_memory_hog_is_killed_alone_in_its_cgroup() {
     kill_process(Pid::from_raw(up.id() as i32).unwrap(), Signal::TERM).unwrap();
     wait(&mut up);
 }
+
+#[test]
+fn script_checks_outcomes_and_fails_on_a_wrong_expectation() {
+    let gw = common::Gateway::start_with_policy(
+        "",
+        common::CODER,
+        "[roles.coder]\ntools = [\"kv_get\", \"kv_put\"]\nread = [\"/a/**\"]\nwrite = [\"/a/**\"]\n",
+    );
+    let script = gw.dir.join("s.toml");
+    let run = |text: &str| {
+        std::fs::write(&script, text).unwrap();
+        Command::new(BIN)
+            .arg("script")
+            .arg(&script)
+            .arg("--socket")
+            .arg(gw.socket("coder"))
+            .output()
+            .unwrap()
+    };
+    // A put allowed, a put outside the scope denied, a tool the role lacks
+    // denied, a missing key's error code, and a saved value used later.
+    let ok = run(concat!(
+        "[[step]]\ntool = \"kv_put\"\nargs = { key = \"/a/x\", value = 1 }\nsave = { rev = \"revision\" }\n",
+        "[[step]]\ntool = \"kv_get\"\nargs = { key = \"/a/x\" }\nresult = { value = 1, revision = \"${rev}\" }\n",
+        "[[step]]\ntool = \"kv_put\"\nargs = { key = \"/b\", value = 1 }\nexpect = \"deny\"\ncode = \"denied\"\n",
+        "[[step]]\ntool = \"kv_delete\"\nargs = { key = \"/a/x\" }\nexpect = \"deny\"\n",
+        "[[step]]\ntool = \"kv_get\"\nargs = { key = \"/a/none\" }\nexpect = \"error\"\ncode = \"not_found\"\n",
+    ));
+    assert!(ok.status.success(), "{ok:?}");
+    let out = String::from_utf8_lossy(&ok.stdout);
+    let last: Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["type"], "result");
+    assert_eq!(
+        (last["calls"].as_u64(), last["denials"].as_u64()),
+        (Some(5), Some(2))
+    );
+
+    let bad = run(
+        "[[step]]\ntool = \"kv_put\"\nargs = { key = \"/a/y\", value = 1 }\nexpect = \"deny\"\n",
+    );
+    assert_eq!(bad.status.code(), Some(1), "{bad:?}");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("expected Deny"));
+}

@@ -345,5 +345,7 @@ mod tests {
             .any(|t| t.ends_with("kv_txn") || t.ends_with("kv_delete")));
         let demo = Config::load(&repo.join("configs/demo.toml")).unwrap();
         assert_eq!(demo.agents.len(), 4);
+        let manual = Config::load(&repo.join("configs/manual.toml")).unwrap();
+        assert!(manual.agents.values().all(|a| a.sandbox.is_none()));
     }
 }
