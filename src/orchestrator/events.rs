@@ -68,13 +68,35 @@ pub fn parse_line(line: &str, stats: &mut Stats) -> Vec<Value> {
         Some("system") => {
             let servers = v.get("mcp_servers").cloned().unwrap_or(Value::Null);
             out.push(json!({"kind": "init", "subtype": v.get("subtype"), "mcp_servers": servers}));
-            stats.last_event = format!(
-                "init{}",
-                v.get("subtype")
-                    .and_then(Value::as_str)
-                    .map(|s| format!(" ({s})"))
-                    .unwrap_or_default()
-            );
+            // Claude Code lists its MCP servers: one that did not connect
+            // means the agent runs without the gateway.
+            let down: Vec<String> = servers
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|s| s.get("status").and_then(Value::as_str) != Some("connected"))
+                .map(|s| {
+                    format!(
+                        "{} {}",
+                        s.get("name").and_then(Value::as_str).unwrap_or("?"),
+                        s.get("status").and_then(Value::as_str).unwrap_or("?")
+                    )
+                })
+                .collect();
+            if !down.is_empty() {
+                stats.errors += 1;
+            }
+            stats.last_event = if down.is_empty() {
+                format!(
+                    "init{}",
+                    v.get("subtype")
+                        .and_then(Value::as_str)
+                        .map(|s| format!(" ({s})"))
+                        .unwrap_or_default()
+                )
+            } else {
+                format!("init: MCP server {}", down.join(", "))
+            };
         }
         Some("assistant") => {
             stats.turns += 1;
@@ -200,6 +222,11 @@ mod tests {
         assert_eq!(s.result.as_deref(), Some("done"));
         assert_eq!(s.result_is_error, Some(false));
         assert_eq!(parse_line("not json", &mut s)[0]["kind"], "output");
+        parse_line(
+            r#"{"type":"system","subtype":"init","mcp_servers":[{"name":"cordon","status":"failed"}]}"#,
+            &mut s,
+        );
+        assert_eq!(s.last_event, "init: MCP server cordon failed");
     }
 
     #[test]

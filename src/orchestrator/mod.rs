@@ -472,11 +472,17 @@ impl Up {
         let name = spec.name.clone();
         let reader = tokio::spawn(async move {
             let Some(stdout) = stdout else { return };
-            let mut log = std::fs::OpenOptions::new()
+            let mut log = match std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&events_path)
-                .ok();
+            {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::error!(agent = %name, path = %events_path.display(), error = %e, "cannot open the event log; events are counted but not kept");
+                    None
+                }
+            };
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 if line.trim().is_empty() {
