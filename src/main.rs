@@ -121,8 +121,11 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AgentCommand {
+    /// Start a stopped, exited or failed agent (its restart count in the window starts over).
     Start(AgentArgs),
+    /// SIGTERM to the agent's whole tree, SIGKILL after its stop_grace; it stays stopped.
     Stop(AgentArgs),
+    /// Stop the agent, then start it again; the others are not touched.
     Restart(AgentArgs),
 }
 
