@@ -490,3 +490,44 @@ fn script_checks_outcomes_and_fails_on_a_wrong_expectation() {
     assert_eq!(bad.status.code(), Some(1), "{bad:?}");
     assert!(String::from_utf8_lossy(&bad.stderr).contains("expected Deny"));
 }
+
+#[test]
+fn ctrl_c_stops_the_agents_first_then_the_gateway() {
+    let agents = "[agents.a]\nrole = \"worker\"\ncommand = [\"/bin/sh\", \"-c\", \"echo up; sleep 1000 & wait\"]\nsandbox = \"shell.toml\"\n";
+    let d = Deployment::new(ALLOW_ALL, agents);
+    // Ctrl-C on a terminal: SIGINT to the foreground process group, which
+    // `cordon up` leads here.
+    let mut up = {
+        use std::os::unix::process::CommandExt;
+        Command::new(BIN)
+            .arg("up")
+            .arg(&d.config)
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(d.dir.join("up.out")).unwrap())
+            .stderr(std::fs::File::create(d.dir.join("up.err")).unwrap())
+            .spawn()
+            .unwrap()
+    };
+    let s = d.until("a running", |s| d.agent(s, "a")["state"] == "running");
+    let a = d.agent(&s, "a")["pid"].as_i64().unwrap();
+    rustix::process::kill_process_group(Pid::from_raw(up.id() as i32).unwrap(), Signal::INT)
+        .unwrap();
+    assert!(wait(&mut up).success(), "{}", d.logs());
+    assert!(group_gone(a));
+    // The gateway heard that the agent stopped before it was told to stop.
+    let log = std::fs::read_to_string(d.dir.join("state/run/up/gateway.log")).unwrap();
+    let unregistered = log
+        .lines()
+        .position(|l| l.contains("agent root process registered") && !l.contains("pid="))
+        .expect(&log);
+    let shutdown = log
+        .lines()
+        .position(|l| l.contains("shutting down"))
+        .expect(&log);
+    assert!(unregistered < shutdown, "{log}");
+    assert!(
+        log.contains("signal=\"SIGTERM\""),
+        "the gateway got Ctrl-C itself: {log}"
+    );
+}
