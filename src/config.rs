@@ -221,10 +221,79 @@ impl Default for AuditConfig {
 pub struct AgentConfig {
     pub role: String,
     /// The only uid allowed to connect to this agent's socket. Unset: the uid the
-    /// gateway runs as.
+    /// sandbox profile gives the agent (`user = "auto"` under root), else the
+    /// uid the gateway runs as.
     pub uid: Option<u32>,
     /// The agent's sandbox profile: a file (relative to this config) or an inline table.
     pub sandbox: Option<crate::sandbox::profile::ProfileSource>,
+    /// What `cordon up` runs (see `orchestrator::spec`): an argv list or one
+    /// string split on whitespace; placeholders such as `{prompt}`, `{socket}`.
+    pub command: Option<CommandTemplate>,
+    /// `claude` (Claude Code: cordon adds --mcp-config, --strict-mcp-config and
+    /// --allowedTools) or `command`; default: `claude` when the program is named so.
+    pub kind: Option<AgentKind>,
+    /// The task, for `{prompt}`.
+    pub prompt: Option<String>,
+    /// The task read from a file (relative to this config), for `{prompt}`.
+    pub prompt_file: Option<PathBuf>,
+    /// Working directory (relative to this config); default
+    /// `<runtime_dir>/up/<name>/work`.
+    pub workdir: Option<PathBuf>,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// First restart delay; doubles on each restart up to `max_backoff`.
+    pub backoff: Option<Span>,
+    pub max_backoff: Option<Span>,
+    /// Give up (state `failed`) after this many restarts within `restart_window`.
+    pub max_restarts: Option<u32>,
+    pub restart_window: Option<Span>,
+    /// How long a stopping agent gets between SIGTERM and SIGKILL.
+    pub stop_grace: Option<Span>,
+    /// Extra environment of the agent (on top of its profile's `env`).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Replicas: `count = 2` runs `<name>-1` and `<name>-2`, each its own agent
+    /// (socket, uid, audit identity).
+    pub count: Option<u32>,
+    /// For a replica: the `[agents.<name>]` it was made from.
+    #[serde(skip)]
+    pub replica_of: Option<String>,
+}
+
+/// An agent's command: `["claude", "-p", "{prompt}"]` or `"claude -p {prompt}"`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum CommandTemplate {
+    Argv(Vec<String>),
+    Line(String),
+}
+
+impl CommandTemplate {
+    pub fn argv(&self) -> Vec<String> {
+        match self {
+            CommandTemplate::Argv(v) => v.clone(),
+            CommandTemplate::Line(s) => s.split_whitespace().map(String::from).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentKind {
+    Claude,
+    Command,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Any exit is final.
+    Never,
+    /// Restart after a failure; a clean exit (status 0) is final.
+    #[default]
+    OnFailure,
+    /// Restart after every exit.
+    Always,
 }
 
 impl Config {
@@ -259,9 +328,110 @@ impl Config {
                     message: format!("agents.{name}.sandbox: {e}"),
                 })?;
             }
+            if let Some(w) = &mut agent.workdir {
+                *w = normalize(&base.join(&*w));
+            }
+            if let Some(file) = agent.prompt_file.take() {
+                let file = normalize(&base.join(file));
+                if agent.prompt.is_some() {
+                    return Err(ConfigError::Invalid {
+                        path: path.to_path_buf(),
+                        message: format!("agents.{name}: give prompt or prompt_file, not both"),
+                    });
+                }
+                agent.prompt =
+                    Some(
+                        std::fs::read_to_string(&file).map_err(|e| ConfigError::Invalid {
+                            path: path.to_path_buf(),
+                            message: format!("agents.{name}.prompt_file {}: {e}", file.display()),
+                        })?,
+                    );
+                agent.prompt_file = Some(file);
+            }
         }
+        config.expand_replicas()?;
+        config.assign_profile_uids()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// `count = N` becomes N agents `<name>-1` … `<name>-N`: each replica has
+    /// its own socket and identity, so the audit and the policy's rate limits
+    /// tell them apart.
+    fn expand_replicas(&mut self) -> Result<(), ConfigError> {
+        let mut out = BTreeMap::new();
+        for (name, agent) in std::mem::take(&mut self.agents) {
+            match agent.count {
+                None | Some(1) => {
+                    if out.insert(name.clone(), agent).is_some() {
+                        return Err(self.invalid(format!(
+                            "agent name {name:?} is used twice (a replica of another agent has it)"
+                        )));
+                    }
+                }
+                Some(0) => {
+                    return Err(self.invalid(format!("agents.{name}.count must be at least 1")))
+                }
+                Some(n) => {
+                    for i in 1..=n {
+                        let mut replica = agent.clone();
+                        replica.count = None;
+                        replica.replica_of = Some(name.clone());
+                        let rname = format!("{name}-{i}");
+                        if out.insert(rname.clone(), replica).is_some() {
+                            return Err(self.invalid(format!(
+                                "agent name {rname:?} is used twice (a replica of {name:?} has it)"
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+        self.agents = out;
+        Ok(())
+    }
+
+    /// Under root, an agent whose profile says `user = "auto"` runs as
+    /// `uid_range[0] + <its index in the deployment>`; the gateway must expect
+    /// that uid on its socket, and `cordon up` builds the same plan
+    /// (`sandbox::plan::PlanInput::uid_index` = this index).
+    fn assign_profile_uids(&mut self) -> Result<(), ConfigError> {
+        if !rustix::process::geteuid().is_root() {
+            return Ok(());
+        }
+        let mut too_many = None;
+        for (index, (name, agent)) in self.agents.iter_mut().enumerate() {
+            if agent.uid.is_some() {
+                continue;
+            }
+            let Some(profile) = agent.sandbox.as_ref().and_then(|s| s.profile()) else {
+                continue;
+            };
+            if profile.user == crate::sandbox::profile::UserSpec::Auto {
+                let [lo, hi] = profile
+                    .uid_range
+                    .unwrap_or(crate::sandbox::profile::DEPLOYMENT_UID_RANGE);
+                let index = u32::try_from(index).unwrap_or(u32::MAX);
+                // Agents never share a uid: past the range is an error (as in
+                // sandbox::plan), never a wrap-around.
+                match lo.checked_add(index).filter(|uid| *uid <= hi) {
+                    Some(uid) => agent.uid = Some(uid),
+                    None => too_many = Some((name.clone(), lo, hi)),
+                }
+            }
+        }
+        if let Some((name, lo, hi)) = too_many {
+            return Err(self.invalid(format!(
+                "agent {name:?} has no uid of its own in uid_range [{lo}, {hi}]; widen the profile's uid_range (agents never share a uid)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The index `assign_profile_uids` used for an agent.
+    pub fn agent_index(&self, name: &str) -> u32 {
+        let i = self.agents.keys().position(|k| k == name).unwrap_or(0);
+        u32::try_from(i).unwrap_or(u32::MAX)
     }
 
     fn invalid(&self, message: String) -> ConfigError {
@@ -331,6 +501,11 @@ impl Config {
 
     pub fn admin_socket(&self) -> PathBuf {
         self.gateway.runtime_dir.join("admin.sock")
+    }
+
+    /// The orchestrator's control socket (`cordon agent`, `cordon status`).
+    pub fn up_socket(&self) -> PathBuf {
+        self.gateway.runtime_dir.join("up.sock")
     }
 
     pub fn agent_socket(&self, agent: &str) -> PathBuf {
@@ -433,6 +608,48 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("wirte") && err.contains("line 8"), "{err}");
+    }
+
+    #[test]
+    fn replicas_and_agent_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("p.md"), "do the work").unwrap();
+        let c = Config::parse(
+            "[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"x.toml\"\n[agents.coder]\nrole = \"coder\"\ncount = 2\ncommand = \"claude -p {prompt}\"\nprompt_file = \"p.md\"\nrestart = \"always\"\nbackoff = \"50ms\"\nenv = { A = \"1\" }\n[agents.x]\nrole = \"r\"\ncommand = [\"a b\", \"c\"]\n",
+            &dir.path().join("c.toml"),
+        )
+        .unwrap();
+        let names: Vec<&str> = c.agents.keys().map(String::as_str).collect();
+        assert_eq!(names, ["coder-1", "coder-2", "x"]);
+        let a = &c.agents["coder-2"];
+        assert_eq!(a.replica_of.as_deref(), Some("coder"));
+        assert_eq!(a.prompt.as_deref(), Some("do the work"));
+        assert_eq!(a.restart, RestartPolicy::Always);
+        assert_eq!(a.backoff.unwrap().0, std::time::Duration::from_millis(50));
+        assert_eq!(
+            a.command.as_ref().unwrap().argv(),
+            ["claude", "-p", "{prompt}"]
+        );
+        assert_eq!(c.agents["x"].command.as_ref().unwrap().argv(), ["a b", "c"]);
+        assert_eq!(c.agents["x"].restart, RestartPolicy::OnFailure);
+        let bad = |agents: &str| {
+            Config::parse(
+                &format!("[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"x\"\n{agents}"),
+                &dir.path().join("c.toml"),
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(bad("[agents.a]\nrole = \"r\"\ncount = 0\n").contains("count"));
+        assert!(
+            bad("[agents.a]\nrole = \"r\"\ncount = 2\n[agents.a-1]\nrole = \"r\"\n")
+                .contains("used twice")
+        );
+        assert!(
+            bad("[agents.a]\nrole = \"r\"\nprompt = \"x\"\nprompt_file = \"p.md\"\n")
+                .contains("not both")
+        );
+        assert!(bad("[agents.a]\nrole = \"r\"\nrestart = \"sometimes\"\n").contains("sometimes"));
     }
 
     #[test]

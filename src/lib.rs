@@ -6,6 +6,7 @@ pub mod audit;
 pub mod bridge;
 pub mod config;
 pub mod gateway;
+pub mod orchestrator;
 pub mod policy;
 pub mod sandbox;
 pub mod store;

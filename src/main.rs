@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use cordon::policy::{explain, Policy};
-use cordon::{audit, bridge, config, gateway, sandbox};
+use cordon::{audit, bridge, config, gateway, orchestrator, sandbox};
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +41,9 @@ enum Command {
         /// Deployment config (TOML): [gateway] store, runtime_dir, bounds; [agents.*].
         #[arg(long, short, env = "CORDON_CONFIG")]
         config: PathBuf,
+        /// Started by `cordon up`: serve an agent only once its root process is registered.
+        #[arg(long, hide = true)]
+        managed: bool,
     },
     /// Relay stdin/stdout to a gateway socket (what an agent's MCP client runs).
     ///
@@ -69,9 +72,69 @@ enum Command {
         #[command(subcommand)]
         command: sandbox::SandboxCommand,
     },
+    /// Run a deployment: the gateway, then every agent in its sandbox; supervise
+    /// and restart them; stop everything on SIGINT/SIGTERM (agents first).
+    ///
+    /// Exits 0 when every agent finished successfully (or after a signal), 1
+    /// when one failed. On a terminal, shows a live status table.
+    Up {
+        /// Deployment config (TOML) with [agents.*] command, sandbox, restart, …
+        config: PathBuf,
+    },
+    /// Start, stop or restart one agent of a running `cordon up` (a replica
+    /// group's base name, e.g. `coder`, means all of its replicas).
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+    /// The agents of a running `cordon up`: name, role, uid, pid, state,
+    /// restarts, uptime, memory, calls, denials, last event.
+    Status {
+        #[arg(long, short, env = "CORDON_CONFIG")]
+        config: PathBuf,
+        /// One JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a TOML list of tool calls as an agent, checking each outcome
+    /// (allow, deny, error code, values); exit 1 if any expectation fails.
+    Script {
+        /// The script (see `orchestrator::script` for the format).
+        file: PathBuf,
+        /// The agent's socket (default: $CORDON_SOCKET, set by `cordon up`).
+        #[arg(long, env = "CORDON_SOCKET")]
+        socket: Option<PathBuf>,
+        /// Instead of --socket: the deployment config and the agent's name.
+        #[arg(long, short, requires = "agent")]
+        config: Option<PathBuf>,
+        /// The agent's name, `${agent}` in the script (default: $CORDON_AGENT).
+        #[arg(long, env = "CORDON_AGENT")]
+        agent: Option<String>,
+        /// Talk through `cordon bridge` (as Claude Code does) instead of the socket.
+        #[arg(long)]
+        bridge: bool,
+    },
     /// Internal: apply a sandbox plan to this process, then execve the command.
     #[command(hide = true)]
     SandboxExec(sandbox::ExecArgs),
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Start a stopped, exited or failed agent (its restart count in the window starts over).
+    Start(AgentArgs),
+    /// SIGTERM to the agent's whole tree, SIGKILL after its stop_grace; it stays stopped.
+    Stop(AgentArgs),
+    /// Stop the agent, then start it again; the others are not touched.
+    Restart(AgentArgs),
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// The agent (or replica group).
+    name: String,
+    #[arg(long, short, env = "CORDON_CONFIG")]
+    config: PathBuf,
 }
 
 #[derive(clap::Args, Clone)]
@@ -205,6 +268,8 @@ fn init_logging(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rmcp=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colours only for a terminal: `cordon up` sends the gateway's log to a file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -215,11 +280,43 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Gateway { config } => {
+        Command::Gateway { config, managed } => {
             init_logging(cli.log_format);
-            run_gateway(config)
+            run_gateway(config, managed)
         }
         Command::Bridge { socket } => run_bridge(socket),
+        Command::Up { config } => {
+            let live = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            if live {
+                // The live table owns the terminal; only problems are logged.
+                let filter = tracing_subscriber::EnvFilter::try_from_env("CORDON_LOG")
+                    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+                tracing_subscriber::fmt()
+                    .with_env_filter(filter)
+                    .with_writer(std::io::stderr)
+                    .init();
+            } else {
+                init_logging(cli.log_format);
+            }
+            match run_up(config, live) {
+                Ok(true) => return ExitCode::SUCCESS,
+                Ok(false) => return ExitCode::FAILURE,
+                Err(e) => Err(e),
+            }
+        }
+        Command::Agent { command } => run_agent(command),
+        Command::Status { config, json } => run_status(config, json),
+        Command::Script {
+            file,
+            socket,
+            config,
+            agent,
+            bridge,
+        } => match run_script(file, socket, config, agent, bridge) {
+            Ok(true) => return ExitCode::SUCCESS,
+            Ok(false) => return ExitCode::FAILURE,
+            Err(e) => Err(e),
+        },
         Command::Policy { command } => run_policy(command),
         Command::Audit { command } => run_audit(command),
         // Both exit with the sandboxed command's own status.
@@ -249,14 +346,70 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
-fn run_gateway(path: PathBuf) -> anyhow::Result<()> {
+fn run_gateway(path: PathBuf, managed: bool) -> anyhow::Result<()> {
     let config = config::Config::load(&path)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(gateway::run(config))?;
+    runtime.block_on(gateway::run_with(config, managed))?;
     Ok(())
+}
+
+fn run_up(path: PathBuf, live: bool) -> anyhow::Result<bool> {
+    let config = config::Config::load(&path)?;
+    // One thread: see orchestrator's module docs (parent-death signals).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    Ok(runtime.block_on(orchestrator::up(config, orchestrator::Options { live }))?)
+}
+
+fn run_agent(command: AgentCommand) -> anyhow::Result<()> {
+    let (op, args) = match command {
+        AgentCommand::Start(a) => ("start", a),
+        AgentCommand::Stop(a) => ("stop", a),
+        AgentCommand::Restart(a) => ("restart", a),
+    };
+    let config = config::Config::load(&args.config)?;
+    let answer = orchestrator::control::request(
+        &config.up_socket(),
+        &serde_json::json!({"op": op, "agent": args.name}),
+    )?;
+    if answer["ok"] != true {
+        anyhow::bail!("{}", answer["error"].as_str().unwrap_or("refused"));
+    }
+    println!("{op}: {}", answer["agents"]);
+    Ok(())
+}
+
+fn run_status(path: PathBuf, json: bool) -> anyhow::Result<()> {
+    let config = config::Config::load(&path)?;
+    let answer =
+        orchestrator::control::request(&config.up_socket(), &serde_json::json!({"op": "status"}))?;
+    if json {
+        println!("{answer}");
+    } else {
+        print!("{}", orchestrator::status::table(&answer));
+    }
+    Ok(())
+}
+
+fn run_script(
+    file: PathBuf,
+    socket: Option<PathBuf>,
+    config: Option<PathBuf>,
+    agent: Option<String>,
+    bridge: bool,
+) -> anyhow::Result<bool> {
+    let socket = match (socket, &config, &agent) {
+        (_, Some(c), Some(a)) => config::Config::load(c)?.agent_socket(a),
+        (Some(s), _, _) => s,
+        _ => anyhow::bail!("give --socket (or $CORDON_SOCKET), or --config and --agent"),
+    };
+    let agent = agent.unwrap_or_else(|| "script".into());
+    Ok(orchestrator::script::run(&file, &socket, &agent, bridge)?)
 }
 
 fn run_bridge(socket: PathBuf) -> anyhow::Result<()> {

@@ -4,7 +4,9 @@
 POST /v1/messages answers with a streamed (SSE) reply. While the conversation has
 no tool_result yet and the request offers the tool named in argv[1], it asks for
 one call of that tool with the JSON input in argv[2]; once the tool_result is
-back, it answers with text that quotes the result, and `end_turn`. Requests that
+back, it answers with text that quotes the result, and `end_turn`. When argv[2]
+is a JSON list, it asks for one call per element, in turn (the next once the
+previous tool_result is back), then ends the turn. Requests that
 offer no such tool (title generation and the like) get a short text reply.
 
 Prints the port it listens on (127.0.0.1, an ephemeral port) as the first line
@@ -67,12 +69,14 @@ class Handler(BaseHTTPRequestHandler):
             "id": "msg_mock", "type": "message", "role": "assistant", "model": model,
             "content": [], "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": 10, "output_tokens": 1}}})]
-        if TOOL in offered and not results:
+        inputs = TOOL_INPUT if isinstance(TOOL_INPUT, list) else [TOOL_INPUT]
+        if TOOL in offered and len(results) < len(inputs):
+            tool_input = inputs[len(results)]
             events += [
                 sse("content_block_start", {"type": "content_block_start", "index": 0,
-                    "content_block": {"type": "tool_use", "id": "toolu_mock1", "name": TOOL, "input": {}}}),
+                    "content_block": {"type": "tool_use", "id": f"toolu_mock{len(results) + 1}", "name": TOOL, "input": {}}}),
                 sse("content_block_delta", {"type": "content_block_delta", "index": 0,
-                    "delta": {"type": "input_json_delta", "partial_json": json.dumps(TOOL_INPUT)}}),
+                    "delta": {"type": "input_json_delta", "partial_json": json.dumps(tool_input)}}),
                 sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
                 sse("message_delta", {"type": "message_delta",
                     "delta": {"stop_reason": "tool_use", "stop_sequence": None}, "usage": {"output_tokens": 5}}),

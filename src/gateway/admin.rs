@@ -4,6 +4,9 @@
 //! - `{"op": "policy_reload"}` → `{"ok": true, "policy": …, "hash": …, "tests_passed": N, "warnings": […]}`
 //!   or `{"ok": false, "error": "…"}` (the running policy stays in force)
 //! - `{"op": "status"}` → `{"ok": true, "revision": N, "policy": …, "hash": …, "agents": {…}}`
+//! - `{"op": "agent_root", "agent": NAME, "pid": N | null}` → `{"ok": true}`: from
+//!   `cordon up`: the agent's root process (or none: not running); from then on
+//!   a connecting peer must descend from it.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -43,6 +46,7 @@ pub(super) async fn serve(
     me: u32,
     shared: Arc<Shared>,
     config: Arc<Config>,
+    roots: Arc<super::roots::Roots>,
 ) {
     loop {
         let stream = tokio::select! {
@@ -74,20 +78,26 @@ pub(super) async fn serve(
         }
         let shared = shared.clone();
         let config = config.clone();
+        let roots = roots.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &shared, &config).await {
+            if let Err(e) = handle(stream, &shared, &config, &roots).await {
                 tracing::debug!(error = %e, "admin connection ended");
             }
         });
     }
 }
 
-async fn handle(stream: UnixStream, shared: &Shared, config: &Config) -> std::io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    shared: &Shared,
+    config: &Config,
+    roots: &super::roots::Roots,
+) -> std::io::Result<()> {
     let (rd, mut wr) = stream.into_split();
     let mut lines = BufReader::new(rd.take(MAX_REQUEST as u64 * 16)).lines();
     while let Some(line) = lines.next_line().await? {
         let answer = match serde_json::from_str::<Value>(&line) {
-            Ok(req) => answer(&req, shared, config),
+            Ok(req) => answer(&req, shared, config, roots),
             Err(e) => json!({"ok": false, "error": format!("invalid JSON: {e}")}),
         };
         let mut out = answer.to_string().into_bytes();
@@ -97,8 +107,22 @@ async fn handle(stream: UnixStream, shared: &Shared, config: &Config) -> std::io
     Ok(())
 }
 
-fn answer(req: &Value, shared: &Shared, config: &Config) -> Value {
+fn answer(req: &Value, shared: &Shared, config: &Config, roots: &super::roots::Roots) -> Value {
     match req.get("op").and_then(Value::as_str) {
+        Some("agent_root") => {
+            let agent = req.get("agent").and_then(Value::as_str).unwrap_or_default();
+            if !config.agents.contains_key(agent) {
+                return json!({"ok": false, "error": format!("no agent {agent:?} in this deployment")});
+            }
+            let pid = req
+                .get("pid")
+                .and_then(Value::as_i64)
+                .and_then(|p| i32::try_from(p).ok())
+                .filter(|p| *p > 1);
+            roots.set(agent, pid);
+            tracing::info!(agent, pid, "agent root process registered");
+            json!({"ok": true})
+        }
         Some("policy_reload") => match super::reload_policy(shared, config) {
             Ok(p) => json!({
                 "ok": true,
@@ -130,7 +154,7 @@ fn answer(req: &Value, shared: &Shared, config: &Config) -> Value {
             })
         }
         Some(other) => {
-            json!({"ok": false, "error": format!("unknown op {other:?} (ops: policy_reload, status)")})
+            json!({"ok": false, "error": format!("unknown op {other:?} (ops: policy_reload, status, agent_root)")})
         }
         None => json!({"ok": false, "error": "missing \"op\""}),
     }

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod request;
+pub mod roots;
 mod session;
 pub mod tools;
 mod transport;
@@ -82,7 +83,19 @@ struct Listener {
 /// Runs the gateway until SIGTERM or SIGINT, then shuts down in order: stop
 /// accepting, let in-flight calls finish, close sessions, commit, remove sockets.
 pub async fn run(config: Config) -> Result<(), GatewayError> {
+    run_with(config, false).await
+}
+
+/// `managed`: started by `cordon up`, which registers each agent's root pid
+/// over the admin socket (`agent_root`); until then, and whenever the agent is
+/// not running, its socket serves nobody (see `roots`).
+pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError> {
     let config = Arc::new(config);
+    let roots = Arc::new(if managed {
+        roots::Roots::managed(config.agents.keys())
+    } else {
+        roots::Roots::default()
+    });
     if config.agents.is_empty() {
         return Err(GatewayError::NoAgents {
             path: config.path.clone(),
@@ -203,6 +216,7 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
             l,
             agent_cfg,
             shared.clone(),
+            roots.clone(),
             sessions.clone(),
             sessions_token.clone(),
             next_conn.clone(),
@@ -216,6 +230,7 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
         me,
         shared.clone(),
         config.clone(),
+        roots.clone(),
     ));
     accepting.close();
 
@@ -520,6 +535,7 @@ async fn accept_loop(
     l: Listener,
     agent: AgentConfig,
     shared: Arc<Shared>,
+    roots: Arc<roots::Roots>,
     sessions: TaskTracker,
     sessions_token: CancellationToken,
     next_conn: Arc<AtomicU64>,
@@ -569,6 +585,21 @@ async fn accept_loop(
                 &mut stream,
                 -32001,
                 &format!("connection refused: peer credentials do not match agent {agent_name}"),
+            )
+            .await;
+            continue;
+        }
+        // Under `cordon up`: the peer must be the agent's process or descend from it.
+        if let Err(reason) = roots.check(&agent_name, cred.pid()) {
+            refused(&shared, &agent_name, &role, cred.uid(), cred.pid(), reason);
+            tracing::warn!(
+                agent = %agent_name, conn, peer_uid = cred.uid(), peer_pid = cred.pid(),
+                "connection refused: {reason}"
+            );
+            transport::refuse(
+                &mut stream,
+                -32001,
+                &format!("connection refused: peer process is not agent {agent_name}'s ({reason})"),
             )
             .await;
             continue;

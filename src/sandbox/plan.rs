@@ -264,7 +264,6 @@ impl Plan {
 /// Makes the plan fd number `target` in the child of `command` (which must run
 /// `sandbox-exec --plan-fd <target>`). Safe to use from a multi-threaded parent:
 /// the fd is placed between fork and exec, never made inheritable in the parent.
-#[allow(dead_code)] // see Plan::helper_command
 pub fn pass_plan_fd(command: &mut std::process::Command, plan_fd: OwnedFd, target: i32) {
     use std::os::unix::process::CommandExt;
     let raw = plan_fd.as_raw_fd();

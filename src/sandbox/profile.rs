@@ -215,8 +215,7 @@ impl ProfileSource {
         Ok(())
     }
 
-    // The orchestrator (next issue) builds each agent's plan from this.
-    #[allow(dead_code)]
+    /// The profile, once resolved (`Config::load` resolves every source).
     pub fn profile(&self) -> Option<&Profile> {
         match self {
             ProfileSource::Inline(p) => Some(p),

@@ -1,0 +1,838 @@
+//! `cordon up`: runs a whole deployment. The gateway as its own child process
+//! (`cordon gateway --managed`), then every agent through `cordon sandbox-exec`
+//! in its profile; supervises them (restart with exponential backoff, a cap of
+//! restarts in a window), reports them (control socket, status table, per-agent
+//! event logs) and stops them in order (agents first, gateway last).
+//!
+//! One thread: the runtime is current-thread, so every child is forked by the
+//! same long-lived thread (the helpers' parent-death signal is tied to the
+//! thread that forked them) and the state below needs no locks.
+
+pub mod control;
+pub mod events;
+pub mod process;
+pub mod script;
+pub mod spec;
+pub mod status;
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustix::process::Signal;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::{Config, RestartPolicy};
+use crate::gateway::admin;
+use crate::policy::Policy;
+use events::Stats;
+use spec::AgentSpec;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OrchestratorError {
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
+    #[error("agent {agent}: {message}")]
+    Agent { agent: String, message: String },
+    #[error("cannot prepare {path}: {source}")]
+    Prepare {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start agent {agent}: {source}")]
+    Spawn {
+        agent: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start the gateway: {message}")]
+    Gateway { message: String },
+    #[error("control socket {path}: {source}")]
+    Control {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cordon up is already running: {path} accepts connections")]
+    AlreadyRunning { path: PathBuf },
+    #[error("cannot install signal handler: {0}")]
+    Signal(std::io::Error),
+    #[error("the deployment defines no agents")]
+    NoAgents,
+}
+
+/// What the main loop hears about.
+pub enum Msg {
+    Exited {
+        idx: usize,
+        run: u64,
+        status: std::process::ExitStatus,
+        /// Its cgroup's memory limit was reached.
+        oom: bool,
+    },
+    /// A backoff elapsed: start the agent again (if still waiting for it).
+    Due {
+        idx: usize,
+        run: u64,
+    },
+    /// The stop grace elapsed: SIGKILL what is left.
+    KillDue {
+        idx: usize,
+        run: u64,
+    },
+    Control {
+        req: Value,
+        reply: oneshot::Sender<Value>,
+    },
+    GatewayExited {
+        generation: u64,
+        status: std::io::Result<std::process::ExitStatus>,
+    },
+    GatewayDue,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Starting,
+    Running,
+    /// Waiting out a backoff before the next start.
+    Backoff,
+    Stopping,
+    /// Stopped by an operator or at shutdown (final).
+    Stopped,
+    /// Exited and not restarted (final; `exit` tells how).
+    Exited,
+    /// Gave up: restart cap reached, or cannot be started (final).
+    Failed,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Running => "running",
+            State::Backoff => "backoff",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+            State::Exited => "exited",
+            State::Failed => "failed",
+        }
+    }
+
+    fn is_final(self) -> bool {
+        matches!(self, State::Stopped | State::Exited | State::Failed)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterExit {
+    /// By the restart policy.
+    Policy,
+    Stop,
+    Restart,
+}
+
+struct Agent {
+    spec: AgentSpec,
+    state: State,
+    pid: Option<i32>,
+    /// Bumped at every start and every cancelled wait, so stale timers and
+    /// exits of an earlier run are recognised.
+    run: u64,
+    restarts: u32,
+    /// Restarts made by the policy within the window.
+    recent: VecDeque<Instant>,
+    started: Option<Instant>,
+    after_exit: AfterExit,
+    /// How the last run ended: "exit 0", "exit 3", "signal 9".
+    exit: Option<String>,
+    succeeded: bool,
+    stats: Arc<Mutex<Stats>>,
+}
+
+struct GatewayProc {
+    pid: Option<i32>,
+    generation: u64,
+    restarts: u32,
+    backoff: Duration,
+    running: bool,
+}
+
+/// Longest wait for the gateway's admin socket to answer.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the gateway gets to stop, beyond its own shutdown grace.
+const GATEWAY_STOP_SLACK: Duration = Duration::from_secs(10);
+
+pub struct Options {
+    /// The live status table on stderr (a terminal); otherwise log lines.
+    pub live: bool,
+}
+
+struct Up {
+    config: Arc<Config>,
+    agents: Vec<Agent>,
+    gateway: GatewayProc,
+    tx: mpsc::UnboundedSender<Msg>,
+    shutting_down: bool,
+}
+
+fn lock(stats: &Mutex<Stats>) -> std::sync::MutexGuard<'_, Stats> {
+    // A poisoned lock means a panic mid-update of plain counters; they are
+    // still counters.
+    stats.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn exit_text(status: &std::process::ExitStatus) -> (String, bool) {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => (format!("exit {c}"), c == 0),
+        (None, Some(s)) => (format!("signal {s}"), false),
+        _ => ("unknown".into(), false),
+    }
+}
+
+/// Runs the deployment until every agent is final, or SIGINT/SIGTERM. Returns
+/// whether every agent succeeded (exit status 0, or stopped by an operator).
+pub async fn up(config: Config, options: Options) -> Result<bool, OrchestratorError> {
+    if config.agents.is_empty() {
+        return Err(OrchestratorError::NoAgents);
+    }
+    let policy = Policy::load(&config.gateway.policy)?;
+    policy.check_agents(
+        config
+            .agents
+            .iter()
+            .map(|(name, a)| (name.as_str(), a.role.as_str())),
+    )?;
+    let cordon = std::env::current_exe()
+        .and_then(std::fs::canonicalize)
+        .map_err(|source| OrchestratorError::Prepare {
+            path: PathBuf::from("/proc/self/exe"),
+            source,
+        })?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(OrchestratorError::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(OrchestratorError::Signal)?;
+    // First, so a second `cordon up` of the same deployment stops here, before
+    // it touches the running one's directories.
+    std::fs::create_dir_all(&config.gateway.runtime_dir).map_err(|source| {
+        OrchestratorError::Prepare {
+            path: config.gateway.runtime_dir.clone(),
+            source,
+        }
+    })?;
+    let listener = control::bind(&config.up_socket())?;
+    let specs = match spec::build_all(&config, &policy, &cordon) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(config.up_socket());
+            return Err(e);
+        }
+    };
+    let config = Arc::new(config);
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let control_task = tokio::spawn(control::serve(listener, tx.clone()));
+
+    let mut up = Up {
+        config: config.clone(),
+        agents: specs
+            .into_iter()
+            .map(|spec| Agent {
+                spec,
+                state: State::Starting,
+                pid: None,
+                run: 0,
+                restarts: 0,
+                recent: VecDeque::new(),
+                started: None,
+                after_exit: AfterExit::Policy,
+                exit: None,
+                succeeded: false,
+                stats: Arc::new(Mutex::new(Stats::default())),
+            })
+            .collect(),
+        gateway: GatewayProc {
+            pid: None,
+            generation: 0,
+            restarts: 0,
+            backoff: Duration::from_millis(500),
+            running: false,
+        },
+        tx: tx.clone(),
+        shutting_down: false,
+    };
+    if let Err(e) = up.start_gateway().await {
+        let _ = std::fs::remove_file(config.up_socket());
+        return Err(e);
+    }
+    for idx in 0..up.agents.len() {
+        up.start_agent(idx).await;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if up.all_final() {
+            break;
+        }
+        tokio::select! {
+            Some(msg) = rx.recv() => up.handle(msg).await,
+            _ = sigterm.recv() => up.shutdown("SIGTERM"),
+            _ = sigint.recv() => up.shutdown("SIGINT"),
+            _ = tick.tick(), if options.live => {
+                let table = status::table(&up.status_json());
+                eprint!("\x1b[H\x1b[2J{table}");
+            }
+        }
+    }
+    // Agents are all final: the gateway goes last.
+    up.stop_gateway(&mut rx).await;
+    control_task.abort();
+    let _ = std::fs::remove_file(config.up_socket());
+    let status = up.status_json();
+    // Stopped (by an operator or a signal) counts as success; failed never does.
+    let succeeded = up
+        .agents
+        .iter()
+        .all(|a| a.state == State::Stopped || (a.state == State::Exited && a.succeeded));
+    let mut out = std::io::stdout().lock();
+    let _ = write!(out, "{}", status::table(&status));
+    for a in &up.agents {
+        let s = lock(&a.stats);
+        if let Some(r) = &s.result {
+            let _ = writeln!(out, "{}: {}", a.spec.name, r.trim());
+        }
+    }
+    let (calls, denials): (u64, u64) = up.agents.iter().fold((0, 0), |(c, d), a| {
+        let s = lock(&a.stats);
+        (c + s.calls, d + s.denials)
+    });
+    let _ = writeln!(
+        out,
+        "{} agents, {calls} calls, {denials} denials; {}",
+        up.agents.len(),
+        if succeeded {
+            "all succeeded"
+        } else {
+            "some failed"
+        }
+    );
+    Ok(succeeded)
+}
+
+impl Up {
+    fn all_final(&self) -> bool {
+        self.agents.iter().all(|a| a.state.is_final())
+    }
+
+    async fn start_gateway(&mut self) -> Result<(), OrchestratorError> {
+        let log_path = spec::up_dir(&self.config).join("gateway.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|source| OrchestratorError::Prepare {
+                path: log_path.clone(),
+                source,
+            })?;
+        let mut cmd = std::process::Command::new("/proc/self/exe");
+        cmd.arg("gateway")
+            .arg("--config")
+            .arg(&self.config.path)
+            .arg("--managed")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log);
+        {
+            use std::os::unix::process::CommandExt;
+            // Its own process group: a Ctrl-C on the terminal reaches `cordon
+            // up` alone, which stops the agents before the gateway.
+            cmd.process_group(0);
+            // SAFETY: runs between fork and exec; prctl(PR_SET_PDEATHSIG) is a
+            // raw syscall that neither allocates nor locks. The gateway gets
+            // SIGTERM (a clean shutdown) if `cordon up` dies without stopping it.
+            unsafe {
+                cmd.pre_exec(|| {
+                    rustix::process::set_parent_process_death_signal(Some(Signal::TERM))
+                        .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let mut child =
+            tokio::process::Command::from(cmd)
+                .spawn()
+                .map_err(|e| OrchestratorError::Gateway {
+                    message: e.to_string(),
+                })?;
+        let stdout = child.stdout.take();
+        let mut line = String::new();
+        if let Some(stdout) = stdout {
+            let mut reader = BufReader::new(stdout);
+            let _ = reader.read_line(&mut line).await;
+            // Keep draining (the gateway prints nothing more, but must never block).
+            tokio::spawn(async move {
+                let mut sink = String::new();
+                while reader.read_line(&mut sink).await.is_ok_and(|n| n > 0) {
+                    sink.clear();
+                }
+            });
+        }
+        let ready: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        if ready["ready"] != true {
+            let _ = child.wait().await;
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            return Err(OrchestratorError::Gateway {
+                message: format!(
+                    "it exited before it was ready; {}:\n{}",
+                    log_path.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                ),
+            });
+        }
+        self.gateway.generation += 1;
+        self.gateway.pid = child.id().and_then(|p| i32::try_from(p).ok());
+        self.gateway.running = true;
+        tracing::info!(pid = self.gateway.pid, "gateway ready");
+        let generation = self.gateway.generation;
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let _ = tx.send(Msg::GatewayExited { generation, status });
+        });
+        // A restarted gateway learns the agents that are still running.
+        for a in &self.agents {
+            if let (Some(pid), State::Running | State::Stopping) = (a.pid, a.state) {
+                if let Err(e) = self.register(&a.spec.name, Some(pid)).await {
+                    tracing::error!(agent = %a.spec.name, error = %e, "cannot register the agent with the restarted gateway");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn register(&self, agent: &str, pid: Option<i32>) -> Result<(), String> {
+        // Bounded: a hung gateway must not hang the supervisor.
+        let answer = tokio::time::timeout(
+            ADMIN_TIMEOUT,
+            admin::request(
+                &self.config.admin_socket(),
+                &json!({"op": "agent_root", "agent": agent, "pid": pid}),
+            ),
+        )
+        .await
+        .map_err(|_| format!("no answer within {ADMIN_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())?;
+        if answer["ok"] == true {
+            Ok(())
+        } else {
+            Err(answer["error"].as_str().unwrap_or("refused").to_string())
+        }
+    }
+
+    async fn start_agent(&mut self, idx: usize) {
+        let spec = self.agents[idx].spec.clone();
+        self.agents[idx].run += 1;
+        let run = self.agents[idx].run;
+        self.agents[idx].state = State::Starting;
+        self.agents[idx].after_exit = AfterExit::Policy;
+        let pending = match process::spawn(&spec) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(agent = %spec.name, error = %e, "cannot start agent");
+                self.agents[idx].state = State::Failed;
+                self.agents[idx].exit = Some("not started".into());
+                return;
+            }
+        };
+        let pid = pending.pid;
+        // The gateway must know the root before the agent can connect: the
+        // helper waits for its plan until then.
+        if let Err(e) = self.register(&spec.name, Some(pid)).await {
+            tracing::error!(agent = %spec.name, error = %e, "cannot register the agent with the gateway; not starting it");
+        }
+        let mut child = match pending.release(&spec.plan) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(agent = %spec.name, error = %e, "cannot start agent");
+                self.agents[idx].state = State::Failed;
+                return;
+            }
+        };
+        let a = &mut self.agents[idx];
+        a.pid = Some(pid);
+        a.state = State::Running;
+        a.started = Some(Instant::now());
+        tracing::info!(agent = %spec.name, role = %spec.role, pid, uid = spec.uid(), run, "agent started");
+        let stdout = child.stdout.take();
+        let stats = a.stats.clone();
+        let events_path = spec.events_path();
+        let name = spec.name.clone();
+        let reader = tokio::spawn(async move {
+            let Some(stdout) = stdout else { return };
+            let mut log = match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&events_path)
+            {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::error!(agent = %name, path = %events_path.display(), error = %e, "cannot open the event log; events are counted but not kept");
+                    None
+                }
+            };
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let events = {
+                    let mut s = lock(&stats);
+                    events::parse_line(&line, &mut s)
+                };
+                for mut e in events {
+                    if let Some(o) = e.as_object_mut() {
+                        o.insert("agent".into(), json!(name));
+                        o.insert("run".into(), json!(run));
+                        o.insert("ts".into(), json!(crate::audit::now()));
+                    }
+                    if e["kind"] != "output" {
+                        tracing::info!(agent = %name, event = %e["kind"].as_str().unwrap_or(""), "{}", lock(&stats).last_event);
+                    }
+                    if let Some(f) = &mut log {
+                        let _ = writeln!(f, "{e}");
+                    }
+                }
+            }
+        });
+        let tx = self.tx.clone();
+        let plan = spec.plan.clone();
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let oom = process::oom_killed(&plan);
+            if oom {
+                tracing::error!(agent = %plan.name, limit = plan.limits.memory, "the agent reached its memory limit; the kernel killed a process in its cgroup");
+            }
+            // What the agent left behind dies with it; then its stdout ends.
+            process::cleanup(pid, &plan);
+            let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
+            let status = match status {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(agent = %plan.name, error = %e, "cannot wait for agent");
+                    std::os::unix::process::ExitStatusExt::from_raw(1 << 8)
+                }
+            };
+            let _ = tx.send(Msg::Exited {
+                idx,
+                run,
+                status,
+                oom,
+            });
+        });
+    }
+
+    async fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Exited {
+                idx,
+                run,
+                status,
+                oom,
+            } => self.exited(idx, run, status, oom).await,
+            Msg::Due { idx, run } => {
+                let a = &self.agents[idx];
+                if a.run == run && a.state == State::Backoff && !self.shutting_down {
+                    self.start_agent(idx).await;
+                }
+            }
+            Msg::KillDue { idx, run } => {
+                let a = &self.agents[idx];
+                if a.run == run && a.state == State::Stopping {
+                    if let Some(pid) = a.pid {
+                        tracing::warn!(agent = %a.spec.name, "stop grace over: SIGKILL");
+                        process::signal_tree(pid, &a.spec.plan, Signal::KILL);
+                    }
+                }
+            }
+            Msg::Control { req, reply } => {
+                let answer = self.control(&req).await;
+                let _ = reply.send(answer);
+            }
+            Msg::GatewayExited { generation, status } => {
+                if generation != self.gateway.generation {
+                    return;
+                }
+                self.gateway.running = false;
+                self.gateway.pid = None;
+                if self.shutting_down {
+                    return;
+                }
+                tracing::error!(status = ?status.ok(), backoff = ?self.gateway.backoff, "gateway exited; restarting it");
+                let tx = self.tx.clone();
+                let delay = self.gateway.backoff;
+                self.gateway.backoff = (delay * 2).min(Duration::from_secs(30));
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = tx.send(Msg::GatewayDue);
+                });
+            }
+            Msg::GatewayDue => {
+                if self.shutting_down || self.gateway.running {
+                    return;
+                }
+                self.gateway.restarts += 1;
+                match self.start_gateway().await {
+                    Ok(()) => self.gateway.backoff = Duration::from_millis(500),
+                    Err(e) => {
+                        tracing::error!(error = %e, "gateway restart failed");
+                        let _ = self.tx.send(Msg::GatewayExited {
+                            generation: self.gateway.generation,
+                            status: Err(std::io::Error::other("not started")),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    async fn exited(&mut self, idx: usize, run: u64, status: std::process::ExitStatus, oom: bool) {
+        if self.agents[idx].run != run {
+            return;
+        }
+        let name = self.agents[idx].spec.name.clone();
+        let _ = self.register(&name, None).await;
+        let (mut text, ok) = exit_text(&status);
+        if oom {
+            text.push_str(", out of memory");
+        }
+        let shutting_down = self.shutting_down;
+        let a = &mut self.agents[idx];
+        a.pid = None;
+        a.started = None;
+        a.exit = Some(text.clone());
+        a.succeeded = ok;
+        tracing::info!(agent = %name, status = %text, "agent exited");
+        match a.after_exit {
+            AfterExit::Stop => {
+                a.state = State::Stopped;
+                return;
+            }
+            AfterExit::Restart if !shutting_down => {
+                a.restarts += 1;
+                self.start_agent(idx).await;
+                return;
+            }
+            _ => {}
+        }
+        if shutting_down {
+            a.state = State::Stopped;
+            return;
+        }
+        let restart = &a.spec.restart;
+        let again = match restart.policy {
+            RestartPolicy::Never => false,
+            RestartPolicy::OnFailure => !ok,
+            RestartPolicy::Always => true,
+        };
+        if !again {
+            a.state = if ok { State::Exited } else { State::Failed };
+            return;
+        }
+        let now = Instant::now();
+        while a
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > restart.window)
+        {
+            a.recent.pop_front();
+        }
+        if a.recent.len() >= restart.max_restarts as usize {
+            tracing::error!(agent = %name, restarts = a.recent.len(), window = ?restart.window, "restart cap reached; giving up");
+            a.state = State::Failed;
+            a.succeeded = false;
+            return;
+        }
+        let exp = u32::try_from(a.recent.len()).unwrap_or(u32::MAX).min(16);
+        let delay = restart
+            .backoff
+            .saturating_mul(1 << exp)
+            .min(restart.max_backoff);
+        a.recent.push_back(now);
+        a.restarts += 1;
+        a.state = State::Backoff;
+        a.run += 1;
+        let run = a.run;
+        tracing::warn!(agent = %name, ?delay, restarts = a.restarts, "agent will be restarted");
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(Msg::Due { idx, run });
+        });
+    }
+
+    /// SIGTERM to the agent's tree now, SIGKILL after its grace.
+    fn stop_agent(&mut self, idx: usize, then: AfterExit) {
+        let a = &mut self.agents[idx];
+        match a.state {
+            State::Running | State::Starting | State::Stopping => {
+                a.after_exit = then;
+                if a.state != State::Stopping {
+                    a.state = State::Stopping;
+                    if let Some(pid) = a.pid {
+                        tracing::info!(agent = %a.spec.name, pid, "stopping agent (SIGTERM)");
+                        process::signal_tree(pid, &a.spec.plan, Signal::TERM);
+                    }
+                    let (tx, run, grace) = (self.tx.clone(), a.run, a.spec.restart.grace);
+                    tokio::spawn(async move {
+                        tokio::time::sleep(grace).await;
+                        let _ = tx.send(Msg::KillDue { idx, run });
+                    });
+                }
+            }
+            State::Backoff => {
+                a.run += 1;
+                a.state = State::Stopped;
+            }
+            _ => {}
+        }
+    }
+
+    fn shutdown(&mut self, signal: &str) {
+        if !self.shutting_down {
+            tracing::info!(signal, "stopping every agent, then the gateway");
+        }
+        self.shutting_down = true;
+        for idx in 0..self.agents.len() {
+            self.stop_agent(idx, AfterExit::Stop);
+        }
+    }
+
+    async fn stop_gateway(&mut self, rx: &mut mpsc::UnboundedReceiver<Msg>) {
+        self.shutting_down = true;
+        let Some(pid) = self.gateway.pid.and_then(rustix::process::Pid::from_raw) else {
+            return;
+        };
+        let _ = rustix::process::kill_process(pid, Signal::TERM);
+        let generation = self.gateway.generation;
+        let grace =
+            Duration::from_millis(self.config.gateway.shutdown_grace_ms) + GATEWAY_STOP_SLACK;
+        let kill = tokio::time::sleep(grace);
+        tokio::pin!(kill);
+        let mut killed = false;
+        loop {
+            tokio::select! {
+                msg = rx.recv() => match msg {
+                    Some(Msg::GatewayExited { generation: g, .. }) if g == generation => break,
+                    Some(Msg::Control { reply, .. }) => {
+                        let _ = reply.send(json!({"ok": false, "error": "shutting down"}));
+                    }
+                    Some(_) => {}
+                    None => break,
+                },
+                _ = &mut kill, if !killed => {
+                    tracing::error!(?grace, "the gateway did not stop in time: SIGKILL");
+                    let _ = rustix::process::kill_process(pid, Signal::KILL);
+                    killed = true;
+                }
+            }
+        }
+        self.gateway.running = false;
+        self.gateway.pid = None;
+        tracing::info!("gateway stopped");
+    }
+
+    fn matching(&self, name: &str) -> Vec<usize> {
+        (0..self.agents.len())
+            .filter(|&i| {
+                let s = &self.agents[i].spec;
+                s.name == name || s.group.as_deref() == Some(name)
+            })
+            .collect()
+    }
+
+    async fn control(&mut self, req: &Value) -> Value {
+        let op = req["op"].as_str().unwrap_or_default();
+        if op == "status" {
+            return self.status_json();
+        }
+        if !matches!(op, "start" | "stop" | "restart") {
+            return json!({"ok": false, "error": format!("unknown op {op:?} (ops: status, start, stop, restart)")});
+        }
+        if self.shutting_down {
+            return json!({"ok": false, "error": "shutting down"});
+        }
+        let name = req["agent"].as_str().unwrap_or_default();
+        let idxs = self.matching(name);
+        if idxs.is_empty() {
+            let names: Vec<&str> = self.agents.iter().map(|a| a.spec.name.as_str()).collect();
+            return json!({"ok": false, "error": format!("no agent {name:?} (agents: {})", names.join(", "))});
+        }
+        for &idx in &idxs {
+            let state = self.agents[idx].state;
+            match op {
+                "stop" => self.stop_agent(idx, AfterExit::Stop),
+                "restart" if matches!(state, State::Running | State::Starting) => {
+                    self.stop_agent(idx, AfterExit::Restart)
+                }
+                "restart" | "start" if state.is_final() || state == State::Backoff => {
+                    let a = &mut self.agents[idx];
+                    a.recent.clear();
+                    if op == "restart" {
+                        a.restarts += 1;
+                    }
+                    self.start_agent(idx).await;
+                }
+                "start" => {
+                    return json!({"ok": false, "error": format!("agent {} is {}", self.agents[idx].spec.name, state.name())})
+                }
+                _ => {}
+            }
+        }
+        let names: Vec<&str> = idxs
+            .iter()
+            .map(|&i| self.agents[i].spec.name.as_str())
+            .collect();
+        json!({"ok": true, "agents": names})
+    }
+
+    fn status_json(&self) -> Value {
+        let agents: Vec<Value> = self
+            .agents
+            .iter()
+            .map(|a| {
+                let s = lock(&a.stats).clone();
+                json!({
+                    "name": a.spec.name,
+                    "role": a.spec.role,
+                    "uid": a.spec.uid(),
+                    "pid": a.pid,
+                    "state": a.state.name(),
+                    "exit": a.exit,
+                    "restarts": a.restarts,
+                    "uptime_s": a.started.map(|t| t.elapsed().as_secs()),
+                    "memory_bytes": a.pid.and_then(|p| process::memory(p, &a.spec.plan)),
+                    "pids": a.pid.and_then(|p| process::pids(p, &a.spec.plan)),
+                    "calls": s.calls,
+                    "denials": s.denials,
+                    "errors": s.errors,
+                    "turns": s.turns,
+                    "last_event": s.last_event,
+                    "result": s.result,
+                    "events": a.spec.events_path(),
+                })
+            })
+            .collect();
+        json!({
+            "ok": true,
+            "agents": agents,
+            "gateway": {
+                "pid": self.gateway.pid,
+                "state": if self.gateway.running { "running" } else { "down" },
+                "restarts": self.gateway.restarts,
+            },
+        })
+    }
+}

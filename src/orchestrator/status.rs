@@ -1,0 +1,126 @@
+//! The status table: `cordon status`, `cordon up`'s live view on a terminal,
+//! and its summary at exit. Rendered from the control socket's JSON.
+
+use serde_json::Value;
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
+}
+
+fn human_secs(s: u64) -> String {
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// One row per agent: name, role, uid, pid, state, restarts, uptime, memory,
+/// calls, denials, last event.
+pub fn table(status: &Value) -> String {
+    let header = [
+        "NAME",
+        "ROLE",
+        "UID",
+        "PID",
+        "STATE",
+        "RESTARTS",
+        "UPTIME",
+        "MEMORY",
+        "CALLS",
+        "DENIALS",
+        "LAST EVENT",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for a in status["agents"].as_array().into_iter().flatten() {
+        let state = match (&a["state"], &a["exit"]) {
+            (Value::String(s), Value::String(e)) => format!("{s} ({e})"),
+            (s, _) => cell(s),
+        };
+        rows.push(vec![
+            cell(&a["name"]),
+            cell(&a["role"]),
+            cell(&a["uid"]),
+            cell(&a["pid"]),
+            state,
+            cell(&a["restarts"]),
+            a["uptime_s"]
+                .as_u64()
+                .map_or_else(|| "-".into(), human_secs),
+            a["memory_bytes"]
+                .as_u64()
+                .map_or_else(|| "-".into(), human_bytes),
+            cell(&a["calls"]),
+            cell(&a["denials"]),
+            a["last_event"]
+                .as_str()
+                .map(|s| s.chars().take(48).collect())
+                .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i + 1 == r.len() {
+                    c.clone()
+                } else {
+                    format!("{c:<w$}", w = widths[i])
+                }
+            })
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    if let Some(g) = status.get("gateway") {
+        out.push_str(&format!(
+            "gateway: pid {}, {}, restarts {}\n",
+            cell(&g["pid"]),
+            cell(&g["state"]),
+            cell(&g["restarts"])
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_rows() {
+        let s = serde_json::json!({"agents": [{"name": "coder-1", "role": "coder", "uid": 61001, "pid": 42,
+            "state": "running", "restarts": 0, "uptime_s": 75, "memory_bytes": 3145728, "calls": 3,
+            "denials": 1, "last_event": "kv_put /x → allow"}]});
+        let t = table(&s);
+        assert!(
+            t.contains("coder-1") && t.contains("1m15s") && t.contains("3.0MiB"),
+            "{t}"
+        );
+        assert_eq!(human_bytes(512), "512B");
+    }
+}
