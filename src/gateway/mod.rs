@@ -568,59 +568,40 @@ async fn accept_loop(
                 continue;
             }
         };
-        if cred.uid() != l.expected_uid {
-            refused(
-                &shared,
-                &agent_name,
-                &role,
-                cred.uid(),
-                cred.pid(),
-                "peer uid does not match the agent's uid",
-            );
-            tracing::warn!(
-                agent = %agent_name, conn, peer_uid = cred.uid(), peer_pid = cred.pid(),
-                expected_uid = l.expected_uid, "connection refused: peer uid does not match the agent's"
-            );
-            transport::refuse(
-                &mut stream,
+        // Every refusal is recorded, logged and answered the same way.
+        let refusal = if cred.uid() != l.expected_uid {
+            Err((
                 -32001,
-                &format!("connection refused: peer credentials do not match agent {agent_name}"),
-            )
-            .await;
-            continue;
-        }
-        // Under `cordon up`: the peer must be the agent's process or descend from it.
-        if let Err(reason) = roots.check(&agent_name, cred.pid()) {
-            refused(&shared, &agent_name, &role, cred.uid(), cred.pid(), reason);
-            tracing::warn!(
-                agent = %agent_name, conn, peer_uid = cred.uid(), peer_pid = cred.pid(),
-                "connection refused: {reason}"
-            );
-            transport::refuse(
-                &mut stream,
+                "peer uid does not match the agent's uid".to_string(),
+                format!("connection refused: peer credentials do not match agent {agent_name}"),
+            ))
+        } else if let Err(reason) = roots.check(&agent_name, cred.pid()) {
+            // Under `cordon up`: the peer must be the agent's process or descend from it.
+            Err((
                 -32001,
-                &format!("connection refused: peer process is not agent {agent_name}'s ({reason})"),
-            )
-            .await;
-            continue;
-        }
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            refused(
-                &shared,
-                &agent_name,
-                &role,
-                cred.uid(),
-                cred.pid(),
-                "too many connections on this agent's socket",
-            );
-            tracing::warn!(agent = %agent_name, conn, limit = max_connections, "connection refused: too many connections");
-            transport::refuse(
-                &mut stream,
-                -32000,
-                &format!("connection refused: agent {agent_name} already has {max_connections} connections (the limit)"),
-            )
-            .await;
-            continue;
+                reason.to_string(),
+                format!("connection refused: peer process is not agent {agent_name}'s ({reason})"),
+            ))
+        } else {
+            slots.clone().try_acquire_owned().map_err(|_| {
+                (
+                    -32000,
+                    "too many connections on this agent's socket".to_string(),
+                    format!("connection refused: agent {agent_name} already has {max_connections} connections (the limit)"),
+                )
+            })
+        };
+        let slot = match refusal {
+            Ok(slot) => slot,
+            Err((code, reason, message)) => {
+                refused(&shared, &agent_name, &role, cred.uid(), cred.pid(), &reason);
+                tracing::warn!(
+                    agent = %agent_name, conn, peer_uid = cred.uid(), peer_pid = cred.pid(),
+                    expected_uid = l.expected_uid, "connection refused: {reason}"
+                );
+                transport::refuse(&mut stream, code, &message).await;
+                continue;
+            }
         };
         let id = Identity {
             agent: agent_name.clone(),
