@@ -425,6 +425,24 @@ fn run_bridge(socket: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The role, or an error that lists the roles the file has.
+fn find_role<'p>(
+    p: &'p Policy,
+    path: &std::path::Path,
+    role: &str,
+) -> anyhow::Result<&'p cordon::policy::Role> {
+    p.role(role).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no role {role:?} in {} (roles: {})",
+            path.display(),
+            p.roles()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
 fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
     match command {
         PolicyCommand::Check { files } => {
@@ -464,16 +482,7 @@ fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
             let p = Policy::load(&policy)?;
             let args: serde_json::Value =
                 serde_json::from_str(&args).context("--args is not valid JSON")?;
-            if p.role(&role).is_none() {
-                anyhow::bail!(
-                    "no role {role:?} in {} (roles: {})",
-                    policy.display(),
-                    p.roles()
-                        .map(|r| r.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            }
+            find_role(&p, &policy, &role)?;
             let verdict = p.evaluate(&role, &tool, &args);
             if json {
                 println!("{}", explain::explain_json(&role, &tool, &args, &verdict));
@@ -484,16 +493,7 @@ fn run_policy(command: PolicyCommand) -> anyhow::Result<()> {
         }
         PolicyCommand::Show { policy, role } => {
             let p = Policy::load(&policy)?;
-            let Some(r) = p.role(&role) else {
-                anyhow::bail!(
-                    "no role {role:?} in {} (roles: {})",
-                    policy.display(),
-                    p.roles()
-                        .map(|r| r.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-            };
+            let r = find_role(&p, &policy, &role)?;
             print!("{}", explain::show_text(&p, r));
             Ok(())
         }

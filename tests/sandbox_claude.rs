@@ -9,36 +9,17 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
-use common::{is_root, Gateway, BIN};
+use common::{is_root, Gateway, Kill, BIN};
 use serde_json::{json, Value};
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn claude_code_runs_in_the_shipped_profile_and_calls_the_gateway() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let node_bin = repo.join("tests/node/node_modules/.bin");
-    if !node_bin.join("claude").exists() {
-        // scripts/test installs it and sets CORDON_REQUIRE_CLAUDE, so CI fails here.
-        assert!(
-            std::env::var_os("CORDON_REQUIRE_CLAUDE").is_none(),
-            "Claude Code is not installed in tests/node (npm ci --prefix tests/node)"
-        );
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED claude_code_runs_in_the_shipped_profile: run `npm ci --prefix tests/node` (scripts/test does)"
-        );
+    let Some(node_bin) = common::claude_node_bin("claude_code_runs_in_the_shipped_profile") else {
         return;
-    }
+    };
     let shipped = repo.join("configs/profiles/claude-code.toml");
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();

@@ -8,38 +8,20 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
-use common::{is_root, BIN};
+use common::{is_root, Kill, BIN};
 use serde_json::{json, Value};
-
-struct Kill(Child);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn claude_code_under_cordon_up_writes_in_scope_and_is_refused_outside() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let node_bin = repo.join("tests/node/node_modules/.bin");
-    if !node_bin.join("claude").exists() {
-        assert!(
-            std::env::var_os("CORDON_REQUIRE_CLAUDE").is_none(),
-            "Claude Code is not installed in tests/node (npm ci --prefix tests/node)"
-        );
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED claude_code_under_cordon_up: run `npm ci --prefix tests/node` (scripts/test does)"
-        );
+    let Some(node_bin) = common::claude_node_bin("claude_code_under_cordon_up") else {
         return;
-    }
+    };
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     std::fs::set_permissions(dir, PermissionsExt::from_mode(0o755)).unwrap();

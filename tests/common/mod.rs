@@ -239,3 +239,32 @@ impl Client {
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
+
+/// Kills and reaps a child when dropped, so a failing test leaves nothing running.
+pub struct Kill(pub std::process::Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The directory holding the pinned Claude Code (`tests/node`), or None with a
+/// visible SKIPPED line. Under scripts/test (CORDON_REQUIRE_CLAUDE set) a
+/// missing install fails the test instead.
+pub fn claude_node_bin(test: &str) -> Option<PathBuf> {
+    let node_bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node/node_modules/.bin");
+    if node_bin.join("claude").exists() {
+        return Some(node_bin);
+    }
+    assert!(
+        std::env::var_os("CORDON_REQUIRE_CLAUDE").is_none(),
+        "Claude Code is not installed in tests/node (npm ci --prefix tests/node)"
+    );
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: run `npm ci --prefix tests/node` (scripts/test does)"
+    );
+    None
+}
