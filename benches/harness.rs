@@ -289,13 +289,20 @@ impl Server {
     fn pid(&self) -> u32 {
         self.child.id()
     }
-    fn stop(mut self) {
-        // SAFETY: kill(2) on our own child's pid, which we have not reaped.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
+    fn stop(self) {
+        drop(self);
     }
     fn agent_socket(&self, c: usize) -> PathBuf {
         self.dir.join(format!("r/agents/a{}/mcp.sock", c % AGENTS))
+    }
+}
+
+/// Also on a panic, so that no server outlives the run.
+impl Drop for Server {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid, which we have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
     }
 }
 
@@ -964,7 +971,7 @@ fn main() {
     let mut out = String::new();
     let _ = writeln!(out, "Run conditions: {:.1} s warm-up then {:.1} s measured per point, each server a fresh process; \
         load average (1, 5, 15 min) {load_before} at the start and {load_after} at the end; \
-        the whole run took {:.0} s. Short points on a shared 2-core machine: expect ±20% between runs.\n",
+        the whole run took {:.0} s. Short points on a 2-core machine that may be shared: absolute figures can move several-fold between runs (the load column says how busy the machine was); compare the ratios, taken within one run between neighbouring points.\n",
         o.warmup.as_secs_f64(), o.duration.as_secs_f64(), started.elapsed().as_secs_f64());
 
     let _ = writeln!(out, "### Request/reply over the agent socket\n");
