@@ -102,7 +102,8 @@ impl Journal {
 
     /// Appends a drafted record. When this returns Ok the record survives the
     /// gateway's death; when it fails the caller must not serve the call.
-    pub fn append(&self, record: Record) -> Result<(), AuditError> {
+    /// Returns how many records now wait to be sealed.
+    pub fn append(&self, record: Record) -> Result<usize, AuditError> {
         let mut line = serde_json::to_vec(&record).map_err(|e| AuditError::Journal {
             path: self.dir.clone(),
             source: std::io::Error::other(e),
@@ -115,7 +116,7 @@ impl Journal {
             .write_all(&line)
             .map_err(|source| AuditError::Journal { path, source })?;
         inner.pending.push(record);
-        Ok(())
+        Ok(inner.pending.len())
     }
 
     /// Takes every pending record for sealing, and starts a new generation so

@@ -36,6 +36,8 @@ const LOCK_FILE: &str = "cordon.lock";
 /// Keys or revisions a listing or watch may skip as invisible to the caller
 /// before it stops, so one call's cost stays bounded.
 const MAX_HIDDEN: usize = 100_000;
+/// Journal records waiting in memory that make the writer seal them early.
+const JOURNAL_SEAL_EVERY: usize = 2048;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -639,11 +641,35 @@ impl Store {
     /// When this returns Ok the record survives the gateway's death; an error
     /// means the event must not be served.
     pub fn audit(&self, record: Record) -> Result<(), StoreError> {
-        match &self.inner.journal {
-            Some(j) => j.append(record).map_err(|e| StoreError::Audit {
-                message: e.to_string(),
-            }),
-            None => Ok(()),
+        let Some(j) = &self.inner.journal else {
+            return Ok(());
+        };
+        let pending = j.append(record).map_err(|e| StoreError::Audit {
+            message: e.to_string(),
+        })?;
+        // The journal's records also wait in memory until sealed: under a
+        // burst of reads, seal early rather than only every sync_interval, so
+        // that memory stays bounded by the rate the writer can seal at.
+        if pending % JOURNAL_SEAL_EVERY == 0 {
+            self.request_flush();
+        }
+        Ok(())
+    }
+
+    /// Asks the writer to seal the journal soon, without waiting for it.
+    fn request_flush(&self) {
+        let Ok(jobs) = self.inner.jobs.lock() else {
+            return;
+        };
+        if let Some(sender) = jobs.as_ref() {
+            let (reply, _) = oneshot::channel();
+            // A full queue means the writer is busy and will seal with its
+            // next batch anyway.
+            let _ = sender.try_send(Job {
+                work: Work::Flush,
+                record: None,
+                reply,
+            });
         }
     }
 
