@@ -29,9 +29,11 @@ const SHELL_PROFILE: &str = "exec = [\"/bin\", \"/usr\", \"/lib\", \"/lib64\"]\n
 
 impl Deployment {
     /// `[gateway]` on a temp dir with `policy` (a policy file's text), plus `agents`.
+    /// `@DIR@` in `agents` stands for the deployment's directory.
     fn new(policy: &str, agents: &str) -> Deployment {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
+        let agents = agents.replace("@DIR@", &dir.display().to_string());
         // Agents with their own uid traverse it to their socket and home.
         std::fs::set_permissions(&dir, PermissionsExt::from_mode(0o755)).unwrap();
         std::fs::write(dir.join("policy.toml"), policy).unwrap();
@@ -411,6 +413,95 @@ fn gateway_refuses_a_process_outside_the_agents_tree_and_is_restarted_when_it_di
         "jsonl",
     ]);
     assert!(refused.contains("descend"), "{refused}");
+}
+
+/// A sandbox sharing this test's uid (best-effort, as in the test above):
+/// the case in which the uid checks alone let an agent reach the admin and
+/// control sockets.
+const SHARED_UID: &str = "[agents.a.sandbox]\nuser = \"inherit\"\nrequire = \"best-effort\"\nexec = [\"/bin\", \"/usr\", \"/lib\", \"/lib64\", \"{cordon}\"]\nread = [\"/etc\", \"@DIR@\"]\nwrite = [\"/dev/null\", \"{home}\"]\n";
+
+#[test]
+fn agent_root_is_accepted_only_from_the_orchestrator() {
+    let agents = format!("[agents.a]\nrole = \"worker\"\ncommand = [\"/bin/sh\", \"-c\", \"echo up; sleep 1000 & wait\"]\nrestart = \"never\"\n{SHARED_UID}");
+    let d = Deployment::new(ALLOW_ALL, &agents);
+    let mut up = d.up();
+    d.until("a running", |s| d.agent(s, "a")["state"] == "running");
+    let admin = d.dir.join("state/run/admin.sock");
+    // A same-uid process that cordon up did not start (as an agent sharing
+    // the uid would be) tries to make this test agent a's root.
+    let me = std::process::id();
+    let script = format!(
+        "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\nf=s.makefile('rw')\nfor r in ['{{\"op\":\"status\"}}','{{\"op\":\"agent_root\",\"agent\":\"a\",\"pid\":{me}}}']:\n f.write(r+'\\n'); f.flush(); print(f.readline().strip())\n"
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .arg(&admin)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let answers: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(answers.len(), 2, "{out:?}\n{}", d.logs());
+    // Control: the same connection is served (its uid passes), so the
+    // refusal below is the orchestrator check, not a failed connection.
+    assert_eq!(answers[0]["ok"], true, "{text}");
+    assert_eq!(answers[1]["ok"], false, "{text}");
+    assert!(
+        answers[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("only the orchestrator"),
+        "{text}"
+    );
+    // The root is unchanged: this test still cannot connect as agent a.
+    let socket = d.dir.join("state/run/agents/a/mcp.sock");
+    let mut c = common::Client::connect_raw(&socket).unwrap();
+    let line = c.recv().expect("a refusal line");
+    assert!(
+        line["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("descend"),
+        "{line}"
+    );
+    kill_process(Pid::from_raw(up.id() as i32).unwrap(), Signal::TERM).unwrap();
+    assert!(wait(&mut up).success(), "{}", d.logs());
+}
+
+#[test]
+fn the_control_socket_refuses_an_agents_processes() {
+    // The agent (same uid as this test) asks cordon up for its status.
+    let agents = format!("[agents.a]\nrole = \"worker\"\ncommand = [\"/bin/sh\", \"-c\", \"{{cordon}} status --json --config @DIR@/cordon.toml > {{home}}/status.out 2>&1; echo done >> {{home}}/status.out; sleep 1000 & wait\"]\nrestart = \"never\"\n{SHARED_UID}");
+    let d = Deployment::new(ALLOW_ALL, &agents);
+    let mut up = d.up();
+    let out = d.dir.join("state/run/up/a/home/status.out");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let text = loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        if text.contains("done") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no status.out\n{}", d.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let answer: Value = serde_json::from_str(text.lines().next().unwrap())
+        .unwrap_or_else(|e| panic!("{e}: {text}\n{}", d.logs()));
+    assert_eq!(answer["ok"], false, "{text}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("process of agent a"),
+        "{text}"
+    );
+    // Control: the same request from this test (same uid, no agent's) is served.
+    let s = d.until("a running", |s| d.agent(s, "a")["state"] == "running");
+    assert_eq!(s["ok"], true);
+    kill_process(Pid::from_raw(up.id() as i32).unwrap(), Signal::TERM).unwrap();
+    assert!(wait(&mut up).success(), "{}", d.logs());
 }
 
 #[test]

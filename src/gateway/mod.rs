@@ -70,6 +70,8 @@ pub enum GatewayError {
     },
     #[error("cannot install signal handler: {source}")]
     Signal { source: io::Error },
+    #[error("--managed: the gateway's parent is gone (or is init), so no orchestrator can register agent roots; run it from `cordon up`")]
+    NoOrchestrator,
 }
 
 struct Listener {
@@ -101,6 +103,17 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
             path: config.path.clone(),
         });
     }
+    // Managed: only our parent, `cordon up`, may register agent roots. Taken
+    // now, before anything could reparent us; a parent that is already gone
+    // (init adopted us) would let nobody in, so refuse to start instead.
+    let orchestrator = if managed {
+        match rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) {
+            Some(p) if p > 1 => Some(p),
+            _ => return Err(GatewayError::NoOrchestrator),
+        }
+    } else {
+        None
+    };
     let me = rustix::process::geteuid().as_raw();
     for (name, agent) in &config.agents {
         if let Some(uid) = agent.uid {
@@ -231,6 +244,7 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
         shared.clone(),
         config.clone(),
         roots.clone(),
+        orchestrator,
     ));
     accepting.close();
 

@@ -47,12 +47,19 @@ impl Roots {
         let Some(peer) = peer else {
             return Err("the peer's pid is unknown");
         };
-        if descends_from(peer, root, parent_of) {
+        if in_tree(peer, root) {
             Ok(())
         } else {
             Err("peer process does not descend from the agent's root process")
         }
     }
+}
+
+/// Whether the live process `pid` is `root` or descends from it, walking
+/// /proc parent links. The one walk behind both the gateway's per-agent check
+/// and the orchestrator's control socket (which refuses agents' processes).
+pub fn in_tree(pid: i32, root: i32) -> bool {
+    descends_from(pid, root, parent_of)
 }
 
 /// Whether `pid` is `root` or one of its descendants, walking parent links.

@@ -86,6 +86,8 @@ pub enum Msg {
     },
     Control {
         req: Value,
+        /// The requester's pid (SO_PEERCRED); `None`: unknown (refused).
+        peer: Option<i32>,
         reply: oneshot::Sender<Value>,
     },
     GatewayExited {
@@ -557,8 +559,14 @@ impl Up {
                     }
                 }
             }
-            Msg::Control { req, reply } => {
-                let answer = self.control(&req).await;
+            Msg::Control { req, peer, reply } => {
+                let answer = match self.agent_of(peer) {
+                    Some(agent) => {
+                        tracing::warn!(peer, agent = %agent, "control request refused: the peer is one of the agents' processes");
+                        json!({"ok": false, "error": format!("refused: the peer is a process of agent {agent}, and agents do not control the deployment")})
+                    }
+                    None => self.control(&req).await,
+                };
                 let _ = reply.send(answer);
             }
             Msg::GatewayExited { generation, status } => {
@@ -742,6 +750,22 @@ impl Up {
         self.gateway.running = false;
         self.gateway.pid = None;
         tracing::info!("gateway stopped");
+    }
+
+    /// The agent whose process tree holds `peer` (the agent's name), or
+    /// `None` when the peer is no agent's; an unknown peer counts as an agent
+    /// (fail closed).
+    fn agent_of(&self, peer: Option<i32>) -> Option<String> {
+        let Some(peer) = peer else {
+            return Some("(unknown: no peer pid)".into());
+        };
+        self.agents
+            .iter()
+            .find(|a| {
+                a.pid
+                    .is_some_and(|root| crate::gateway::roots::in_tree(peer, root))
+            })
+            .map(|a| a.spec.name.clone())
     }
 
     fn matching(&self, name: &str) -> Vec<usize> {
