@@ -504,6 +504,83 @@ fn the_control_socket_refuses_an_agents_processes() {
     assert!(wait(&mut up).success(), "{}", d.logs());
 }
 
+/// A file `bridge.*` and its content.
+type Bridge = (PathBuf, String);
+
+/// Files `bridge.*` in `home` and their contents.
+fn bridges(home: &Path) -> Vec<Bridge> {
+    let mut out: Vec<Bridge> = std::fs::read_dir(home)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("bridge."))
+        .map(|e| {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            (e.path(), text)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_session_left_behind_closes_when_its_agent_restarts() {
+    // The agent leaves a process behind in a session of its own (setsid:
+    // out of its process group, and the profile has no cgroup), holding an
+    // initialised gateway session through `cordon bridge`; then it closes
+    // itself and its group once the bridge ends.
+    let keep = "home=$1; cordon=$2; id=$$\n( printf '%s\\n' '{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"initialize\",\"params\":{\"protocolVersion\":\"2025-11-25\",\"capabilities\":{},\"clientInfo\":{\"name\":\"t\",\"version\":\"0\"}}}'; exec sleep 1000 ) | { \"$cordon\" bridge --socket \"$CORDON_SOCKET\" > \"$home/bridge.$id\" 2>/dev/null; echo closed >> \"$home/bridge.$id\"; kill 0; }\n";
+    let agents = format!("[agents.a]\nrole = \"worker\"\ncommand = [\"/bin/sh\", \"-c\", \"setsid /bin/sh @DIR@/keep.sh {{home}} {{cordon}} </dev/null >/dev/null 2>&1 & echo up; sleep 1000 & wait\"]\nrestart = \"never\"\n{SHARED_UID}");
+    let d = Deployment::new(ALLOW_ALL, &agents);
+    std::fs::write(d.dir.join("keep.sh"), keep).unwrap();
+    let mut up = d.up();
+    let home = d.dir.join("state/run/up/a/home");
+    let poll = |what: &str, cond: &dyn Fn(&[Bridge]) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let b = bridges(&home);
+            if cond(&b) {
+                return b;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never saw {what}: {b:?}\n{}",
+                d.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let served = |t: &str| t.contains("\"result\"");
+    let b = poll("the first session served", &|b| {
+        b.len() == 1 && served(&b[0].1)
+    });
+    let first = b[0].0.clone();
+    let s = d.until("a running", |s| d.agent(s, "a")["pid"].is_i64());
+    let a1 = d.agent(&s, "a")["pid"].clone();
+
+    let out = d.cordon(&["agent", "restart", "a"]);
+    assert!(out.status.success(), "{out:?}");
+    d.until("a restarted", |s| {
+        let a = d.agent(s, "a");
+        a["restarts"] == 1 && a["state"] == "running" && a["pid"] != a1
+    });
+    // The leftover of the first run survived the stop (it wrote after it),
+    // but its session was closed; the new run's session is served and open.
+    let b = poll("the old session closed and a new one served", &|b| {
+        b.iter().any(|(p, t)| *p == first && t.contains("closed"))
+            && b.iter().any(|(p, t)| *p != first && served(t))
+    });
+    let (_, second) = b.iter().find(|(p, _)| *p != first).unwrap();
+    assert!(!second.contains("closed"), "{b:?}");
+
+    kill_process(Pid::from_raw(up.id() as i32).unwrap(), Signal::TERM).unwrap();
+    assert!(wait(&mut up).success(), "{}", d.logs());
+    // Stopping the agent closes the second run's session as well.
+    poll("the second session closed", &|b| {
+        b.len() == 2 && b.iter().all(|(_, t)| t.contains("closed"))
+    });
+}
+
 #[test]
 fn a_memory_hog_is_killed_alone_in_its_cgroup() {
     if !common::is_root() {

@@ -93,10 +93,13 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
 /// not running, its socket serves nobody (see `roots`).
 pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError> {
     let config = Arc::new(config);
+    // Every session runs under a child of this token (through its agent's
+    // token when managed): cancelled last at shutdown.
+    let sessions_token = CancellationToken::new();
     let roots = Arc::new(if managed {
-        roots::Roots::managed(config.agents.keys())
+        roots::Roots::managed(config.agents.keys(), sessions_token.clone())
     } else {
-        roots::Roots::default()
+        roots::Roots::unmanaged(sessions_token.clone())
     });
     if config.agents.is_empty() {
         return Err(GatewayError::NoAgents {
@@ -215,7 +218,6 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
             }
         });
     }
-    let sessions_token = CancellationToken::new();
     let sessions = TaskTracker::new();
     let accepting = TaskTracker::new();
     let next_conn = Arc::new(AtomicU64::new(1));
@@ -231,7 +233,6 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
             shared.clone(),
             roots.clone(),
             sessions.clone(),
-            sessions_token.clone(),
             next_conn.clone(),
             g.max_connections_per_agent,
             max_message,
@@ -551,7 +552,6 @@ async fn accept_loop(
     shared: Arc<Shared>,
     roots: Arc<roots::Roots>,
     sessions: TaskTracker,
-    sessions_token: CancellationToken,
     next_conn: Arc<AtomicU64>,
     max_connections: usize,
     max_message: usize,
@@ -589,24 +589,32 @@ async fn accept_loop(
                 "peer uid does not match the agent's uid".to_string(),
                 format!("connection refused: peer credentials do not match agent {agent_name}"),
             ))
-        } else if let Err(reason) = roots.check(&agent_name, cred.pid()) {
-            // Under `cordon up`: the peer must be the agent's process or descend from it.
-            Err((
-                -32001,
-                reason.to_string(),
-                format!("connection refused: peer process is not agent {agent_name}'s ({reason})"),
-            ))
         } else {
-            slots.clone().try_acquire_owned().map_err(|_| {
-                (
-                    -32000,
-                    "too many connections on this agent's socket".to_string(),
-                    format!("connection refused: agent {agent_name} already has {max_connections} connections (the limit)"),
-                )
-            })
+            match roots.check(&agent_name, cred.pid()) {
+                // Under `cordon up`: the peer must be the agent's process or
+                // descend from it; its session ends with the agent's run.
+                Err(reason) => Err((
+                    -32001,
+                    reason.to_string(),
+                    format!(
+                        "connection refused: peer process is not agent {agent_name}'s ({reason})"
+                    ),
+                )),
+                Ok(token) => slots
+                    .clone()
+                    .try_acquire_owned()
+                    .map(|slot| (slot, token))
+                    .map_err(|_| {
+                        (
+                            -32000,
+                            "too many connections on this agent's socket".to_string(),
+                            format!("connection refused: agent {agent_name} already has {max_connections} connections (the limit)"),
+                        )
+                    }),
+            }
         };
-        let slot = match refusal {
-            Ok(slot) => slot,
+        let (slot, token) = match refusal {
+            Ok(accepted) => accepted,
             Err((code, reason, message)) => {
                 refused(&shared, &agent_name, &role, cred.uid(), cred.pid(), &reason);
                 tracing::warn!(
@@ -631,7 +639,6 @@ async fn accept_loop(
             inflight: Arc::new(Semaphore::new(shared.max_calls_per_connection)),
             rate: rate.clone(),
         };
-        let token = sessions_token.child_token();
         sessions.spawn(async move {
             serve(session, stream, token, max_message).await;
             drop(slot);
