@@ -582,6 +582,52 @@ fn a_session_left_behind_closes_when_its_agent_restarts() {
 }
 
 #[test]
+fn an_agent_the_gateway_was_not_told_about_is_not_started() {
+    // b keeps cordon up running once a is final.
+    let sleeper = "command = [\"/bin/sh\", \"-c\", \"echo up; sleep 1000 & wait\"]\nsandbox = \"shell.toml\"\nrestart = \"never\"\n";
+    let agents = format!(
+        "[agents.a]\nrole = \"worker\"\n{sleeper}\n[agents.b]\nrole = \"worker\"\n{sleeper}"
+    );
+    let d = Deployment::new(ALLOW_ALL, &agents);
+    let mut up = d.up();
+    // Control: registered, the first run starts and prints.
+    d.until("a running", |s| d.agent(s, "a")["state"] == "running");
+    let printed = |run: u64| {
+        d.events("a")
+            .iter()
+            .any(|e| e["run"] == run && e["text"] == "up")
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !printed(1) {
+        assert!(
+            Instant::now() < deadline,
+            "run 1 never printed\n{}",
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The gateway can no longer be told (its admin socket is gone): the next
+    // run must not start at all.
+    std::fs::remove_file(d.dir.join("state/run/admin.sock")).unwrap();
+    let out = d.cordon(&["agent", "restart", "a"]);
+    assert!(out.status.success(), "{out:?}");
+    let s = d.until("a failed", |s| d.agent(s, "a")["state"] == "failed");
+    assert_eq!(d.agent(&s, "a")["restarts"], 1, "{s}");
+    assert!(!printed(2), "the unregistered run ran\n{}", d.logs());
+    kill_process(Pid::from_raw(up.id() as i32).unwrap(), Signal::TERM).unwrap();
+    wait(&mut up);
+    let err = std::fs::read_to_string(d.dir.join("up.err")).unwrap();
+    assert!(
+        err.contains("cannot register the agent with the gateway; not starting it"),
+        "{err}"
+    );
+    assert!(
+        err.contains("cannot unregister the agent's root process"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_memory_hog_is_killed_alone_in_its_cgroup() {
     if !common::is_root() {
         let _ = std::io::Write::write_all(

@@ -154,6 +154,8 @@ struct Agent {
     exit: Option<String>,
     succeeded: bool,
     stats: Arc<Mutex<Stats>>,
+    /// The gateway was not told that this agent's last run ended.
+    stale_root: bool,
 }
 
 struct GatewayProc {
@@ -254,6 +256,7 @@ pub async fn up(config: Config, options: Options) -> Result<bool, OrchestratorEr
                 exit: None,
                 succeeded: false,
                 stats: Arc::new(Mutex::new(Stats::default())),
+                stale_root: false,
             })
             .collect(),
         gateway: GatewayProc {
@@ -412,6 +415,21 @@ impl Up {
                 }
             }
         }
+        // Unregistrations that failed earlier, retried (a fresh gateway starts
+        // with every agent not running, so this only confirms it).
+        for idx in 0..self.agents.len() {
+            let a = &self.agents[idx];
+            if !a.stale_root || a.pid.is_some() {
+                continue;
+            }
+            let name = a.spec.name.clone();
+            match self.register(&name, None).await {
+                Ok(()) => self.agents[idx].stale_root = false,
+                Err(e) => {
+                    tracing::error!(agent = %name, error = %e, "cannot unregister the agent's root process from the gateway")
+                }
+            }
+        }
         Ok(())
     }
 
@@ -452,22 +470,38 @@ impl Up {
         let pid = pending.pid;
         // The gateway must know the root before the agent can connect: the
         // helper waits for its plan until then.
-        if let Err(e) = self.register(&spec.name, Some(pid)).await {
-            tracing::error!(agent = %spec.name, error = %e, "cannot register the agent with the gateway; not starting it");
-        }
-        let mut child = match pending.release(&spec.plan) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(agent = %spec.name, error = %e, "cannot start agent");
-                self.agents[idx].state = State::Failed;
-                return;
+        // Unregistered, the agent could not reach its socket (or, with a stale
+        // root, the wrong process could): the helper is not released, exits
+        // on EOF, and its exit takes the usual failure and backoff path.
+        let registered = match self.register(&spec.name, Some(pid)).await {
+            Ok(()) => {
+                self.agents[idx].stale_root = false;
+                true
             }
+            Err(e) => {
+                tracing::error!(agent = %spec.name, error = %e, "cannot register the agent with the gateway; not starting it");
+                false
+            }
+        };
+        let mut child = if registered {
+            match pending.release(&spec.plan) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(agent = %spec.name, error = %e, "cannot start agent");
+                    self.agents[idx].state = State::Failed;
+                    return;
+                }
+            }
+        } else {
+            pending.abandon()
         };
         let a = &mut self.agents[idx];
         a.pid = Some(pid);
-        a.state = State::Running;
-        a.started = Some(Instant::now());
-        tracing::info!(agent = %spec.name, role = %spec.role, pid, uid = spec.uid(), run, "agent started");
+        if registered {
+            a.state = State::Running;
+            a.started = Some(Instant::now());
+            tracing::info!(agent = %spec.name, role = %spec.role, pid, uid = spec.uid(), run, "agent started");
+        }
         let stdout = child.stdout.take();
         let stats = a.stats.clone();
         let events_path = spec.events_path();
@@ -611,7 +645,13 @@ impl Up {
             return;
         }
         let name = self.agents[idx].spec.name.clone();
-        let _ = self.register(&name, None).await;
+        // Until the gateway hears it, it still takes the old root (a pid that
+        // may be reused) for this agent's: an error, retried at the gateway's
+        // next (re)start.
+        if let Err(e) = self.register(&name, None).await {
+            tracing::error!(agent = %name, error = %e, "cannot unregister the agent's root process from the gateway; retrying when the gateway restarts");
+            self.agents[idx].stale_root = true;
+        }
         let (mut text, ok) = exit_text(&status);
         if oom {
             text.push_str(", out of memory");

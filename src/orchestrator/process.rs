@@ -40,6 +40,13 @@ impl Pending {
         drop(self.plan);
         Ok(self.child)
     }
+
+    /// Never sends the plan: the helper reads EOF and exits without running
+    /// anything; its exit is reported by wait as any other.
+    pub fn abandon(self) -> tokio::process::Child {
+        drop(self.plan);
+        self.child
+    }
 }
 
 pub fn spawn(spec: &AgentSpec) -> Result<Pending, OrchestratorError> {
