@@ -235,6 +235,20 @@ fn demo_runs_end_to_end() {
     // Per-agent event logs.
     let calls = d.events("coder-1").len() + d.events("coder-2").len();
     assert!(calls > 4, "coders' event logs are too short");
+    // Logs are cordon's alone; agents traverse their directory, never list it.
+    let mode = |p: &str| {
+        std::fs::metadata(d.dir.join("state/run/up").join(p))
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("gateway.log"), 0o600);
+    for a in ["supervisor", "coder-1", "coder-2", "adversary"] {
+        assert_eq!(mode(a), 0o711, "{a}");
+        assert_eq!(mode(&format!("{a}/events.jsonl")), 0o600, "{a}");
+        assert_eq!(mode(&format!("{a}/stderr.log")), 0o600, "{a}");
+    }
 }
 
 const ALLOW_ALL: &str =

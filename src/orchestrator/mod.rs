@@ -334,14 +334,10 @@ impl Up {
 
     async fn start_gateway(&mut self) -> Result<(), OrchestratorError> {
         let log_path = spec::up_dir(&self.config).join("gateway.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|source| OrchestratorError::Prepare {
-                path: log_path.clone(),
-                source,
-            })?;
+        let log = spec::open_log(&log_path).map_err(|source| OrchestratorError::Prepare {
+            path: log_path.clone(),
+            source,
+        })?;
         let mut cmd = std::process::Command::new("/proc/self/exe");
         cmd.arg("gateway")
             .arg("--config")
@@ -508,11 +504,7 @@ impl Up {
         let name = spec.name.clone();
         let reader = tokio::spawn(async move {
             let Some(stdout) = stdout else { return };
-            let mut log = match std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&events_path)
-            {
+            let mut log = match spec::open_log(&events_path) {
                 Ok(f) => Some(f),
                 Err(e) => {
                     tracing::error!(agent = %name, path = %events_path.display(), error = %e, "cannot open the event log; events are counted but not kept");

@@ -81,6 +81,21 @@ fn mkdir(path: &Path, mode: u32) -> Result<(), OrchestratorError> {
     }
 }
 
+/// Opens (creating) one of cordon's logs for appending, readable by cordon's
+/// user alone: events and stderr may carry what agents read from the store,
+/// which other agents must not see. A log an older run left with a wider
+/// mode is narrowed too (on the open file, so no path race).
+pub fn open_log(path: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(fs::Permissions::from_mode(0o600))?;
+    Ok(f)
+}
+
 fn chown(path: &Path, ids: Ids) -> Result<(), OrchestratorError> {
     std::os::unix::fs::chown(path, Some(ids.uid), Some(ids.gid)).map_err(|source| {
         OrchestratorError::Prepare {
@@ -177,9 +192,10 @@ fn build_one(
     });
 
     let dir = up_dir(config).join(name);
-    // Owned by cordon and readable by the agent (its MCP config is in here);
-    // the event log and stderr inside are cordon's alone.
-    mkdir(&dir, 0o755)?;
+    // Owned by cordon; the agent traverses it (to its home, work dir and MCP
+    // config, which it opens by path) but cannot list it. The event log and
+    // stderr inside are cordon's alone (0600, `open_log`).
+    mkdir(&dir, 0o711)?;
     let home = dir.join("home");
     let _ = fs::remove_dir_all(&home);
     mkdir(&home, 0o700)?;
