@@ -642,6 +642,57 @@ fn an_agent_the_gateway_was_not_told_about_is_not_started() {
 }
 
 #[test]
+fn a_runtime_dir_that_is_sticky_or_a_symlink_is_never_re_moded() {
+    let agents = "[agents.a]\nrole = \"worker\"\ncommand = [\"/bin/true\"]\nsandbox = \"shell.toml\"\nrestart = \"never\"\n";
+    let d = Deployment::new(ALLOW_ALL, agents);
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    let sticky = d.dir.join("sticky");
+    std::fs::create_dir(&sticky).unwrap();
+    std::fs::set_permissions(&sticky, PermissionsExt::from_mode(0o1777)).unwrap();
+    let target = d.dir.join("target");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::set_permissions(&target, PermissionsExt::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(&target, d.dir.join("link")).unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    for (dir, before, what) in [
+        ("sticky", &sticky, "not cordon's own"),
+        ("link", &target, "symlink"),
+    ] {
+        let m = mode(before);
+        std::fs::write(
+            &d.config,
+            text.replace(
+                "runtime_dir = \"state/run\"",
+                &format!("runtime_dir = \"{dir}\""),
+            ),
+        )
+        .unwrap();
+        let out = Command::new(BIN).arg("up").arg(&d.config).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{dir}: {err}");
+        assert!(err.contains(what), "{dir}: {err}");
+        assert_eq!(mode(before), m, "{dir}: mode changed");
+    }
+    // Control: the same deployment on a directory of its own runs, and that
+    // directory gets its mode.
+    let own = d.dir.join("own");
+    std::fs::create_dir(&own).unwrap();
+    std::fs::set_permissions(&own, PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(
+        &d.config,
+        text.replace("runtime_dir = \"state/run\"", "runtime_dir = \"own\""),
+    )
+    .unwrap();
+    // Twice: the second run takes back the work directory the first handed
+    // to the agent.
+    for _ in 0..2 {
+        let out = Command::new(BIN).arg("up").arg(&d.config).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    assert_eq!(mode(&own), 0o711);
+}
+
+#[test]
 fn a_memory_hog_is_killed_alone_in_its_cgroup() {
     if !common::is_root() {
         let _ = std::io::Write::write_all(
