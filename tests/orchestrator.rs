@@ -693,6 +693,43 @@ fn a_runtime_dir_that_is_sticky_or_a_symlink_is_never_re_moded() {
 }
 
 #[test]
+fn a_gateway_that_hangs_before_ready_is_killed_and_retried() {
+    let agents = "[agents.a]\nrole = \"worker\"\ncommand = [\"/bin/sh\", \"-c\", \"echo up; sleep 1000 & wait\"]\nsandbox = \"shell.toml\"\nrestart = \"never\"\n";
+    let d = Deployment::new(ALLOW_ALL, agents);
+    let mut up = d.up();
+    let s = d.until("a running", |s| {
+        d.agent(s, "a")["state"] == "running" && s["gateway"]["pid"].is_i64()
+    });
+    // The next gateway blocks opening its policy (a FIFO nobody writes), so
+    // it never prints its ready line.
+    let policy = d.dir.join("policy.toml");
+    std::fs::rename(&policy, d.dir.join("policy.real")).unwrap();
+    let made = Command::new("mkfifo").arg(&policy).status().unwrap();
+    assert!(made.success());
+    let gateway = s["gateway"]["pid"].as_i64().unwrap();
+    kill_process(Pid::from_raw(gateway as i32).unwrap(), Signal::KILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let err = d.dir.join("up.err");
+    while !std::fs::read_to_string(&err)
+        .unwrap_or_default()
+        .contains("was not ready within")
+    {
+        assert!(Instant::now() < deadline, "no ready timeout\n{}", d.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The supervisor still answers, and the agent runs on.
+    let s = d.until("cordon up answering", |s| s["ok"] == true);
+    assert_eq!(d.agent(&s, "a")["state"], "running", "{s}");
+    // Control: with its policy back, the next attempt succeeds.
+    std::fs::rename(d.dir.join("policy.real"), &policy).unwrap();
+    d.until("a new gateway", |s| {
+        s["gateway"]["state"] == "running" && s["gateway"]["restarts"].as_u64() >= Some(2)
+    });
+    kill_process(Pid::from_raw(up.id() as i32).unwrap(), Signal::TERM).unwrap();
+    assert!(wait(&mut up).success(), "{}", d.logs());
+}
+
+#[test]
 fn a_memory_hog_is_killed_alone_in_its_cgroup() {
     if !common::is_root() {
         let _ = std::io::Write::write_all(

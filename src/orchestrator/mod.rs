@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use rustix::process::Signal;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
 
@@ -168,6 +168,11 @@ struct GatewayProc {
 
 /// Longest wait for the gateway's admin socket to answer.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a starting gateway's ready line; then it is killed and
+/// the start counts as failed (the restart backoff applies).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest ready line read from the gateway.
+const MAX_READY_LINE: u64 = 64 * 1024;
 /// How long the gateway gets to stop, beyond its own shutdown grace.
 const GATEWAY_STOP_SLACK: Duration = Duration::from_secs(10);
 
@@ -369,25 +374,36 @@ impl Up {
                 })?;
         let stdout = child.stdout.take();
         let mut line = String::new();
+        let mut in_time = true;
         if let Some(stdout) = stdout {
             let mut reader = BufReader::new(stdout);
-            let _ = reader.read_line(&mut line).await;
+            // Bounded in time and size: a gateway that hangs before its ready
+            // line must not freeze the supervisor (this runs in its loop).
+            in_time = tokio::time::timeout(
+                READY_TIMEOUT,
+                (&mut reader).take(MAX_READY_LINE).read_line(&mut line),
+            )
+            .await
+            .is_ok();
             // Keep draining (the gateway prints nothing more, but must never block).
             tokio::spawn(async move {
-                let mut sink = String::new();
-                while reader.read_line(&mut sink).await.is_ok_and(|n| n > 0) {
-                    sink.clear();
-                }
+                let _ = tokio::io::copy(&mut reader, &mut tokio::io::sink()).await;
             });
         }
         let ready: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
         if ready["ready"] != true {
-            let _ = child.wait().await;
+            // Dead already, or hung: either way it is not ours to wait for.
+            let _ = child.kill().await;
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            let what = if in_time {
+                "it exited before it was ready".to_string()
+            } else {
+                format!("it was not ready within {READY_TIMEOUT:?} and was killed")
+            };
             return Err(OrchestratorError::Gateway {
                 message: format!(
-                    "it exited before it was ready; {}:\n{}",
+                    "{what}; {}:\n{}",
                     log_path.display(),
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 ),
