@@ -730,6 +730,36 @@ fn a_gateway_that_hangs_before_ready_is_killed_and_retried() {
 }
 
 #[test]
+fn an_overlong_output_line_is_skipped_and_reading_goes_on() {
+    let agents = "[agents.a]\nrole = \"worker\"\ncommand = [\"/bin/sh\", \"-c\", \"yes x | head -c 3000000 | tr -d '\\\\n'; echo; echo after; sleep 1000 & wait\"]\nsandbox = \"shell.toml\"\nrestart = \"never\"\n";
+    let d = Deployment::new(ALLOW_ALL, agents);
+    let mut up = d.up();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let events = loop {
+        let events = d.events("a");
+        if events.iter().any(|e| e["text"] == "after") {
+            break events;
+        }
+        assert!(Instant::now() < deadline, "no line after\n{}", d.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let s = d.status().unwrap();
+    assert_eq!(d.agent(&s, "a")["errors"], 1, "{s}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "error"
+                && e["text"].as_str().is_some_and(|t| t.contains("skipped"))),
+        "{events:?}"
+    );
+    // Control: the line after it was read and kept; the long one was not.
+    assert!(events.iter().any(|e| e["text"] == "after"), "{events:?}");
+    assert!(events.iter().all(|e| e.to_string().len() < 4096));
+    kill_process(Pid::from_raw(up.id() as i32).unwrap(), Signal::TERM).unwrap();
+    assert!(wait(&mut up).success(), "{}", d.logs());
+}
+
+#[test]
 fn a_memory_hog_is_killed_alone_in_its_cgroup() {
     if !common::is_root() {
         let _ = std::io::Write::write_all(

@@ -22,11 +22,13 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use rustix::process::Signal;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 use crate::config::{Config, RestartPolicy};
 use crate::gateway::admin;
@@ -171,6 +173,8 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for a starting gateway's ready line; then it is killed and
 /// the start counts as failed (the restart backoff applies).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest line of an agent's output kept (an event is one line).
+const MAX_AGENT_LINE: usize = 1024 * 1024;
 /// Longest ready line read from the gateway.
 const MAX_READY_LINE: u64 = 64 * 1024;
 /// How long the gateway gets to stop, beyond its own shutdown grace.
@@ -527,8 +531,33 @@ impl Up {
                     None
                 }
             };
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+            // Each line is held whole in memory: capped, so an agent cannot
+            // exhaust cordon up's memory with one endless line.
+            let mut lines =
+                FramedRead::new(stdout, LinesCodec::new_with_max_length(MAX_AGENT_LINE));
+            let mut skipped = false;
+            loop {
+                let line = match lines.next().await {
+                    Some(Ok(line)) => line,
+                    Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                        // The codec discards up to the next newline; the one
+                        // `None` it returns right after an error is not the end.
+                        skipped = true;
+                        lock(&stats).errors += 1;
+                        tracing::error!(agent = %name, max = MAX_AGENT_LINE, "agent output line too long; skipped");
+                        if let Some(f) = &mut log {
+                            let e = json!({"kind": "error", "text": format!("output line over {MAX_AGENT_LINE} bytes skipped"), "agent": name, "run": run, "ts": crate::audit::now()});
+                            let _ = writeln!(f, "{e}");
+                        }
+                        continue;
+                    }
+                    None if skipped => {
+                        skipped = false;
+                        continue;
+                    }
+                    Some(Err(LinesCodecError::Io(_))) | None => break,
+                };
+                skipped = false;
                 if line.trim().is_empty() {
                     continue;
                 }
