@@ -425,7 +425,8 @@ impl Config {
                 "agent {name:?} has no uid of its own in uid_range [{lo}, {hi}]; widen the profile's uid_range (agents never share a uid)"
             )));
         }
-        Ok(())
+        distinct_uids(self.agents.iter().map(|(n, a)| (n.as_str(), a.uid)))
+            .map_err(|m| self.invalid(m))
     }
 
     /// The index `assign_profile_uids` used for an agent.
@@ -546,9 +547,76 @@ fn validate_agent_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Under root, every agent given a uid (explicitly or from its profile's
+/// range) must have its own, and not root's: the gateway tells agents apart
+/// by uid, so two agents on one uid could each pass as the other (an
+/// explicit uid may land inside another agent's auto range).
+fn distinct_uids<'a>(agents: impl Iterator<Item = (&'a str, Option<u32>)>) -> Result<(), String> {
+    let mut seen: BTreeMap<u32, &str> = BTreeMap::new();
+    for (name, uid) in agents {
+        let Some(uid) = uid else { continue };
+        if uid == 0 {
+            return Err(format!(
+                "agent {name:?} has uid 0: agents never run as root; give it a uid of its own"
+            ));
+        }
+        if let Some(other) = seen.insert(uid, name) {
+            return Err(format!(
+                "agents {other:?} and {name:?} both have uid {uid}: agents never share a uid"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agents_have_distinct_nonzero_uids() {
+        assert!(distinct_uids(
+            [
+                ("a", Some(1001)),
+                ("b", Some(1002)),
+                ("c", None),
+                ("d", None)
+            ]
+            .into_iter()
+        )
+        .is_ok());
+        let e =
+            distinct_uids([("a", Some(1001)), ("b", Some(1002)), ("c", Some(1001))].into_iter())
+                .unwrap_err();
+        assert!(e.contains("\"a\" and \"c\"") && e.contains("1001"), "{e}");
+        let e = distinct_uids([("a", Some(1001)), ("r", Some(0))].into_iter()).unwrap_err();
+        assert!(e.contains("\"r\" has uid 0"), "{e}");
+    }
+
+    #[test]
+    fn an_explicit_uid_inside_an_auto_range_is_refused() {
+        if !rustix::process::geteuid().is_root() {
+            return; // uids are assigned under root only
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("p.toml"),
+            "user = \"auto\"\nuid_range = [61000, 61999]\nexec = [\"/bin\"]\n",
+        )
+        .unwrap();
+        let base = "[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"p\"\nmap_size = \"64MiB\"\n[agents.a]\nrole = \"x\"\nsandbox = \"p.toml\"\n[agents.b]\nrole = \"x\"\n";
+        // a gets 61000 (index 0); b's explicit uid collides with it.
+        let path = dir.path().join("c.toml");
+        let e = Config::parse(&format!("{base}uid = 61000\n"), &path).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("\"a\" and \"b\" both have uid 61000"),
+            "{e}"
+        );
+        // Control: a uid outside the range is accepted.
+        let c = Config::parse(&format!("{base}uid = 62000\n"), &path).unwrap();
+        assert_eq!(c.agents["a"].uid, Some(61000));
+    }
 
     #[test]
     fn sizes() {

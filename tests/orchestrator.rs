@@ -29,9 +29,11 @@ const SHELL_PROFILE: &str = "exec = [\"/bin\", \"/usr\", \"/lib\", \"/lib64\"]\n
 
 impl Deployment {
     /// `[gateway]` on a temp dir with `policy` (a policy file's text), plus `agents`.
+    /// `@DIR@` in `agents` stands for the deployment's directory.
     fn new(policy: &str, agents: &str) -> Deployment {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
+        let agents = agents.replace("@DIR@", &dir.display().to_string());
         // Agents with their own uid traverse it to their socket and home.
         std::fs::set_permissions(&dir, PermissionsExt::from_mode(0o755)).unwrap();
         std::fs::write(dir.join("policy.toml"), policy).unwrap();
@@ -233,6 +235,20 @@ fn demo_runs_end_to_end() {
     // Per-agent event logs.
     let calls = d.events("coder-1").len() + d.events("coder-2").len();
     assert!(calls > 4, "coders' event logs are too short");
+    // Logs are cordon's alone; agents traverse their directory, never list it.
+    let mode = |p: &str| {
+        std::fs::metadata(d.dir.join("state/run/up").join(p))
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("gateway.log"), 0o600);
+    for a in ["supervisor", "coder-1", "coder-2", "adversary"] {
+        assert_eq!(mode(a), 0o711, "{a}");
+        assert_eq!(mode(&format!("{a}/events.jsonl")), 0o600, "{a}");
+        assert_eq!(mode(&format!("{a}/stderr.log")), 0o600, "{a}");
+    }
 }
 
 const ALLOW_ALL: &str =
@@ -411,6 +427,336 @@ fn gateway_refuses_a_process_outside_the_agents_tree_and_is_restarted_when_it_di
         "jsonl",
     ]);
     assert!(refused.contains("descend"), "{refused}");
+}
+
+/// A sandbox sharing this test's uid (best-effort, as in the test above):
+/// the case in which the uid checks alone let an agent reach the admin and
+/// control sockets.
+const SHARED_UID: &str = "[agents.a.sandbox]\nuser = \"inherit\"\nrequire = \"best-effort\"\nexec = [\"/bin\", \"/usr\", \"/lib\", \"/lib64\", \"{cordon}\"]\nread = [\"/etc\", \"@DIR@\"]\nwrite = [\"/dev/null\", \"{home}\"]\n";
+
+#[test]
+fn agent_root_is_accepted_only_from_the_orchestrator() {
+    let agents = format!("[agents.a]\nrole = \"worker\"\ncommand = [\"/bin/sh\", \"-c\", \"echo up; sleep 1000 & wait\"]\nrestart = \"never\"\n{SHARED_UID}");
+    let d = Deployment::new(ALLOW_ALL, &agents);
+    let mut up = d.up();
+    d.until("a running", |s| d.agent(s, "a")["state"] == "running");
+    let admin = d.dir.join("state/run/admin.sock");
+    // A same-uid process that cordon up did not start (as an agent sharing
+    // the uid would be) tries to make this test agent a's root.
+    let me = std::process::id();
+    let script = format!(
+        "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\nf=s.makefile('rw')\nfor r in ['{{\"op\":\"status\"}}','{{\"op\":\"agent_root\",\"agent\":\"a\",\"pid\":{me}}}']:\n f.write(r+'\\n'); f.flush(); print(f.readline().strip())\n"
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .arg(&admin)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let answers: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(answers.len(), 2, "{out:?}\n{}", d.logs());
+    // Control: the same connection is served (its uid passes), so the
+    // refusal below is the orchestrator check, not a failed connection.
+    assert_eq!(answers[0]["ok"], true, "{text}");
+    assert_eq!(answers[1]["ok"], false, "{text}");
+    assert!(
+        answers[1]["error"]
+            .as_str()
+            .unwrap()
+            .contains("only the orchestrator"),
+        "{text}"
+    );
+    // The root is unchanged: this test still cannot connect as agent a.
+    let socket = d.dir.join("state/run/agents/a/mcp.sock");
+    let mut c = common::Client::connect_raw(&socket).unwrap();
+    let line = c.recv().expect("a refusal line");
+    assert!(
+        line["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("descend"),
+        "{line}"
+    );
+    kill_process(Pid::from_raw(up.id() as i32).unwrap(), Signal::TERM).unwrap();
+    assert!(wait(&mut up).success(), "{}", d.logs());
+}
+
+#[test]
+fn the_control_socket_refuses_an_agents_processes() {
+    // The agent (same uid as this test) asks cordon up for its status.
+    let agents = format!("[agents.a]\nrole = \"worker\"\ncommand = [\"/bin/sh\", \"-c\", \"{{cordon}} status --json --config @DIR@/cordon.toml > {{home}}/status.out 2>&1; echo done >> {{home}}/status.out; sleep 1000 & wait\"]\nrestart = \"never\"\n{SHARED_UID}");
+    let d = Deployment::new(ALLOW_ALL, &agents);
+    let mut up = d.up();
+    let out = d.dir.join("state/run/up/a/home/status.out");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let text = loop {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        if text.contains("done") {
+            break text;
+        }
+        assert!(Instant::now() < deadline, "no status.out\n{}", d.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let answer: Value = serde_json::from_str(text.lines().next().unwrap())
+        .unwrap_or_else(|e| panic!("{e}: {text}\n{}", d.logs()));
+    assert_eq!(answer["ok"], false, "{text}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("process of agent a"),
+        "{text}"
+    );
+    // Control: the same request from this test (same uid, no agent's) is served.
+    let s = d.until("a running", |s| d.agent(s, "a")["state"] == "running");
+    assert_eq!(s["ok"], true);
+    kill_process(Pid::from_raw(up.id() as i32).unwrap(), Signal::TERM).unwrap();
+    assert!(wait(&mut up).success(), "{}", d.logs());
+}
+
+/// A file `bridge.*` and its content.
+type Bridge = (PathBuf, String);
+
+/// Files `bridge.*` in `home` and their contents.
+fn bridges(home: &Path) -> Vec<Bridge> {
+    let mut out: Vec<Bridge> = std::fs::read_dir(home)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("bridge."))
+        .map(|e| {
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            (e.path(), text)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_session_left_behind_closes_when_its_agent_restarts() {
+    // The agent leaves a process behind in a session of its own (setsid:
+    // out of its process group, and the profile has no cgroup), holding an
+    // initialised gateway session through `cordon bridge`; then it closes
+    // itself and its group once the bridge ends.
+    let keep = "home=$1; cordon=$2; id=$$\n( printf '%s\\n' '{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"initialize\",\"params\":{\"protocolVersion\":\"2025-11-25\",\"capabilities\":{},\"clientInfo\":{\"name\":\"t\",\"version\":\"0\"}}}'; exec sleep 1000 ) | { \"$cordon\" bridge --socket \"$CORDON_SOCKET\" > \"$home/bridge.$id\" 2>/dev/null; echo closed >> \"$home/bridge.$id\"; kill 0; }\n";
+    let agents = format!("[agents.a]\nrole = \"worker\"\ncommand = [\"/bin/sh\", \"-c\", \"setsid /bin/sh @DIR@/keep.sh {{home}} {{cordon}} </dev/null >/dev/null 2>&1 & echo up; sleep 1000 & wait\"]\nrestart = \"never\"\n{SHARED_UID}");
+    let d = Deployment::new(ALLOW_ALL, &agents);
+    std::fs::write(d.dir.join("keep.sh"), keep).unwrap();
+    let mut up = d.up();
+    let home = d.dir.join("state/run/up/a/home");
+    let poll = |what: &str, cond: &dyn Fn(&[Bridge]) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let b = bridges(&home);
+            if cond(&b) {
+                return b;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never saw {what}: {b:?}\n{}",
+                d.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let served = |t: &str| t.contains("\"result\"");
+    let b = poll("the first session served", &|b| {
+        b.len() == 1 && served(&b[0].1)
+    });
+    let first = b[0].0.clone();
+    let s = d.until("a running", |s| d.agent(s, "a")["pid"].is_i64());
+    let a1 = d.agent(&s, "a")["pid"].clone();
+
+    let out = d.cordon(&["agent", "restart", "a"]);
+    assert!(out.status.success(), "{out:?}");
+    d.until("a restarted", |s| {
+        let a = d.agent(s, "a");
+        a["restarts"] == 1 && a["state"] == "running" && a["pid"] != a1
+    });
+    // The leftover of the first run survived the stop (it wrote after it),
+    // but its session was closed; the new run's session is served and open.
+    let b = poll("the old session closed and a new one served", &|b| {
+        b.iter().any(|(p, t)| *p == first && t.contains("closed"))
+            && b.iter().any(|(p, t)| *p != first && served(t))
+    });
+    let (_, second) = b.iter().find(|(p, _)| *p != first).unwrap();
+    assert!(!second.contains("closed"), "{b:?}");
+
+    kill_process(Pid::from_raw(up.id() as i32).unwrap(), Signal::TERM).unwrap();
+    assert!(wait(&mut up).success(), "{}", d.logs());
+    // Stopping the agent closes the second run's session as well.
+    poll("the second session closed", &|b| {
+        b.len() == 2 && b.iter().all(|(_, t)| t.contains("closed"))
+    });
+}
+
+#[test]
+fn an_agent_the_gateway_was_not_told_about_is_not_started() {
+    // b keeps cordon up running once a is final.
+    let sleeper = "command = [\"/bin/sh\", \"-c\", \"echo up; sleep 1000 & wait\"]\nsandbox = \"shell.toml\"\nrestart = \"never\"\n";
+    let agents = format!(
+        "[agents.a]\nrole = \"worker\"\n{sleeper}\n[agents.b]\nrole = \"worker\"\n{sleeper}"
+    );
+    let d = Deployment::new(ALLOW_ALL, &agents);
+    let mut up = d.up();
+    // Control: registered, the first run starts and prints.
+    d.until("a running", |s| d.agent(s, "a")["state"] == "running");
+    let printed = |run: u64| {
+        d.events("a")
+            .iter()
+            .any(|e| e["run"] == run && e["text"] == "up")
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !printed(1) {
+        assert!(
+            Instant::now() < deadline,
+            "run 1 never printed\n{}",
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The gateway can no longer be told (its admin socket is gone): the next
+    // run must not start at all.
+    std::fs::remove_file(d.dir.join("state/run/admin.sock")).unwrap();
+    let out = d.cordon(&["agent", "restart", "a"]);
+    assert!(out.status.success(), "{out:?}");
+    let s = d.until("a failed", |s| d.agent(s, "a")["state"] == "failed");
+    assert_eq!(d.agent(&s, "a")["restarts"], 1, "{s}");
+    assert!(!printed(2), "the unregistered run ran\n{}", d.logs());
+    kill_process(Pid::from_raw(up.id() as i32).unwrap(), Signal::TERM).unwrap();
+    wait(&mut up);
+    let err = std::fs::read_to_string(d.dir.join("up.err")).unwrap();
+    assert!(
+        err.contains("cannot register the agent with the gateway; not starting it"),
+        "{err}"
+    );
+    assert!(
+        err.contains("cannot unregister the agent's root process"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_runtime_dir_that_is_sticky_or_a_symlink_is_never_re_moded() {
+    let agents = "[agents.a]\nrole = \"worker\"\ncommand = [\"/bin/true\"]\nsandbox = \"shell.toml\"\nrestart = \"never\"\n";
+    let d = Deployment::new(ALLOW_ALL, agents);
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    let sticky = d.dir.join("sticky");
+    std::fs::create_dir(&sticky).unwrap();
+    std::fs::set_permissions(&sticky, PermissionsExt::from_mode(0o1777)).unwrap();
+    let target = d.dir.join("target");
+    std::fs::create_dir(&target).unwrap();
+    std::fs::set_permissions(&target, PermissionsExt::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink(&target, d.dir.join("link")).unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    for (dir, before, what) in [
+        ("sticky", &sticky, "not cordon's own"),
+        ("link", &target, "symlink"),
+    ] {
+        let m = mode(before);
+        std::fs::write(
+            &d.config,
+            text.replace(
+                "runtime_dir = \"state/run\"",
+                &format!("runtime_dir = \"{dir}\""),
+            ),
+        )
+        .unwrap();
+        let out = Command::new(BIN).arg("up").arg(&d.config).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{dir}: {err}");
+        assert!(err.contains(what), "{dir}: {err}");
+        assert_eq!(mode(before), m, "{dir}: mode changed");
+    }
+    // Control: the same deployment on a directory of its own runs, and that
+    // directory gets its mode.
+    let own = d.dir.join("own");
+    std::fs::create_dir(&own).unwrap();
+    std::fs::set_permissions(&own, PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(
+        &d.config,
+        text.replace("runtime_dir = \"state/run\"", "runtime_dir = \"own\""),
+    )
+    .unwrap();
+    // Twice: the second run takes back the work directory the first handed
+    // to the agent.
+    for _ in 0..2 {
+        let out = Command::new(BIN).arg("up").arg(&d.config).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    assert_eq!(mode(&own), 0o711);
+}
+
+#[test]
+fn a_gateway_that_hangs_before_ready_is_killed_and_retried() {
+    let agents = "[agents.a]\nrole = \"worker\"\ncommand = [\"/bin/sh\", \"-c\", \"echo up; sleep 1000 & wait\"]\nsandbox = \"shell.toml\"\nrestart = \"never\"\n";
+    let d = Deployment::new(ALLOW_ALL, agents);
+    let mut up = d.up();
+    let s = d.until("a running", |s| {
+        d.agent(s, "a")["state"] == "running" && s["gateway"]["pid"].is_i64()
+    });
+    // The next gateway blocks opening its policy (a FIFO nobody writes), so
+    // it never prints its ready line.
+    let policy = d.dir.join("policy.toml");
+    std::fs::rename(&policy, d.dir.join("policy.real")).unwrap();
+    let made = Command::new("mkfifo").arg(&policy).status().unwrap();
+    assert!(made.success());
+    let gateway = s["gateway"]["pid"].as_i64().unwrap();
+    kill_process(Pid::from_raw(gateway as i32).unwrap(), Signal::KILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let err = d.dir.join("up.err");
+    while !std::fs::read_to_string(&err)
+        .unwrap_or_default()
+        .contains("was not ready within")
+    {
+        assert!(Instant::now() < deadline, "no ready timeout\n{}", d.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The supervisor still answers, and the agent runs on.
+    let s = d.until("cordon up answering", |s| s["ok"] == true);
+    assert_eq!(d.agent(&s, "a")["state"], "running", "{s}");
+    // Control: with its policy back, the next attempt succeeds.
+    std::fs::rename(d.dir.join("policy.real"), &policy).unwrap();
+    d.until("a new gateway", |s| {
+        s["gateway"]["state"] == "running" && s["gateway"]["restarts"].as_u64() >= Some(2)
+    });
+    kill_process(Pid::from_raw(up.id() as i32).unwrap(), Signal::TERM).unwrap();
+    assert!(wait(&mut up).success(), "{}", d.logs());
+}
+
+#[test]
+fn an_overlong_output_line_is_skipped_and_reading_goes_on() {
+    let agents = "[agents.a]\nrole = \"worker\"\ncommand = [\"/bin/sh\", \"-c\", \"yes x | head -c 3000000 | tr -d '\\\\n'; echo; echo after; sleep 1000 & wait\"]\nsandbox = \"shell.toml\"\nrestart = \"never\"\n";
+    let d = Deployment::new(ALLOW_ALL, agents);
+    let mut up = d.up();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let events = loop {
+        let events = d.events("a");
+        if events.iter().any(|e| e["text"] == "after") {
+            break events;
+        }
+        assert!(Instant::now() < deadline, "no line after\n{}", d.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let s = d.status().unwrap();
+    assert_eq!(d.agent(&s, "a")["errors"], 1, "{s}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "error"
+                && e["text"].as_str().is_some_and(|t| t.contains("skipped"))),
+        "{events:?}"
+    );
+    // Control: the line after it was read and kept; the long one was not.
+    assert!(events.iter().any(|e| e["text"] == "after"), "{events:?}");
+    assert!(events.iter().all(|e| e.to_string().len() < 4096));
+    kill_process(Pid::from_raw(up.id() as i32).unwrap(), Signal::TERM).unwrap();
+    assert!(wait(&mut up).success(), "{}", d.logs());
 }
 
 #[test]

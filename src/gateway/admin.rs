@@ -6,7 +6,10 @@
 //! - `{"op": "status"}` → `{"ok": true, "revision": N, "policy": …, "hash": …, "agents": {…}}`
 //! - `{"op": "agent_root", "agent": NAME, "pid": N | null}` → `{"ok": true}`: from
 //!   `cordon up`: the agent's root process (or none: not running); from then on
-//!   a connecting peer must descend from it.
+//!   a connecting peer must descend from it. Accepted only from the gateway's
+//!   parent when it runs `--managed` (that parent is `cordon up`); refused
+//!   otherwise, so a same-uid agent cannot re-register another agent's root
+//!   to its own pid and then connect as that agent.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -47,6 +50,7 @@ pub(super) async fn serve(
     shared: Arc<Shared>,
     config: Arc<Config>,
     roots: Arc<super::roots::Roots>,
+    orchestrator: Option<i32>,
 ) {
     loop {
         let stream = tokio::select! {
@@ -61,8 +65,8 @@ pub(super) async fn serve(
         };
         // The socket is 0600 already; the uid check keeps it that way even if
         // someone loosens the mode.
-        match stream.peer_cred() {
-            Ok(c) if c.uid() == me || c.uid() == 0 => {}
+        let peer = match stream.peer_cred() {
+            Ok(c) if c.uid() == me || c.uid() == 0 => c.pid(),
             Ok(c) => {
                 tracing::warn!(
                     peer_uid = c.uid(),
@@ -75,20 +79,33 @@ pub(super) async fn serve(
                 tracing::warn!(error = %e, "admin connection refused: no peer credentials");
                 continue;
             }
-        }
+        };
         let shared = shared.clone();
         let config = config.clone();
         let roots = roots.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, &shared, &config, &roots).await {
+            let from = Peer {
+                pid: peer,
+                orchestrator,
+            };
+            if let Err(e) = handle(stream, from, &shared, &config, &roots).await {
                 tracing::debug!(error = %e, "admin connection ended");
             }
         });
     }
 }
 
+/// Who is asking, and who alone may register agent roots.
+#[derive(Clone, Copy)]
+struct Peer {
+    pid: Option<i32>,
+    /// The gateway's parent when it runs `--managed`; `None`: not managed.
+    orchestrator: Option<i32>,
+}
+
 async fn handle(
     stream: UnixStream,
+    peer: Peer,
     shared: &Shared,
     config: &Config,
     roots: &super::roots::Roots,
@@ -97,7 +114,7 @@ async fn handle(
     let mut lines = BufReader::new(rd.take(MAX_REQUEST as u64 * 16)).lines();
     while let Some(line) = lines.next_line().await? {
         let answer = match serde_json::from_str::<Value>(&line) {
-            Ok(req) => answer(&req, shared, config, roots),
+            Ok(req) => answer(&req, peer, shared, config, roots),
             Err(e) => json!({"ok": false, "error": format!("invalid JSON: {e}")}),
         };
         let mut out = answer.to_string().into_bytes();
@@ -107,9 +124,32 @@ async fn handle(
     Ok(())
 }
 
-fn answer(req: &Value, shared: &Shared, config: &Config, roots: &super::roots::Roots) -> Value {
+fn answer(
+    req: &Value,
+    peer: Peer,
+    shared: &Shared,
+    config: &Config,
+    roots: &super::roots::Roots,
+) -> Value {
     match req.get("op").and_then(Value::as_str) {
         Some("agent_root") => {
+            // The uid check above admits every process of the gateway's uid,
+            // agents sharing it included; the root of an agent is the
+            // orchestrator's word alone.
+            match peer.orchestrator {
+                None => {
+                    return json!({"ok": false, "error": "agent_root is accepted only from cordon up (this gateway does not run --managed)"})
+                }
+                Some(o) if peer.pid != Some(o) => {
+                    tracing::warn!(
+                        peer_pid = peer.pid,
+                        orchestrator = o,
+                        "agent_root refused: the peer is not the orchestrator"
+                    );
+                    return json!({"ok": false, "error": "agent_root refused: only the orchestrator (the gateway's parent) may register agent roots"});
+                }
+                Some(_) => {}
+            }
             let agent = req.get("agent").and_then(Value::as_str).unwrap_or_default();
             if !config.agents.contains_key(agent) {
                 return json!({"ok": false, "error": format!("no agent {agent:?} in this deployment")});

@@ -70,6 +70,8 @@ pub enum GatewayError {
     },
     #[error("cannot install signal handler: {source}")]
     Signal { source: io::Error },
+    #[error("--managed: the gateway's parent is gone (or is init), so no orchestrator can register agent roots; run it from `cordon up`")]
+    NoOrchestrator,
 }
 
 struct Listener {
@@ -91,16 +93,30 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
 /// not running, its socket serves nobody (see `roots`).
 pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError> {
     let config = Arc::new(config);
+    // Every session runs under a child of this token (through its agent's
+    // token when managed): cancelled last at shutdown.
+    let sessions_token = CancellationToken::new();
     let roots = Arc::new(if managed {
-        roots::Roots::managed(config.agents.keys())
+        roots::Roots::managed(config.agents.keys(), sessions_token.clone())
     } else {
-        roots::Roots::default()
+        roots::Roots::unmanaged(sessions_token.clone())
     });
     if config.agents.is_empty() {
         return Err(GatewayError::NoAgents {
             path: config.path.clone(),
         });
     }
+    // Managed: only our parent, `cordon up`, may register agent roots. Taken
+    // now, before anything could reparent us; a parent that is already gone
+    // (init adopted us) would let nobody in, so refuse to start instead.
+    let orchestrator = if managed {
+        match rustix::process::getppid().map(|p| p.as_raw_nonzero().get()) {
+            Some(p) if p > 1 => Some(p),
+            _ => return Err(GatewayError::NoOrchestrator),
+        }
+    } else {
+        None
+    };
     let me = rustix::process::geteuid().as_raw();
     for (name, agent) in &config.agents {
         if let Some(uid) = agent.uid {
@@ -202,7 +218,6 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
             }
         });
     }
-    let sessions_token = CancellationToken::new();
     let sessions = TaskTracker::new();
     let accepting = TaskTracker::new();
     let next_conn = Arc::new(AtomicU64::new(1));
@@ -218,7 +233,6 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
             shared.clone(),
             roots.clone(),
             sessions.clone(),
-            sessions_token.clone(),
             next_conn.clone(),
             g.max_connections_per_agent,
             max_message,
@@ -231,6 +245,7 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
         shared.clone(),
         config.clone(),
         roots.clone(),
+        orchestrator,
     ));
     accepting.close();
 
@@ -537,7 +552,6 @@ async fn accept_loop(
     shared: Arc<Shared>,
     roots: Arc<roots::Roots>,
     sessions: TaskTracker,
-    sessions_token: CancellationToken,
     next_conn: Arc<AtomicU64>,
     max_connections: usize,
     max_message: usize,
@@ -575,24 +589,32 @@ async fn accept_loop(
                 "peer uid does not match the agent's uid".to_string(),
                 format!("connection refused: peer credentials do not match agent {agent_name}"),
             ))
-        } else if let Err(reason) = roots.check(&agent_name, cred.pid()) {
-            // Under `cordon up`: the peer must be the agent's process or descend from it.
-            Err((
-                -32001,
-                reason.to_string(),
-                format!("connection refused: peer process is not agent {agent_name}'s ({reason})"),
-            ))
         } else {
-            slots.clone().try_acquire_owned().map_err(|_| {
-                (
-                    -32000,
-                    "too many connections on this agent's socket".to_string(),
-                    format!("connection refused: agent {agent_name} already has {max_connections} connections (the limit)"),
-                )
-            })
+            match roots.check(&agent_name, cred.pid()) {
+                // Under `cordon up`: the peer must be the agent's process or
+                // descend from it; its session ends with the agent's run.
+                Err(reason) => Err((
+                    -32001,
+                    reason.to_string(),
+                    format!(
+                        "connection refused: peer process is not agent {agent_name}'s ({reason})"
+                    ),
+                )),
+                Ok(token) => slots
+                    .clone()
+                    .try_acquire_owned()
+                    .map(|slot| (slot, token))
+                    .map_err(|_| {
+                        (
+                            -32000,
+                            "too many connections on this agent's socket".to_string(),
+                            format!("connection refused: agent {agent_name} already has {max_connections} connections (the limit)"),
+                        )
+                    }),
+            }
         };
-        let slot = match refusal {
-            Ok(slot) => slot,
+        let (slot, token) = match refusal {
+            Ok(accepted) => accepted,
             Err((code, reason, message)) => {
                 refused(&shared, &agent_name, &role, cred.uid(), cred.pid(), &reason);
                 tracing::warn!(
@@ -617,7 +639,6 @@ async fn accept_loop(
             inflight: Arc::new(Semaphore::new(shared.max_calls_per_connection)),
             rate: rate.clone(),
         };
-        let token = sessions_token.child_token();
         sessions.spawn(async move {
             serve(session, stream, token, max_message).await;
             drop(slot);

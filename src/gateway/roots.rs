@@ -5,54 +5,114 @@
 //! from it: a process of the same uid that `cordon up` did not start (another
 //! agent sharing the uid when not run as root, a leftover of an earlier run)
 //! is refused. Unmanaged agents (a gateway run by hand) keep the uid check only.
+//!
+//! Sessions do not outlive the run that opened them: each managed agent has a
+//! cancellation token, replaced (and the old one cancelled) at every `set`, and
+//! its sessions run under a child of the token current when they were
+//! accepted. A process the agent left behind (one that escaped its process
+//! group, with no cgroup to catch it) loses its session when the agent stops
+//! or restarts.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
 
+use tokio_util::sync::CancellationToken;
+
 /// Longest parent chain walked; deeper trees are refused rather than walked forever.
 const MAX_DEPTH: usize = 4096;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
+struct Root {
+    /// `None`: managed but not running (refuse everyone).
+    pid: Option<i32>,
+    /// Parent of the sessions accepted during this run.
+    sessions: CancellationToken,
+}
+
+#[derive(Debug)]
 pub struct Roots {
-    /// agent → its root pid; `None`: managed but not running (refuse everyone).
-    agents: RwLock<HashMap<String, Option<i32>>>,
+    agents: RwLock<HashMap<String, Root>>,
+    /// The gateway's own session token: cancelled at shutdown, it closes every
+    /// agent's sessions too.
+    base: CancellationToken,
 }
 
 impl Roots {
-    /// Every agent managed and not yet running: `cordon up` starts the gateway
-    /// this way, so no connection slips in before the first registration.
-    pub fn managed<'a>(agents: impl Iterator<Item = &'a String>) -> Roots {
+    /// No agent managed (a gateway run by hand): the uid check alone.
+    pub fn unmanaged(base: CancellationToken) -> Roots {
         Roots {
-            agents: RwLock::new(agents.map(|a| (a.clone(), None)).collect()),
+            agents: RwLock::new(HashMap::new()),
+            base,
         }
     }
 
+    /// Every agent managed and not yet running: `cordon up` starts the gateway
+    /// this way, so no connection slips in before the first registration.
+    pub fn managed<'a>(agents: impl Iterator<Item = &'a String>, base: CancellationToken) -> Roots {
+        let agents = agents
+            .map(|a| {
+                let root = Root {
+                    pid: None,
+                    sessions: base.child_token(),
+                };
+                (a.clone(), root)
+            })
+            .collect();
+        Roots {
+            agents: RwLock::new(agents),
+            base,
+        }
+    }
+
+    /// A new root (or none): the sessions of the previous run are closed.
     pub fn set(&self, agent: &str, pid: Option<i32>) {
+        let root = Root {
+            pid,
+            sessions: self.base.child_token(),
+        };
         // A poisoned lock only means a panic elsewhere mid-insert; the map is
         // still a valid map.
         let mut map = self.agents.write().unwrap_or_else(|e| e.into_inner());
-        map.insert(agent.to_string(), pid);
+        if let Some(old) = map.insert(agent.to_string(), root) {
+            old.sessions.cancel();
+        }
     }
 
-    /// `Ok` when the peer may be served; `Err(reason)` otherwise.
-    pub fn check(&self, agent: &str, peer: Option<i32>) -> Result<(), &'static str> {
-        let root = {
+    /// When the peer may be served, the token its session runs under (closed
+    /// when the agent's run ends, or at shutdown); `Err(reason)` otherwise.
+    pub fn check(&self, agent: &str, peer: Option<i32>) -> Result<CancellationToken, &'static str> {
+        // Token and root are read together: a `set` after this point cancels
+        // the token returned, so a session accepted for a run that just ended
+        // closes at once.
+        let (root, sessions) = {
             let map = self.agents.read().unwrap_or_else(|e| e.into_inner());
             match map.get(agent) {
-                None => return Ok(()),
-                Some(None) => return Err("the agent is not running under cordon up"),
-                Some(Some(root)) => *root,
+                None => return Ok(self.base.child_token()),
+                Some(Root { pid: None, .. }) => {
+                    return Err("the agent is not running under cordon up")
+                }
+                Some(Root {
+                    pid: Some(root),
+                    sessions,
+                }) => (*root, sessions.clone()),
             }
         };
         let Some(peer) = peer else {
             return Err("the peer's pid is unknown");
         };
-        if descends_from(peer, root, parent_of) {
-            Ok(())
+        if in_tree(peer, root) {
+            Ok(sessions.child_token())
         } else {
             Err("peer process does not descend from the agent's root process")
         }
     }
+}
+
+/// Whether the live process `pid` is `root` or descends from it, walking
+/// /proc parent links. The one walk behind both the gateway's per-agent check
+/// and the orchestrator's control socket (which refuses agents' processes).
+pub fn in_tree(pid: i32, root: i32) -> bool {
+    descends_from(pid, root, parent_of)
 }
 
 /// Whether `pid` is `root` or one of its descendants, walking parent links.
@@ -85,6 +145,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_new_root_closes_the_previous_runs_sessions() {
+        let base = CancellationToken::new();
+        let names = ["a".to_string(), "b".to_string()];
+        let roots = Roots::managed(names.iter(), base.clone());
+        let me = std::process::id() as i32;
+        roots.set("a", Some(me));
+        roots.set("b", Some(me));
+        let first = roots.check("a", Some(me)).unwrap();
+        let other = roots.check("b", Some(me)).unwrap();
+        assert!(!first.is_cancelled());
+        // The agent restarts: its old session closes, b's stays.
+        roots.set("a", Some(me));
+        assert!(first.is_cancelled());
+        assert!(!other.is_cancelled());
+        // Control: a session of the new run is open until the agent stops.
+        let second = roots.check("a", Some(me)).unwrap();
+        assert!(!second.is_cancelled());
+        roots.set("a", None);
+        assert!(second.is_cancelled());
+        assert!(roots.check("a", Some(me)).is_err());
+        // Shutdown closes everyone's.
+        base.cancel();
+        assert!(other.is_cancelled());
+    }
+
+    #[test]
     fn descent_follows_parents() {
         let tree = |p: i32| match p {
             30 => Some(20),
@@ -102,7 +188,7 @@ mod tests {
     #[test]
     fn managed_agents_refuse_until_registered() {
         let names = ["a".to_string()];
-        let roots = Roots::managed(names.iter());
+        let roots = Roots::managed(names.iter(), CancellationToken::new());
         assert!(roots.check("a", Some(std::process::id() as i32)).is_err());
         assert!(roots.check("unmanaged", Some(5)).is_ok());
         roots.set("a", Some(std::process::id() as i32));

@@ -70,13 +70,15 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Msg>) {
             }
         };
         // 0600 already; the uid check keeps it so if the mode is loosened.
-        match stream.peer_cred() {
-            Ok(c) if c.uid() == me || c.uid() == 0 => {}
+        // Agents may share this uid: the main loop also refuses a peer that
+        // is one of their processes (it knows their root pids).
+        let peer = match stream.peer_cred() {
+            Ok(c) if c.uid() == me || c.uid() == 0 => c.pid(),
             _ => {
                 tracing::warn!("control connection refused: wrong uid");
                 continue;
             }
-        }
+        };
         let tx = tx.clone();
         tokio::spawn(async move {
             let (rd, mut wr) = stream.into_split();
@@ -85,7 +87,7 @@ pub async fn serve(listener: UnixListener, tx: mpsc::UnboundedSender<Msg>) {
                 let answer = match serde_json::from_str::<Value>(&line) {
                     Ok(req) => {
                         let (reply, rx) = oneshot::channel();
-                        if tx.send(Msg::Control { req, reply }).is_err() {
+                        if tx.send(Msg::Control { req, peer, reply }).is_err() {
                             return;
                         }
                         rx.await

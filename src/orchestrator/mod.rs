@@ -22,11 +22,13 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use rustix::process::Signal;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 use crate::config::{Config, RestartPolicy};
 use crate::gateway::admin;
@@ -86,6 +88,8 @@ pub enum Msg {
     },
     Control {
         req: Value,
+        /// The requester's pid (SO_PEERCRED); `None`: unknown (refused).
+        peer: Option<i32>,
         reply: oneshot::Sender<Value>,
     },
     GatewayExited {
@@ -152,6 +156,8 @@ struct Agent {
     exit: Option<String>,
     succeeded: bool,
     stats: Arc<Mutex<Stats>>,
+    /// The gateway was not told that this agent's last run ended.
+    stale_root: bool,
 }
 
 struct GatewayProc {
@@ -164,6 +170,13 @@ struct GatewayProc {
 
 /// Longest wait for the gateway's admin socket to answer.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a starting gateway's ready line; then it is killed and
+/// the start counts as failed (the restart backoff applies).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest line of an agent's output kept (an event is one line).
+const MAX_AGENT_LINE: usize = 1024 * 1024;
+/// Longest ready line read from the gateway.
+const MAX_READY_LINE: u64 = 64 * 1024;
 /// How long the gateway gets to stop, beyond its own shutdown grace.
 const GATEWAY_STOP_SLACK: Duration = Duration::from_secs(10);
 
@@ -252,6 +265,7 @@ pub async fn up(config: Config, options: Options) -> Result<bool, OrchestratorEr
                 exit: None,
                 succeeded: false,
                 stats: Arc::new(Mutex::new(Stats::default())),
+                stale_root: false,
             })
             .collect(),
         gateway: GatewayProc {
@@ -329,14 +343,10 @@ impl Up {
 
     async fn start_gateway(&mut self) -> Result<(), OrchestratorError> {
         let log_path = spec::up_dir(&self.config).join("gateway.log");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|source| OrchestratorError::Prepare {
-                path: log_path.clone(),
-                source,
-            })?;
+        let log = spec::open_log(&log_path).map_err(|source| OrchestratorError::Prepare {
+            path: log_path.clone(),
+            source,
+        })?;
         let mut cmd = std::process::Command::new("/proc/self/exe");
         cmd.arg("gateway")
             .arg("--config")
@@ -368,25 +378,36 @@ impl Up {
                 })?;
         let stdout = child.stdout.take();
         let mut line = String::new();
+        let mut in_time = true;
         if let Some(stdout) = stdout {
             let mut reader = BufReader::new(stdout);
-            let _ = reader.read_line(&mut line).await;
+            // Bounded in time and size: a gateway that hangs before its ready
+            // line must not freeze the supervisor (this runs in its loop).
+            in_time = tokio::time::timeout(
+                READY_TIMEOUT,
+                (&mut reader).take(MAX_READY_LINE).read_line(&mut line),
+            )
+            .await
+            .is_ok();
             // Keep draining (the gateway prints nothing more, but must never block).
             tokio::spawn(async move {
-                let mut sink = String::new();
-                while reader.read_line(&mut sink).await.is_ok_and(|n| n > 0) {
-                    sink.clear();
-                }
+                let _ = tokio::io::copy(&mut reader, &mut tokio::io::sink()).await;
             });
         }
         let ready: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
         if ready["ready"] != true {
-            let _ = child.wait().await;
+            // Dead already, or hung: either way it is not ours to wait for.
+            let _ = child.kill().await;
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            let what = if in_time {
+                "it exited before it was ready".to_string()
+            } else {
+                format!("it was not ready within {READY_TIMEOUT:?} and was killed")
+            };
             return Err(OrchestratorError::Gateway {
                 message: format!(
-                    "it exited before it was ready; {}:\n{}",
+                    "{what}; {}:\n{}",
                     log_path.display(),
                     tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                 ),
@@ -407,6 +428,21 @@ impl Up {
             if let (Some(pid), State::Running | State::Stopping) = (a.pid, a.state) {
                 if let Err(e) = self.register(&a.spec.name, Some(pid)).await {
                     tracing::error!(agent = %a.spec.name, error = %e, "cannot register the agent with the restarted gateway");
+                }
+            }
+        }
+        // Unregistrations that failed earlier, retried (a fresh gateway starts
+        // with every agent not running, so this only confirms it).
+        for idx in 0..self.agents.len() {
+            let a = &self.agents[idx];
+            if !a.stale_root || a.pid.is_some() {
+                continue;
+            }
+            let name = a.spec.name.clone();
+            match self.register(&name, None).await {
+                Ok(()) => self.agents[idx].stale_root = false,
+                Err(e) => {
+                    tracing::error!(agent = %name, error = %e, "cannot unregister the agent's root process from the gateway")
                 }
             }
         }
@@ -450,41 +486,78 @@ impl Up {
         let pid = pending.pid;
         // The gateway must know the root before the agent can connect: the
         // helper waits for its plan until then.
-        if let Err(e) = self.register(&spec.name, Some(pid)).await {
-            tracing::error!(agent = %spec.name, error = %e, "cannot register the agent with the gateway; not starting it");
-        }
-        let mut child = match pending.release(&spec.plan) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(agent = %spec.name, error = %e, "cannot start agent");
-                self.agents[idx].state = State::Failed;
-                return;
+        // Unregistered, the agent could not reach its socket (or, with a stale
+        // root, the wrong process could): the helper is not released, exits
+        // on EOF, and its exit takes the usual failure and backoff path.
+        let registered = match self.register(&spec.name, Some(pid)).await {
+            Ok(()) => {
+                self.agents[idx].stale_root = false;
+                true
             }
+            Err(e) => {
+                tracing::error!(agent = %spec.name, error = %e, "cannot register the agent with the gateway; not starting it");
+                false
+            }
+        };
+        let mut child = if registered {
+            match pending.release(&spec.plan) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(agent = %spec.name, error = %e, "cannot start agent");
+                    self.agents[idx].state = State::Failed;
+                    return;
+                }
+            }
+        } else {
+            pending.abandon()
         };
         let a = &mut self.agents[idx];
         a.pid = Some(pid);
-        a.state = State::Running;
-        a.started = Some(Instant::now());
-        tracing::info!(agent = %spec.name, role = %spec.role, pid, uid = spec.uid(), run, "agent started");
+        if registered {
+            a.state = State::Running;
+            a.started = Some(Instant::now());
+            tracing::info!(agent = %spec.name, role = %spec.role, pid, uid = spec.uid(), run, "agent started");
+        }
         let stdout = child.stdout.take();
         let stats = a.stats.clone();
         let events_path = spec.events_path();
         let name = spec.name.clone();
         let reader = tokio::spawn(async move {
             let Some(stdout) = stdout else { return };
-            let mut log = match std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&events_path)
-            {
+            let mut log = match spec::open_log(&events_path) {
                 Ok(f) => Some(f),
                 Err(e) => {
                     tracing::error!(agent = %name, path = %events_path.display(), error = %e, "cannot open the event log; events are counted but not kept");
                     None
                 }
             };
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
+            // Each line is held whole in memory: capped, so an agent cannot
+            // exhaust cordon up's memory with one endless line.
+            let mut lines =
+                FramedRead::new(stdout, LinesCodec::new_with_max_length(MAX_AGENT_LINE));
+            let mut skipped = false;
+            loop {
+                let line = match lines.next().await {
+                    Some(Ok(line)) => line,
+                    Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+                        // The codec discards up to the next newline; the one
+                        // `None` it returns right after an error is not the end.
+                        skipped = true;
+                        lock(&stats).errors += 1;
+                        tracing::error!(agent = %name, max = MAX_AGENT_LINE, "agent output line too long; skipped");
+                        if let Some(f) = &mut log {
+                            let e = json!({"kind": "error", "text": format!("output line over {MAX_AGENT_LINE} bytes skipped"), "agent": name, "run": run, "ts": crate::audit::now()});
+                            let _ = writeln!(f, "{e}");
+                        }
+                        continue;
+                    }
+                    None if skipped => {
+                        skipped = false;
+                        continue;
+                    }
+                    Some(Err(LinesCodecError::Io(_))) | None => break,
+                };
+                skipped = false;
                 if line.trim().is_empty() {
                     continue;
                 }
@@ -557,8 +630,14 @@ impl Up {
                     }
                 }
             }
-            Msg::Control { req, reply } => {
-                let answer = self.control(&req).await;
+            Msg::Control { req, peer, reply } => {
+                let answer = match self.agent_of(peer) {
+                    Some(agent) => {
+                        tracing::warn!(peer, agent = %agent, "control request refused: the peer is one of the agents' processes");
+                        json!({"ok": false, "error": format!("refused: the peer is a process of agent {agent}, and agents do not control the deployment")})
+                    }
+                    None => self.control(&req).await,
+                };
                 let _ = reply.send(answer);
             }
             Msg::GatewayExited { generation, status } => {
@@ -603,7 +682,13 @@ impl Up {
             return;
         }
         let name = self.agents[idx].spec.name.clone();
-        let _ = self.register(&name, None).await;
+        // Until the gateway hears it, it still takes the old root (a pid that
+        // may be reused) for this agent's: an error, retried at the gateway's
+        // next (re)start.
+        if let Err(e) = self.register(&name, None).await {
+            tracing::error!(agent = %name, error = %e, "cannot unregister the agent's root process from the gateway; retrying when the gateway restarts");
+            self.agents[idx].stale_root = true;
+        }
         let (mut text, ok) = exit_text(&status);
         if oom {
             text.push_str(", out of memory");
@@ -742,6 +827,22 @@ impl Up {
         self.gateway.running = false;
         self.gateway.pid = None;
         tracing::info!("gateway stopped");
+    }
+
+    /// The agent whose process tree holds `peer` (the agent's name), or
+    /// `None` when the peer is no agent's; an unknown peer counts as an agent
+    /// (fail closed).
+    fn agent_of(&self, peer: Option<i32>) -> Option<String> {
+        let Some(peer) = peer else {
+            return Some("(unknown: no peer pid)".into());
+        };
+        self.agents
+            .iter()
+            .find(|a| {
+                a.pid
+                    .is_some_and(|root| crate::gateway::roots::in_tree(peer, root))
+            })
+            .map(|a| a.spec.name.clone())
     }
 
     fn matching(&self, name: &str) -> Vec<usize> {

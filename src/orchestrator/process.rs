@@ -40,6 +40,13 @@ impl Pending {
         drop(self.plan);
         Ok(self.child)
     }
+
+    /// Never sends the plan: the helper reads EOF and exits without running
+    /// anything; its exit is reported by wait as any other.
+    pub fn abandon(self) -> tokio::process::Child {
+        drop(self.plan);
+        self.child
+    }
 }
 
 pub fn spawn(spec: &AgentSpec) -> Result<Pending, OrchestratorError> {
@@ -48,11 +55,7 @@ pub fn spawn(spec: &AgentSpec) -> Result<Pending, OrchestratorError> {
         source,
     };
     let (ours, theirs) = UnixStream::pair().map_err(err)?;
-    let stderr = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(spec.stderr_path())
-        .map_err(err)?;
+    let stderr = super::spec::open_log(&spec.stderr_path()).map_err(err)?;
     let mut cmd = std::process::Command::new("/proc/self/exe");
     // --parent-pid: the helper exits at once if we are already gone (its
     // parent-death signal could not tell it).

@@ -66,19 +66,82 @@ pub fn up_dir(config: &Config) -> PathBuf {
     config.gateway.runtime_dir.join("up")
 }
 
+/// Creates `path` with exactly `mode`, or narrows an existing directory to
+/// it, but only one cordon may own: not a symlink (never followed), owned by
+/// cordon's user and without the sticky bit (a shared directory such as /tmp
+/// is never made private, nor opened up). The mode is checked and set on
+/// the open directory, so the path cannot be swapped in between.
 fn mkdir(path: &Path, mode: u32) -> Result<(), OrchestratorError> {
     let err = |source| OrchestratorError::Prepare {
         path: path.to_path_buf(),
         source,
     };
-    match fs::DirBuilder::new()
-        .mode(mode)
-        .recursive(true)
-        .create(path)
-    {
-        Ok(()) => fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(err),
-        Err(e) => Err(err(e)),
+    match fs::symlink_metadata(path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = path.parent() {
+                fs::create_dir_all(parent).map_err(err)?;
+            }
+            match fs::DirBuilder::new().mode(mode).create(path) {
+                // Ours: the umask may have narrowed the mode; set it exactly.
+                Ok(()) => return chmod_dir(path, mode, None),
+                // Created meanwhile by someone else: checked as any existing one.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(err(e)),
+            }
+        }
+        Err(e) => return Err(err(e)),
     }
+    chmod_dir(path, mode, Some(rustix::process::geteuid().as_raw()))
+}
+
+/// Sets the mode of the directory at `path` through an fd opened without
+/// following a symlink; with `owner`, only if it has that owner and no
+/// sticky bit.
+fn chmod_dir(path: &Path, mode: u32, owner: Option<u32>) -> Result<(), OrchestratorError> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let err = |source| OrchestratorError::Prepare {
+        path: path.to_path_buf(),
+        source,
+    };
+    let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::DIRECTORY;
+    let dir = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits() as i32)
+        .open(path)
+        .map_err(|e| {
+            err(std::io::Error::new(
+                e.kind(),
+                format!("not a directory, or a symlink (never followed): {e}"),
+            ))
+        })?;
+    if let Some(owner) = owner {
+        let meta = dir.metadata().map_err(err)?;
+        if meta.uid() != owner || meta.mode() & 0o1000 != 0 {
+            return Err(err(std::io::Error::other(format!(
+                "exists and is not cordon's own (owner uid {}, mode {:o}; a shared or sticky directory is never re-moded): choose a directory of cordon's own",
+                meta.uid(),
+                meta.mode() & 0o7777
+            ))));
+        }
+    }
+    dir.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(err)
+}
+
+/// Opens (creating) one of cordon's logs for appending, readable by cordon's
+/// user alone: events and stderr may carry what agents read from the store,
+/// which other agents must not see. A log an older run left with a wider
+/// mode is narrowed too (on the open file, so no path race).
+pub fn open_log(path: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(fs::Permissions::from_mode(0o600))?;
+    Ok(f)
 }
 
 fn chown(path: &Path, ids: Ids) -> Result<(), OrchestratorError> {
@@ -177,9 +240,10 @@ fn build_one(
     });
 
     let dir = up_dir(config).join(name);
-    // Owned by cordon and readable by the agent (its MCP config is in here);
-    // the event log and stderr inside are cordon's alone.
-    mkdir(&dir, 0o755)?;
+    // Owned by cordon; the agent traverses it (to its home, work dir and MCP
+    // config, which it opens by path) but cannot list it. The event log and
+    // stderr inside are cordon's alone (0600, `open_log`).
+    mkdir(&dir, 0o711)?;
     let home = dir.join("home");
     let _ = fs::remove_dir_all(&home);
     mkdir(&home, 0o700)?;
@@ -188,6 +252,17 @@ fn build_one(
         Some(w) => w.clone(),
         None => {
             let w = dir.join("work");
+            // An earlier run handed it to the agent: take it back before
+            // checking it (the agent cannot swap it for a symlink: `dir` is
+            // cordon's and not writable by the agent), hand it over again below.
+            if root && fs::symlink_metadata(&w).is_ok_and(|m| m.is_dir()) {
+                std::os::unix::fs::lchown(&w, Some(0), None).map_err(|source| {
+                    OrchestratorError::Prepare {
+                        path: w.clone(),
+                        source,
+                    }
+                })?;
+            }
             mkdir(&w, 0o700)?;
             w
         }
