@@ -17,9 +17,7 @@ use rustix::process::{kill_process, kill_process_group, Pid, Signal};
 use super::spec::AgentSpec;
 use super::OrchestratorError;
 use crate::sandbox::limits::{self, Layout, Version};
-use crate::sandbox::plan::{pass_plan_fd, Plan};
-
-const PLAN_FD: i32 = 3;
+use crate::sandbox::plan::Plan;
 
 /// A started helper whose plan is still to be sent.
 pub struct Pending {
@@ -56,20 +54,10 @@ pub fn spawn(spec: &AgentSpec) -> Result<Pending, OrchestratorError> {
     };
     let (ours, theirs) = UnixStream::pair().map_err(err)?;
     let stderr = super::spec::open_log(&spec.stderr_path()).map_err(err)?;
-    let mut cmd = std::process::Command::new("/proc/self/exe");
-    // --parent-pid: the helper exits at once if we are already gone (its
-    // parent-death signal could not tell it).
-    cmd.arg("sandbox-exec")
-        .arg("--parent-pid")
-        .arg(std::process::id().to_string())
-        .arg("--plan-fd")
-        .arg(PLAN_FD.to_string())
-        .arg("--")
-        .args(&spec.argv)
-        .stdin(Stdio::null())
+    let mut cmd = crate::sandbox::plan::helper_command(&spec.argv, OwnedFd::from(theirs));
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(stderr);
-    pass_plan_fd(&mut cmd, OwnedFd::from(theirs), PLAN_FD);
     let mut cmd = tokio::process::Command::from(cmd);
     cmd.kill_on_drop(false);
     let child = cmd.spawn().map_err(err)?;

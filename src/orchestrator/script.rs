@@ -437,59 +437,59 @@ impl Runner {
         }
     }
 
-    /// Readable entries under a prefix, every page (not counted as calls of
-    /// the script: they are its bookkeeping).
-    fn scan(&mut self, prefix: &str) -> Result<Vec<(String, Value)>, ScriptError> {
-        let mut out = Vec::new();
+    /// Every page of `kv_scan`/`kv_list` under a prefix, item by item (not
+    /// counted as calls of the script: they are its bookkeeping).
+    fn pages(
+        &mut self,
+        tool: &str,
+        field: &str,
+        prefix: &str,
+        mut each: impl FnMut(&Value),
+    ) -> Result<(), ScriptError> {
         let mut cursor = Value::Null;
         loop {
             let mut args = json!({"prefix": prefix, "limit": 100});
             if !cursor.is_null() {
                 args["cursor"] = cursor.clone();
             }
-            let o = self.mcp.call("kv_scan", args)?;
+            let o = self.mcp.call(tool, args)?;
             if o.kind != Expect::Allow {
                 return Err(ScriptError::Protocol(format!(
-                    "kv_scan {prefix}: {}",
+                    "{tool} {prefix}: {}",
                     o.content
                 )));
             }
-            for e in o.content["entries"].as_array().into_iter().flatten() {
-                out.push((
-                    e["key"].as_str().unwrap_or_default().to_string(),
-                    json!({"value": e["value"], "revision": e["revision"]}),
-                ));
-            }
+            o.content[field]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .for_each(&mut each);
             cursor = o.content["next_cursor"].clone();
             if cursor.is_null() {
-                return Ok(out);
+                return Ok(());
             }
         }
     }
 
+    /// Readable entries under a prefix, with their revisions.
+    fn scan(&mut self, prefix: &str) -> Result<Vec<(String, Value)>, ScriptError> {
+        let mut out = Vec::new();
+        self.pages("kv_scan", "entries", prefix, |e| {
+            out.push((
+                e["key"].as_str().unwrap_or_default().to_string(),
+                json!({"value": e["value"], "revision": e["revision"]}),
+            ))
+        })?;
+        Ok(out)
+    }
+
+    /// Readable keys under a prefix.
     fn list(&mut self, prefix: &str) -> Result<Vec<String>, ScriptError> {
         let mut out = Vec::new();
-        let mut cursor = Value::Null;
-        loop {
-            let mut args = json!({"prefix": prefix, "limit": 100});
-            if !cursor.is_null() {
-                args["cursor"] = cursor.clone();
-            }
-            let o = self.mcp.call("kv_list", args)?;
-            if o.kind != Expect::Allow {
-                return Err(ScriptError::Protocol(format!(
-                    "kv_list {prefix}: {}",
-                    o.content
-                )));
-            }
-            for k in o.content["keys"].as_array().into_iter().flatten() {
-                out.push(k["key"].as_str().unwrap_or_default().to_string());
-            }
-            cursor = o.content["next_cursor"].clone();
-            if cursor.is_null() {
-                return Ok(out);
-            }
-        }
+        self.pages("kv_list", "keys", prefix, |k| {
+            out.push(k["key"].as_str().unwrap_or_default().to_string())
+        })?;
+        Ok(out)
     }
 
     /// Until `count` readable keys exist under the prefix: list, and if short,

@@ -208,23 +208,11 @@ impl Plan {
     /// not the process: the orchestrator must spawn agents from a long-lived
     /// thread (not a short-lived or pooled blocking thread), or its agents
     /// are SIGKILLed when that thread ends.
-    // The orchestrator issue is the caller; `sandbox run` forks instead.
-    #[allow(dead_code)]
     pub fn helper_command(
         &self,
         argv: &[std::ffi::OsString],
     ) -> Result<std::process::Command, PlanError> {
-        const PLAN_FD: i32 = 3;
-        let mut cmd = std::process::Command::new("/proc/self/exe");
-        cmd.arg("sandbox-exec")
-            .arg("--parent-pid")
-            .arg(std::process::id().to_string())
-            .arg("--plan-fd")
-            .arg(PLAN_FD.to_string())
-            .arg("--")
-            .args(argv);
-        pass_plan_fd(&mut cmd, self.to_memfd()?, PLAN_FD);
-        Ok(cmd)
+        Ok(helper_command(argv, self.to_memfd()?))
     }
 
     /// The plan in an anonymous memory file, for the helper to inherit.
@@ -372,6 +360,28 @@ fn lookup_user(name: &str) -> Result<Ids, PlanError> {
     Err(PlanError::UnknownUser {
         name: name.to_string(),
     })
+}
+
+/// `/proc/self/exe sandbox-exec --parent-pid <us> --plan-fd 3 -- argv`, with
+/// `plan` (a memfd holding the plan, or a socket the plan arrives on later)
+/// placed on fd 3 in the child. The one way an agent's helper is started.
+pub fn helper_command(
+    argv: &[impl AsRef<std::ffi::OsStr>],
+    plan: OwnedFd,
+) -> std::process::Command {
+    const PLAN_FD: i32 = 3;
+    let mut cmd = std::process::Command::new("/proc/self/exe");
+    // --parent-pid: the helper exits at once if we are already gone (its
+    // parent-death signal could not tell it).
+    cmd.arg("sandbox-exec")
+        .arg("--parent-pid")
+        .arg(std::process::id().to_string())
+        .arg("--plan-fd")
+        .arg(PLAN_FD.to_string())
+        .arg("--")
+        .args(argv);
+    pass_plan_fd(&mut cmd, plan, PLAN_FD);
+    cmd
 }
 
 #[cfg(test)]
