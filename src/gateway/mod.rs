@@ -306,13 +306,7 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
 }
 
 fn load_policy(config: &Config) -> Result<Policy, PolicyError> {
-    let policy = Policy::load(&config.gateway.policy)?;
-    policy.check_agents(
-        config
-            .agents
-            .iter()
-            .map(|(name, a)| (name.as_str(), a.role.as_str())),
-    )?;
+    let policy = Policy::load_for(config)?;
     for w in &policy.warnings {
         tracing::warn!("{w}");
     }

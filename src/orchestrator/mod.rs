@@ -214,13 +214,7 @@ pub async fn up(config: Config, options: Options) -> Result<bool, OrchestratorEr
     if config.agents.is_empty() {
         return Err(OrchestratorError::NoAgents);
     }
-    let policy = Policy::load(&config.gateway.policy)?;
-    policy.check_agents(
-        config
-            .agents
-            .iter()
-            .map(|(name, a)| (name.as_str(), a.role.as_str())),
-    )?;
+    let policy = Policy::load_for(&config)?;
     let cordon = std::env::current_exe()
         .and_then(std::fs::canonicalize)
         .map_err(|source| OrchestratorError::Prepare {

@@ -427,6 +427,18 @@ impl Policy {
         self.roles.values()
     }
 
+    /// The deployment's policy file, checked against its agents' roles.
+    pub fn load_for(config: &crate::config::Config) -> Result<Policy, PolicyError> {
+        let policy = Policy::load(&config.gateway.policy)?;
+        policy.check_agents(
+            config
+                .agents
+                .iter()
+                .map(|(name, a)| (name.as_str(), a.role.as_str())),
+        )?;
+        Ok(policy)
+    }
+
     /// Every agent's role must exist, or the agent could never be served.
     pub fn check_agents<'a>(
         &self,
