@@ -6,12 +6,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{is_root, Gateway, Kill, BIN};
+use common::{is_root, Gateway, BIN};
 use serde_json::{json, Value};
 
 #[test]
@@ -28,21 +28,11 @@ fn claude_code_runs_in_the_shipped_profile_and_calls_the_gateway() {
     std::fs::create_dir(&work).unwrap();
 
     let log = root.join("api.jsonl");
-    let mut mock = Kill(
-        Command::new("python3")
-            .arg(repo.join("tests/anthropic_api_mock.py"))
-            .arg("mcp__cordon__kv_put")
-            .arg(r#"{"key": "/notes/sandbox", "value": {"from": "claude"}}"#)
-            .arg(&log)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let (mock, port) = common::start_api_mock(
+        "mcp__cordon__kv_put",
+        r#"{"key": "/notes/sandbox", "value": {"from": "claude"}}"#,
+        &log,
     );
-    let mut port = String::new();
-    BufReader::new(mock.0.stdout.take().unwrap())
-        .read_line(&mut port)
-        .unwrap();
-    let port: u16 = port.trim().parse().expect("the mock prints its port");
 
     // The shipped profile, with the mock's port in place of 443.
     let mut text = std::fs::read_to_string(&shipped).unwrap();

@@ -8,12 +8,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{is_root, Kill, BIN};
+use common::{is_root, BIN};
 use serde_json::{json, Value};
 
 #[test]
@@ -30,21 +29,11 @@ fn claude_code_under_cordon_up_writes_in_scope_and_is_refused_outside() {
     let forbidden =
         json!({"key": "/projects/p1/plan/overview", "value": "the coder rewrites the plan"});
     let log = dir.join("api.jsonl");
-    let mut mock = Kill(
-        Command::new("python3")
-            .arg(repo.join("tests/anthropic_api_mock.py"))
-            .arg("mcp__cordon__kv_put")
-            .arg(json!([allowed, forbidden]).to_string())
-            .arg(&log)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap(),
+    let (mock, port) = common::start_api_mock(
+        "mcp__cordon__kv_put",
+        &json!([allowed, forbidden]).to_string(),
+        &log,
     );
-    let mut port = String::new();
-    BufReader::new(mock.0.stdout.take().unwrap())
-        .read_line(&mut port)
-        .unwrap();
-    let port: u16 = port.trim().parse().expect("the mock prints its port");
 
     // The shipped profile, with the stub's port in place of 443.
     let mut profile = std::fs::read_to_string(repo.join("configs/profiles/claude-code.toml"))

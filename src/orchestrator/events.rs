@@ -100,11 +100,7 @@ pub fn parse_line(line: &str, stats: &mut Stats) -> Vec<Value> {
         }
         Some("assistant") => {
             stats.turns += 1;
-            let content = v
-                .pointer("/message/content")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
+            let content = message_content(&v);
             for block in content {
                 if block.get("type").and_then(Value::as_str) == Some("tool_use") {
                     stats.calls += 1;
@@ -119,11 +115,7 @@ pub fn parse_line(line: &str, stats: &mut Stats) -> Vec<Value> {
             }
         }
         Some("user") => {
-            let content = v
-                .pointer("/message/content")
-                .and_then(Value::as_array)
-                .cloned()
-                .unwrap_or_default();
+            let content = message_content(&v);
             for block in content {
                 if block.get("type").and_then(Value::as_str) == Some("tool_result") {
                     let is_error = block.get("is_error").and_then(Value::as_bool) == Some(true);
@@ -196,6 +188,14 @@ pub fn parse_line(line: &str, stats: &mut Stats) -> Vec<Value> {
         _ => out.push(json!({"kind": "other", "line": v})),
     }
     out
+}
+
+/// The content blocks of a stream-json `assistant` or `user` message.
+fn message_content(v: &Value) -> Vec<Value> {
+    v.pointer("/message/content")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -268,3 +268,27 @@ pub fn claude_node_bin(test: &str) -> Option<PathBuf> {
     );
     None
 }
+
+/// Starts the mock of the Anthropic Messages API (tests/anthropic_api_mock.py;
+/// the one mock allowed here) scripted to have the model call `tool` with
+/// `input` (one JSON input, or a JSON list of inputs), logging requests to
+/// `log`. Returns it (killed on drop) and the port it listens on.
+pub fn start_api_mock(tool: &str, input: &str, log: &Path) -> (Kill, u16) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut mock = Kill(
+        Command::new("python3")
+            .arg(repo.join("tests/anthropic_api_mock.py"))
+            .arg(tool)
+            .arg(input)
+            .arg(log)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut port = String::new();
+    BufReader::new(mock.0.stdout.take().unwrap())
+        .read_line(&mut port)
+        .unwrap();
+    let port: u16 = port.trim().parse().expect("the mock prints its port");
+    (mock, port)
+}
