@@ -160,6 +160,11 @@ pub struct GatewayConfig {
     /// How long shutdown waits for in-flight calls before closing connections.
     #[serde(default = "default_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// Answer store tool calls in the connection's own task (the same replies,
+    /// fewer thread hand-offs per call); false sends every message through
+    /// rmcp's per-request dispatch, for comparison or as a fallback.
+    #[serde(default = "default_true")]
+    pub fast_path: bool,
 }
 
 /// A duration written as a string such as `"1s"`, `"500ms"`, `"30d"`.

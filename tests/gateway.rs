@@ -575,3 +575,63 @@ fn bad_config_is_a_clear_error() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("defines no agents"));
 }
+
+/// Store tool calls are answered by the connection's own task (`fast_path`),
+/// not rmcp's dispatch: the replies must be the very bytes rmcp would send.
+/// The same calls on two fresh gateways, fast path on and off, byte for byte:
+/// successes of every tool, tool errors, denials by tool and by key, invalid
+/// arguments, an unknown tool, string ids and a call without arguments.
+#[test]
+fn fast_path_replies_are_byte_identical_to_rmcp_dispatch() {
+    let policy = "[roles.coder]\ntools = [\"kv_*\"]\ndeny_tools = [\"kv_delete\"]\nread = [\"/**\"]\nwrite = [\"/**\"]\ndeny_write = [\"/locked/**\"]\n";
+    let calls: Vec<Value> = vec![
+        json!({"name": "kv_put", "arguments": {"key": "/a/1", "value": {"n": 1, "s": "é\u{1}\"x"}}}),
+        json!({"name": "kv_put", "arguments": {"key": "/a/2", "value": [1, 2.5, null, true]}}),
+        json!({"name": "kv_get", "arguments": {"key": "/a/1"}}),
+        json!({"name": "kv_get", "arguments": {"key": "/a/missing"}}),
+        json!({"name": "kv_get", "arguments": {"key": "no-slash"}}),
+        json!({"name": "kv_get", "arguments": {"key": "/a/1", "extra": 1}}),
+        json!({"name": "kv_get"}),
+        json!({"name": "kv_put", "arguments": {"key": "/a/1", "value": 2, "if_revision": 99}}),
+        json!({"name": "kv_put", "arguments": {"key": "/locked/x", "value": 1}}),
+        json!({"name": "kv_delete", "arguments": {"key": "/a/1"}}),
+        json!({"name": "kv_list", "arguments": {"prefix": "/a", "limit": 1}}),
+        json!({"name": "kv_scan", "arguments": {"prefix": "/"}}),
+        json!({"name": "kv_txn", "arguments": {"checks": [{"key": "/a/2", "revision": 2}],
+            "ops": [{"op": "put", "key": "/a/3", "value": "v"}, {"op": "get", "key": "/a/1"}]}}),
+        json!({"name": "kv_txn", "arguments": {"checks": [{"key": "/a/2", "revision": 7}], "ops": []}}),
+        json!({"name": "no_such_tool", "arguments": {}}),
+    ];
+    let run = |fast: bool| -> Vec<String> {
+        let g = Gateway::start_with_policy(&format!("fast_path = {fast}"), CODER, policy);
+        let mut c = g.client();
+        calls
+            .iter()
+            .enumerate()
+            .map(|(i, params)| {
+                // Number and string ids both.
+                let id = if i % 2 == 0 {
+                    json!(i)
+                } else {
+                    json!(format!("r{i}"))
+                };
+                c.send(
+                    &json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params}),
+                );
+                // Policy file paths name each gateway's temp dir.
+                let line = c.recv_line().expect("connection closed");
+                line.replace(g.dir.to_str().unwrap(), "<dir>")
+            })
+            .collect()
+    };
+    let (fast, rmcp) = (run(true), run(false));
+    for ((params, f), r) in calls.iter().zip(&fast).zip(&rmcp) {
+        assert_eq!(f, r, "replies differ for {params}");
+    }
+    // The run covered what it claims: successes, tool errors, protocol errors.
+    assert!(fast.iter().any(|l| l.contains("\"isError\":false")));
+    assert!(fast.iter().any(|l| l.contains("\"isError\":true")));
+    assert!(fast
+        .iter()
+        .any(|l| l.contains("\"error\":{\"code\":-32001")));
+}

@@ -3,6 +3,7 @@
 //! peer credentials must match the agent's uid before a single byte is served.
 
 pub mod admin;
+mod conn;
 pub mod request;
 pub mod roots;
 mod session;
@@ -19,8 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use rmcp::ServiceExt;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -194,6 +194,7 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
         calls: TaskTracker::new(),
         max_calls_per_connection: MAX_CALLS_PER_CONNECTION,
         record_values: config.audit.record_values,
+        fast_path: config.gateway.fast_path,
     });
     // Reads' and denials' records are sealed into LMDB (and fsynced) within
     // sync_interval; with retention, the same tick prunes.
@@ -634,7 +635,7 @@ async fn accept_loop(
             rate: rate.clone(),
         };
         sessions.spawn(async move {
-            serve(session, stream, token, max_message).await;
+            conn::serve(session, stream, token, max_message).await;
             drop(slot);
         });
     }
@@ -651,27 +652,4 @@ fn refused(shared: &Shared, agent: &str, role: &str, uid: u32, pid: Option<i32>,
     if let Err(e) = shared.store.audit(r) {
         tracing::error!(error = %e, "cannot record a refused connection");
     }
-}
-
-async fn serve(session: Session, stream: UnixStream, token: CancellationToken, max_message: usize) {
-    let agent = session.id.agent.clone();
-    let conn = session.id.conn;
-    let transport = transport::LineTransport::new(stream, max_message);
-    let handshake = tokio::select! {
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, session.serve_with_ct(transport, token.clone())) => r,
-        _ = token.cancelled() => return,
-    };
-    let running = match handshake {
-        Ok(Ok(running)) => running,
-        Ok(Err(e)) => {
-            tracing::info!(agent = %agent, conn, error = %e, "session ended before initialize");
-            return;
-        }
-        Err(_) => {
-            tracing::info!(agent = %agent, conn, "session closed: no initialize within {HANDSHAKE_TIMEOUT:?}");
-            return;
-        }
-    };
-    let reason = running.waiting().await;
-    tracing::debug!(agent = %agent, conn, ?reason, "session closed");
 }

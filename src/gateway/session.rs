@@ -50,8 +50,11 @@ pub struct Shared {
     pub max_calls_per_connection: usize,
     /// `[audit] record_values`: keep written values in the records.
     pub record_values: bool,
+    /// `[gateway] fast_path`: see `conn`.
+    pub fast_path: bool,
 }
 
+#[derive(Clone)]
 pub struct Session {
     pub id: Identity,
     pub shared: Arc<Shared>,
@@ -104,6 +107,19 @@ impl ServerHandler for Session {
         &self,
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        self.call(request, context.ct).await
+    }
+}
+
+impl Session {
+    /// One tool call, decided, run and audited. Both ways in share it: rmcp's
+    /// dispatch (`call_tool`) and the connection's own fast path (see `conn`).
+    /// `cancel` ends a waiting call (a watch) early.
+    pub async fn call(
+        &self,
+        request: CallToolRequestParams,
+        cancel: CancellationToken,
     ) -> Result<CallToolResponse, ErrorData> {
         let started = Instant::now();
         let shared = &self.shared;
@@ -214,7 +230,7 @@ impl ServerHandler for Session {
         };
         let stop = {
             let shutdown = shared.shutdown.clone();
-            let cancelled = context.ct.clone();
+            let cancelled = cancel;
             async move {
                 tokio::select! {
                     _ = shutdown.cancelled() => {}

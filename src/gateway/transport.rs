@@ -1,5 +1,7 @@
 //! Newline-delimited JSON-RPC over a Unix stream, with a hard bound on message
-//! size, as an rmcp `Transport`.
+//! size: the connection's line reader, its shared writer, and the channel
+//! through which rmcp gets the messages the connection does not answer itself
+//! (see `conn`).
 //!
 //! rmcp's own stream transport drops an oversized line without a reply (the
 //! client then waits forever) and answers invalid requests without their id;
@@ -12,8 +14,10 @@ use std::future::Future;
 use std::io;
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use futures::StreamExt;
-use rmcp::model::{ClientRequest, JsonRpcMessage};
+use rmcp::model::{JsonRpcMessage, ProtocolVersion, ServerResult};
 use rmcp::service::{RxJsonRpcMessage, TxJsonRpcMessage};
 use rmcp::transport::Transport;
 use rmcp::RoleServer;
@@ -21,7 +25,7 @@ use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use tokio::sync::Mutex;
+use tokio::sync::{mpsc, Mutex};
 use tokio_util::bytes::{Buf, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, FramedRead};
 
@@ -94,58 +98,120 @@ impl Decoder for BoundedLines {
     }
 }
 
-type Writer = Arc<Mutex<Option<OwnedWriteHalf>>>;
+/// The write half of a connection, shared by rmcp's sends and the fast path's
+/// replies; a line is written whole under the lock, so replies never interleave.
+pub type Writer = Arc<Mutex<Option<OwnedWriteHalf>>>;
 
-pub struct LineTransport {
-    reader: FramedRead<OwnedReadHalf, BoundedLines>,
-    writer: Writer,
-    max: usize,
+/// What the connection's reader yields.
+pub enum Incoming {
+    Line(Bytes),
+    /// A line over the bound (already discarded).
+    Oversized,
 }
 
-impl LineTransport {
-    pub fn new(stream: UnixStream, max_message_bytes: usize) -> LineTransport {
-        let (r, w) = stream.into_split();
-        LineTransport {
-            reader: FramedRead::with_capacity(
-                r,
-                BoundedLines {
-                    max: max_message_bytes,
-                    scanned: 0,
-                    discarding: false,
-                },
-                64 * 1024,
-            ),
-            writer: Arc::new(Mutex::new(Some(w))),
-            max: max_message_bytes,
+/// Reads bounded lines from a connection's read half.
+pub struct LineReader {
+    reader: FramedRead<OwnedReadHalf, BoundedLines>,
+    pub max: usize,
+}
+
+/// Splits a connection into its bounded line reader and its shared writer.
+pub fn split(stream: UnixStream, max_message_bytes: usize) -> (LineReader, Writer) {
+    let (r, w) = stream.into_split();
+    let reader = LineReader {
+        reader: FramedRead::with_capacity(
+            r,
+            BoundedLines {
+                max: max_message_bytes,
+                scanned: 0,
+                discarding: false,
+            },
+            64 * 1024,
+        ),
+        max: max_message_bytes,
+    };
+    (reader, Arc::new(Mutex::new(Some(w))))
+}
+
+impl LineReader {
+    /// The next non-blank line; None at end of stream or on a read error.
+    pub async fn next(&mut self) -> Option<Incoming> {
+        loop {
+            return match self.reader.next().await? {
+                Ok(Frame::Line(line)) if line.iter().all(u8::is_ascii_whitespace) => continue,
+                Ok(Frame::Line(line)) => Some(Incoming::Line(line)),
+                Ok(Frame::Oversized) => Some(Incoming::Oversized),
+                Err(e) => {
+                    tracing::debug!(error = %e, "read failed; closing session");
+                    None
+                }
+            };
         }
     }
+}
 
-    fn write_line(
-        writer: &Writer,
-        mut line: Vec<u8>,
-    ) -> impl Future<Output = io::Result<()>> + Send + 'static {
-        line.push(b'\n');
-        let writer = writer.clone();
+/// Writes one line (the newline is added here).
+pub async fn write_line(writer: &Writer, mut line: Vec<u8>) -> io::Result<()> {
+    line.push(b'\n');
+    let mut guard = writer.lock().await;
+    match guard.as_mut() {
+        Some(w) => w.write_all(&line).await,
+        None => Err(io::Error::new(
+            io::ErrorKind::NotConnected,
+            "connection closed",
+        )),
+    }
+}
+
+/// A JSON-RPC error reply that rmcp never sees.
+pub async fn write_error(writer: &Writer, id: Value, code: i64, message: String) {
+    let msg = json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}});
+    let _ = write_line(writer, msg.to_string().into_bytes()).await;
+}
+
+/// rmcp's side of a connection: the messages the connection's reader hands
+/// it, and the shared writer. Marks the session ready once the initialize
+/// reply is on the wire, from when the reader may answer tool calls itself.
+pub struct ChannelTransport {
+    pub rx: mpsc::Receiver<RxJsonRpcMessage<RoleServer>>,
+    pub writer: Writer,
+    pub ready: Arc<AtomicBool>,
+}
+
+impl Transport<RoleServer> for ChannelTransport {
+    type Error = io::Error;
+
+    fn send(
+        &mut self,
+        item: TxJsonRpcMessage<RoleServer>,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static {
+        // The fast path renders replies the way rmcp does for peers before
+        // 2026-07-28 (see conn::answer); a newer negotiated version keeps
+        // every call on rmcp's path.
+        let initialized = matches!(
+            &item,
+            JsonRpcMessage::Response(r) if matches!(&r.result, ServerResult::InitializeResult(i)
+                if i.protocol_version.as_str() < ProtocolVersion::V_2026_07_28.as_str())
+        );
+        let line = serde_json::to_vec(&item);
+        let writer = self.writer.clone();
+        let ready = self.ready.clone();
         async move {
-            let mut guard = writer.lock().await;
-            match guard.as_mut() {
-                Some(w) => w.write_all(&line).await,
-                None => Err(io::Error::new(
-                    io::ErrorKind::NotConnected,
-                    "connection closed",
-                )),
+            write_line(&writer, line?).await?;
+            if initialized {
+                ready.store(true, Ordering::Release);
             }
+            Ok(())
         }
     }
 
-    /// Answers something rmcp never sees. Spawned rather than awaited because
-    /// rmcp polls `receive` inside `select!`, so it must stay cancel-safe.
-    fn reply_error(&self, id: Value, code: i64, message: String) {
-        let msg = json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}});
-        let fut = Self::write_line(&self.writer, msg.to_string().into_bytes());
-        tokio::spawn(async move {
-            let _ = fut.await;
-        });
+    async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleServer>> {
+        self.rx.recv().await
+    }
+
+    async fn close(&mut self) -> Result<(), Self::Error> {
+        self.rx.close();
+        Ok(())
     }
 }
 
@@ -159,74 +225,12 @@ pub async fn refuse(stream: &mut UnixStream, code: i64, message: &str) {
     let _ = stream.shutdown().await;
 }
 
-fn usable_id(line: &[u8]) -> Value {
+pub fn usable_id(line: &[u8]) -> Value {
     serde_json::from_slice::<Value>(line)
         .ok()
         .and_then(|v| v.get("id").cloned())
         .filter(|id| id.is_string() || id.is_i64() || id.is_u64())
         .unwrap_or(Value::Null)
-}
-
-impl Transport<RoleServer> for LineTransport {
-    type Error = io::Error;
-
-    fn send(
-        &mut self,
-        item: TxJsonRpcMessage<RoleServer>,
-    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static {
-        let write = serde_json::to_vec(&item).map(|b| Self::write_line(&self.writer, b));
-        async move { write?.await }
-    }
-
-    async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleServer>> {
-        loop {
-            let line = match self.reader.next().await? {
-                Ok(Frame::Line(line)) => line,
-                Ok(Frame::Oversized) => {
-                    tracing::warn!(limit = self.max, "oversized message refused");
-                    self.reply_error(
-                        Value::Null,
-                        -32600,
-                        format!("message too large: the limit is {} bytes", self.max),
-                    );
-                    continue;
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "read failed; closing session");
-                    return None;
-                }
-            };
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            match serde_json::from_slice::<RxJsonRpcMessage<RoleServer>>(&line) {
-                Ok(JsonRpcMessage::Request(req))
-                    if matches!(
-                        req.request,
-                        ClientRequest::DiscoverRequest(_) | ClientRequest::CustomRequest(_)
-                    ) =>
-                {
-                    let method = req.request.method().to_string();
-                    let id = serde_json::to_value(&req.id).unwrap_or(Value::Null);
-                    self.reply_error(id, -32601, format!("Method not found: {method}"));
-                }
-                Ok(msg) => return Some(msg),
-                Err(e) if e.is_syntax() || e.is_eof() => {
-                    self.reply_error(Value::Null, -32700, format!("Parse error: {e}"));
-                }
-                Err(e) => {
-                    self.reply_error(usable_id(&line), -32600, format!("Invalid Request: {e}"));
-                }
-            }
-        }
-    }
-
-    async fn close(&mut self) -> Result<(), Self::Error> {
-        if let Some(mut w) = self.writer.lock().await.take() {
-            w.shutdown().await?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

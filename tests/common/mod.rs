@@ -192,6 +192,15 @@ impl Client {
         Some(serde_json::from_str(&line).unwrap())
     }
 
+    /// The next line exactly as it came, or None at EOF.
+    pub fn recv_line(&mut self) -> Option<String> {
+        let mut line = String::new();
+        if self.reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return None;
+        }
+        Some(line)
+    }
+
     pub fn notify(&mut self, method: &str, params: Value) {
         self.send(&json!({"jsonrpc": "2.0", "method": method, "params": params}));
     }
