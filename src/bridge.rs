@@ -5,9 +5,12 @@
 
 use std::path::{Path, PathBuf};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::UnixStream;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream as StdUnixStream;
+
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
@@ -30,66 +33,95 @@ pub enum BridgeError {
 /// Runs the relay until stdin closes (exit 0), a SIGINT/SIGTERM arrives (exit 0)
 /// or the gateway goes away (an error).
 pub async fn run(path: &Path) -> Result<(), BridgeError> {
-    let stream = UnixStream::connect(path)
-        .await
-        .map_err(|source| BridgeError::Connect {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let stream = StdUnixStream::connect(path).map_err(|source| BridgeError::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut sigint =
         signal(SignalKind::interrupt()).map_err(|source| BridgeError::Signal { source })?;
     let mut sigterm =
         signal(SignalKind::terminate()).map_err(|source| BridgeError::Signal { source })?;
-    let (mut sock_rd, mut sock_wr) = stream.into_split();
     let relay_err = |source| BridgeError::Relay {
         path: path.to_path_buf(),
         source,
     };
-
-    let upstream = async {
-        let mut stdin = tokio::io::stdin();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = stdin.read(&mut buf).await.map_err(relay_err)?;
-            if n == 0 {
-                // Half-close: the gateway sees EOF, answers what is in flight,
-                // then closes its side, which ends `downstream`.
-                sock_wr.shutdown().await.map_err(relay_err)?;
-                return Ok::<(), BridgeError>(());
-            }
-            sock_wr.write_all(&buf[..n]).await.map_err(relay_err)?;
-        }
-    };
-    let downstream = async {
-        let mut stdout = tokio::io::stdout();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = sock_rd.read(&mut buf).await.map_err(relay_err)?;
-            if n == 0 {
-                return Ok::<(), BridgeError>(());
-            }
-            stdout.write_all(&buf[..n]).await.map_err(relay_err)?;
-            stdout.flush().await.map_err(relay_err)?;
-        }
-    };
-    tokio::pin!(upstream, downstream);
+    let sock_wr = stream.try_clone().map_err(relay_err)?;
+    // Two plain threads with blocking reads and writes: a message crosses one
+    // thread each way. tokio's stdin and stdout run every read and write on
+    // its blocking pool, which costs two more thread hand-offs per message.
+    let (events, mut ended) = mpsc::unbounded_channel::<Relay>();
+    let up = events.clone();
+    std::thread::Builder::new()
+        .name("bridge-up".into())
+        .spawn(move || {
+            let _ = up.send(upstream(sock_wr));
+        })
+        .map_err(relay_err)?;
+    std::thread::Builder::new()
+        .name("bridge-down".into())
+        .spawn(move || {
+            let _ = events.send(downstream(stream));
+        })
+        .map_err(relay_err)?;
     let mut stdin_closed = false;
     loop {
         tokio::select! {
-            r = &mut upstream, if !stdin_closed => {
-                r?;
-                stdin_closed = true;
-            }
-            r = &mut downstream => {
-                r?;
-                return if stdin_closed {
-                    Ok(())
-                } else {
-                    Err(BridgeError::GatewayClosed { path: path.to_path_buf() })
-                };
-            }
+            event = ended.recv() => match event {
+                Some(Relay::StdinClosed) => stdin_closed = true,
+                Some(Relay::GatewayClosed) if stdin_closed => return Ok(()),
+                Some(Relay::GatewayClosed) | None => {
+                    return Err(BridgeError::GatewayClosed { path: path.to_path_buf() })
+                }
+                Some(Relay::Failed(e)) => return Err(relay_err(e)),
+            },
             _ = sigint.recv() => return Ok(()),
             _ = sigterm.recv() => return Ok(()),
+        }
+    }
+}
+
+/// How one direction of the relay ended.
+enum Relay {
+    /// stdin reached EOF; the socket's write side is shut so the gateway sees it.
+    StdinClosed,
+    /// The gateway closed the connection.
+    GatewayClosed,
+    Failed(io::Error),
+}
+
+fn upstream(mut sock: StdUnixStream) -> Relay {
+    let mut stdin = io::stdin().lock();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) => {
+                return match sock.shutdown(Shutdown::Write) {
+                    Ok(()) => Relay::StdinClosed,
+                    Err(e) => Relay::Failed(e),
+                }
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Relay::Failed(e),
+        };
+        if let Err(e) = sock.write_all(&buf[..n]) {
+            return Relay::Failed(e);
+        }
+    }
+}
+
+fn downstream(mut sock: StdUnixStream) -> Relay {
+    let mut stdout = io::stdout().lock();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match sock.read(&mut buf) {
+            Ok(0) => return Relay::GatewayClosed,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Relay::Failed(e),
+        };
+        if let Err(e) = stdout.write_all(&buf[..n]).and_then(|()| stdout.flush()) {
+            return Relay::Failed(e);
         }
     }
 }

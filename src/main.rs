@@ -418,8 +418,7 @@ fn run_bridge(socket: PathBuf) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let result = runtime.block_on(bridge::run(&socket));
-    // tokio's stdin reader sits in a blocking thread that cannot be cancelled;
-    // do not wait for it.
+    // The relay threads may sit in a blocking read; the process exit ends them.
     runtime.shutdown_background();
     result?;
     Ok(())

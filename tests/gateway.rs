@@ -411,6 +411,44 @@ fn bridge_error_for_a_missing_socket_names_the_path() {
     assert!(err.contains(&path.display().to_string()), "{err}");
 }
 
+/// The gateway going away while the agent still talks is an error the agent's
+/// MCP client sees (exit 1, the socket named), never a silent success.
+#[test]
+fn bridge_exits_nonzero_when_the_gateway_closes_first() {
+    let mut g = Gateway::start();
+    let mut child = Command::new(BIN)
+        .args(["bridge", "--socket"])
+        .arg(g.socket("coder"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    {
+        use std::io::{BufRead, Write};
+        let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}});
+        writeln!(stdin, "{init}").unwrap();
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        assert!(line.contains("\"protocolVersion\""), "{line}");
+    }
+    // The connection is up (the reply came through); now the gateway stops
+    // while the bridge's stdin stays open.
+    assert!(g.stop().success());
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("closed the connection"), "{err}");
+    assert!(
+        err.contains(&g.socket("coder").display().to_string()),
+        "{err}"
+    );
+}
+
 #[test]
 fn bridge_relays_and_exits_zero_on_stdin_eof() {
     let g = Gateway::start();
