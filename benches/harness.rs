@@ -7,7 +7,14 @@
 //!         [--apex-python PY --apex-server server.py]
 //!
 //! The load client is lean: raw JSON-RPC lines over the socket (or a child's
-//! stdin/stdout), one thread per connection, so it does not measure an SDK.
+//! stdin/stdout), so it does not measure an SDK; closed loop, one request in
+//! flight per connection. At N = 1 it is one blocking thread (a write and a
+//! read per call); above, one event-loop thread (`--client-threads`) drives
+//! every connection through epoll, so that hundreds of client threads do not
+//! compete with the server for the machine's cores. `--client threads` runs
+//! the earlier thread-per-connection client instead, `--client loop` the event
+//! loop at N = 1 too. `--workloads echo,get,... --conns 64,256` runs only those
+//! request/reply points (progress lines only, no tables).
 //! Every server (the gateway, the baselines) runs as its own process, started
 //! fresh for each point, so its peak RSS (VmHWM) and CPU time (utime+stime,
 //! counted over the measured window only) are that point's own.
@@ -20,12 +27,17 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
+
+use rustix::buffer::spare_capacity;
+use rustix::event::epoll::{self, EventData, EventFlags};
+use rustix::event::Timespec;
 
 const INIT: &str = "{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"initialize\",\"params\":{\"protocolVersion\":\"2025-11-25\",\"capabilities\":{},\"clientInfo\":{\"name\":\"bench\",\"version\":\"0\"}}}\n{\"jsonrpc\":\"2.0\",\"method\":\"notifications/initialized\"}\n";
 const CORDON: &str = env!("CARGO_BIN_EXE_cordon");
@@ -79,7 +91,7 @@ impl Conn {
         self.w.write_all(line.as_bytes())?;
         self.w.flush()?;
         self.read()?;
-        Ok(!self.buf.contains("\"isError\":true") && !self.buf.contains("\"error\":{\"code\":-"))
+        Ok(reply_ok(&self.buf))
     }
 
     fn call_ok(&mut self, line: &str) -> String {
@@ -87,6 +99,11 @@ impl Conn {
         assert!(ok, "setup call failed: {line} -> {}", self.buf);
         self.buf.clone()
     }
+}
+
+/// A reply line that is neither a tool error nor a JSON-RPC error.
+fn reply_ok(line: &str) -> bool {
+    !line.contains("\"isError\":true") && !line.contains("\"error\":{\"code\":-")
 }
 
 fn tool_call(name: &str, args: &str) -> String {
@@ -121,6 +138,9 @@ struct Point {
     hwm_kib: u64,
     anon_kib: u64,
     cpu_s: f64,
+    /// This process's CPU time over the window (the load client, for the
+    /// request/reply points; shown in the progress lines only).
+    client_cpu_s: f64,
     load1: f64,
 }
 
@@ -190,10 +210,75 @@ fn cpu(pid: u32) -> f64 {
 struct Opts {
     warmup: Duration,
     duration: Duration,
+    client: ClientMode,
+    /// Event-loop threads (connections dealt round-robin among them).
+    client_threads: usize,
 }
 
-/// Runs `n` client threads, each on its own connection, for warm-up then the
-/// measured window; `line(conn, rng)` makes each request.
+/// Which driver runs a request/reply point (`--client`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClientMode {
+    /// Blocking client at N = 1, event loop above (the default).
+    Auto,
+    /// Event loop at every N.
+    Loop,
+    /// One blocking thread per connection at every N (the old client).
+    Threads,
+}
+
+/// What the client threads bring back.
+#[derive(Default)]
+struct Tally {
+    calls: u64,
+    errors: u64,
+    /// Latencies of the measured window's successful calls, ns.
+    lat: Vec<u64>,
+}
+
+impl Tally {
+    fn merge(&mut self, other: Tally) {
+        self.calls += other.calls;
+        self.errors += other.errors;
+        self.lat.extend_from_slice(&other.lat);
+    }
+}
+
+/// The main thread's part of a point, once every client is connected: warm-up,
+/// the measured window (phase 1), then stop (phase 2); the server's CPU time
+/// over the window and its memory at the end.
+fn window(o: &Opts, pid: u32, phase: &AtomicU8) -> Point {
+    let mut point = Point::default();
+    std::thread::sleep(o.warmup);
+    let (cpu0, own0) = (cpu(pid), cpu(std::process::id()));
+    let t0 = Instant::now();
+    phase.store(1, Ordering::Relaxed);
+    std::thread::sleep(o.duration);
+    phase.store(2, Ordering::Relaxed);
+    point.secs = t0.elapsed().as_secs_f64();
+    point.cpu_s = cpu(pid) - cpu0;
+    point.client_cpu_s = cpu(std::process::id()) - own0;
+    (point.hwm_kib, _, point.anon_kib) = mem(pid);
+    point.load1 = load1();
+    point
+}
+
+fn finish(mut point: Point, t: Tally) -> Point {
+    let Tally {
+        calls,
+        errors,
+        mut lat,
+    } = t;
+    lat.sort_unstable();
+    point.calls = calls;
+    point.errors = errors;
+    point.lat = lat;
+    point
+}
+
+/// Runs `n` blocking client threads, each on its own connection, for warm-up
+/// then the measured window; `line(conn, rng)` makes each request. The
+/// leanest client for one connection (a write and a read per call); used at
+/// N = 1 and for stdio.
 fn drive(
     o: &Opts,
     n: usize,
@@ -203,7 +288,7 @@ fn drive(
 ) -> Point {
     let phase = AtomicU8::new(0); // 0 warm-up, 1 measured, 2 stop
     let barrier = Barrier::new(n + 1);
-    let results = Mutex::new((0u64, 0u64, Vec::<u64>::new()));
+    let results = Mutex::new(Tally::default());
     let mut point = Point::default();
     std::thread::scope(|scope| {
         for c in 0..n {
@@ -217,64 +302,373 @@ fn drive(
                         Ok(conn) => conn,
                         Err(e) => {
                             eprintln!("  connection {c}: {e}");
-                            results.lock().expect("no panics").1 += 1;
+                            results.lock().expect("no panics").errors += 1;
                             return;
                         }
                     };
-                    let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((c as u64 + 1) * 0x1234_5678_9abc));
-                    let (mut calls, mut errors, mut lat) =
-                        (0u64, 0u64, Vec::with_capacity(1 << 16));
+                    let mut rng = conn_rng(c);
+                    let mut t = Tally {
+                        lat: Vec::with_capacity(1 << 16),
+                        ..Tally::default()
+                    };
                     loop {
                         let ph = phase.load(Ordering::Relaxed);
                         if ph == 2 {
                             break;
                         }
                         let req = line(c, &mut rng);
-                        let t = Instant::now();
+                        let t0 = Instant::now();
                         let ok = conn.call(&req);
-                        let dt = t.elapsed().as_nanos() as u64;
+                        let dt = t0.elapsed().as_nanos() as u64;
                         if ph == 1 {
                             match ok {
                                 Ok(true) => {
-                                    calls += 1;
-                                    lat.push(dt);
+                                    t.calls += 1;
+                                    t.lat.push(dt);
                                 }
-                                Ok(false) => errors += 1,
+                                Ok(false) => t.errors += 1,
                                 Err(_) => {
-                                    errors += 1;
+                                    t.errors += 1;
                                     break;
                                 }
                             }
                         } else if ok.is_err() {
-                            errors += 1;
+                            t.errors += 1;
                             break;
                         }
                     }
-                    let mut r = results.lock().expect("no panics");
-                    r.0 += calls;
-                    r.1 += errors;
-                    r.2.extend_from_slice(&lat);
+                    results.lock().expect("no panics").merge(t);
                 })
                 .expect("spawn client thread");
         }
         barrier.wait();
-        std::thread::sleep(o.warmup);
-        let cpu0 = cpu(pid);
-        let t0 = Instant::now();
-        phase.store(1, Ordering::Relaxed);
-        std::thread::sleep(o.duration);
-        phase.store(2, Ordering::Relaxed);
-        point.secs = t0.elapsed().as_secs_f64();
-        point.cpu_s = cpu(pid) - cpu0;
-        (point.hwm_kib, _, point.anon_kib) = mem(pid);
-        point.load1 = load1();
+        point = window(o, pid, &phase);
     });
-    let (calls, errors, mut lat) = results.into_inner().expect("no panics");
-    lat.sort_unstable();
-    point.calls = calls;
-    point.errors = errors;
-    point.lat = lat;
-    point
+    finish(point, results.into_inner().expect("no panics"))
+}
+
+fn conn_rng(c: usize) -> Rng {
+    Rng(0x9E37_79B9_7F4A_7C15 ^ ((c as u64 + 1) * 0x1234_5678_9abc))
+}
+
+// ---------------------------------------------------------------- event-loop client
+
+/// Connects and completes the MCP handshake (blocking), then switches the
+/// socket to non-blocking for the event loop.
+fn open_stream(path: &Path) -> io::Result<UnixStream> {
+    let mut s = UnixStream::connect(path)?;
+    s.write_all(INIT.as_bytes())?;
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !reply.contains(&b'\n') {
+        match s.read(&mut chunk)? {
+            0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed")),
+            k => reply.extend_from_slice(&chunk[..k]),
+        }
+    }
+    let reply = String::from_utf8_lossy(&reply);
+    if !reply.contains("\"result\"") || reply.find('\n') != Some(reply.len() - 1) {
+        return Err(io::Error::other(format!("initialize: {}", reply.trim())));
+    }
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
+/// One connection of the event-loop client: one request in flight at most.
+struct Slot {
+    c: usize,
+    s: UnixStream,
+    rng: Rng,
+    req: Vec<u8>,
+    /// Bytes of `req` written so far.
+    written: usize,
+    /// Bytes read and not yet consumed as a reply line.
+    reply: Vec<u8>,
+    /// How much of `reply` has been searched for the newline.
+    scanned: usize,
+    /// When the request's first byte was written.
+    sent_at: Instant,
+    /// The phase when the request was made: only phase 1 counts.
+    phase: u8,
+    /// A request is in flight (written or being written, reply not complete).
+    busy: bool,
+    /// Registered for EPOLLOUT too (the request did not fit in one write).
+    want_out: bool,
+    dead: bool,
+}
+
+/// One event-loop thread and its share of the connections. Level-triggered
+/// epoll: a readable socket gets one `read` per wake-up (anything left is
+/// reported again), and EPOLLOUT is asked for only while a request is partly
+/// written.
+struct Loop<'a> {
+    ep: OwnedFd,
+    slots: Vec<Slot>,
+    line: &'a (dyn Fn(usize, &mut Rng) -> String + Sync),
+    phase: &'a AtomicU8,
+    tally: Tally,
+    /// Connections with a request in flight.
+    busy: usize,
+    scratch: Vec<u8>,
+}
+
+impl Loop<'_> {
+    fn interest(&mut self, i: usize, out: bool) {
+        let slot = &mut self.slots[i];
+        if slot.want_out == out {
+            return;
+        }
+        let flags = if out {
+            EventFlags::IN | EventFlags::OUT
+        } else {
+            EventFlags::IN
+        };
+        slot.want_out = out;
+        if epoll::modify(&self.ep, &slot.s, EventData::new_u64(i as u64), flags).is_err() {
+            self.fail(i);
+        }
+    }
+
+    /// The connection is lost: one error, and it makes no more calls.
+    fn fail(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        if slot.dead {
+            return;
+        }
+        slot.dead = true;
+        if slot.busy {
+            slot.busy = false;
+            self.busy -= 1;
+        }
+        self.tally.errors += 1;
+        let _ = epoll::delete(&self.ep, &slot.s);
+    }
+
+    /// Makes the connection's next request and starts writing it.
+    fn send(&mut self, i: usize) {
+        let ph = self.phase.load(Ordering::Relaxed);
+        let slot = &mut self.slots[i];
+        if ph == 2 || slot.dead {
+            return;
+        }
+        slot.req = (self.line)(slot.c, &mut slot.rng).into_bytes();
+        slot.written = 0;
+        slot.phase = ph;
+        slot.busy = true;
+        self.busy += 1;
+        slot.sent_at = Instant::now();
+        self.flush(i);
+    }
+
+    /// Writes what is left of the request; waits for EPOLLOUT if the socket
+    /// is full.
+    fn flush(&mut self, i: usize) {
+        loop {
+            let slot = &mut self.slots[i];
+            if slot.written == slot.req.len() {
+                break;
+            }
+            match slot.s.write(&slot.req[slot.written..]) {
+                Ok(0) => return self.fail(i),
+                Ok(k) => slot.written += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return self.interest(i, true),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return self.fail(i),
+            }
+        }
+        self.interest(i, false);
+    }
+
+    /// One read, then the reply if its line is complete: Ok(true).
+    fn readable(&mut self, i: usize) -> bool {
+        let slot = &mut self.slots[i];
+        match slot.s.read(&mut self.scratch) {
+            Ok(0) => {
+                self.fail(i);
+                return false;
+            }
+            Ok(k) => slot.reply.extend_from_slice(&self.scratch[..k]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                return false
+            }
+            Err(_) => {
+                self.fail(i);
+                return false;
+            }
+        }
+        self.take_reply(i, Instant::now())
+    }
+
+    /// If a complete line is buffered, it is the reply to the request in
+    /// flight, complete at `at`: counted, and the connection is idle again.
+    fn take_reply(&mut self, i: usize, at: Instant) -> bool {
+        let slot = &mut self.slots[i];
+        let Some(nl) = slot.reply[slot.scanned..].iter().position(|&b| b == b'\n') else {
+            slot.scanned = slot.reply.len();
+            return false;
+        };
+        if !slot.busy || slot.written < slot.req.len() {
+            // A line before the request was fully written: the server is
+            // not answering what was sent.
+            self.fail(i);
+            return false;
+        }
+        let end = slot.scanned + nl + 1;
+        let ok = std::str::from_utf8(&slot.reply[..end]).is_ok_and(reply_ok);
+        if slot.phase == 1 {
+            if ok {
+                self.tally.calls += 1;
+                let dt = at.saturating_duration_since(slot.sent_at);
+                self.tally.lat.push(dt.as_nanos() as u64);
+            } else {
+                self.tally.errors += 1;
+            }
+        }
+        slot.reply.drain(..end);
+        slot.scanned = 0;
+        slot.busy = false;
+        self.busy -= 1;
+        true
+    }
+
+    fn run(&mut self) {
+        for i in 0..self.slots.len() {
+            self.send(i);
+        }
+        let mut events: Vec<epoll::Event> = Vec::with_capacity(self.slots.len().max(1));
+        // Wakes up now and then to see the phase change when no reply comes.
+        let tick = Timespec {
+            tv_sec: 0,
+            tv_nsec: 10_000_000,
+        };
+        let mut stopped: Option<Instant> = None;
+        loop {
+            if stopped.is_none() && self.phase.load(Ordering::Relaxed) == 2 {
+                stopped = Some(Instant::now());
+            }
+            // After the window: no new requests; wait (a while) for the
+            // replies still in flight, as the blocking client does.
+            if let Some(t) = stopped {
+                if self.busy == 0 || t.elapsed() > Duration::from_secs(2) {
+                    return;
+                }
+            }
+            events.clear();
+            match epoll::wait(&self.ep, spare_capacity(&mut events), Some(&tick)) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => panic!("epoll_wait: {e}"),
+            }
+            for ev in &events {
+                // Copied out: the kernel's struct is packed.
+                let (flags, data) = (ev.flags, ev.data);
+                let i = data.u64() as usize;
+                if self.slots[i].dead {
+                    continue;
+                }
+                if flags.contains(EventFlags::OUT) && self.slots[i].busy {
+                    self.flush(i);
+                }
+                if flags.intersects(EventFlags::IN | EventFlags::HUP | EventFlags::ERR)
+                    && !self.slots[i].dead
+                    && self.readable(i)
+                {
+                    // The next request at once: a connection is never idle
+                    // while others' replies are read. (Reading the whole
+                    // batch first times replies a little earlier but leaves
+                    // connections idle, which the closed loop should not.)
+                    loop {
+                        self.send(i);
+                        // A further buffered line answers the new request.
+                        if !(self.slots[i].busy && self.take_reply(i, Instant::now())) {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Like `drive`, with `threads` event-loop threads instead of one thread per
+/// connection: connection `c` belongs to thread `c % threads`, all its
+/// sockets non-blocking under one epoll; each connection still has exactly
+/// one request in flight, timed from its write to its complete reply line.
+fn drive_loop(
+    o: &Opts,
+    n: usize,
+    threads: usize,
+    pid: u32,
+    open: &(dyn Fn(usize) -> io::Result<UnixStream> + Sync),
+    line: &(dyn Fn(usize, &mut Rng) -> String + Sync),
+) -> Point {
+    let threads = threads.clamp(1, n.max(1));
+    let phase = AtomicU8::new(0); // 0 warm-up, 1 measured, 2 stop
+    let barrier = Barrier::new(threads + 1);
+    let results = Mutex::new(Tally::default());
+    let mut point = Point::default();
+    std::thread::scope(|scope| {
+        for t in 0..threads {
+            let (phase, barrier, results) = (&phase, &barrier, &results);
+            std::thread::Builder::new()
+                .spawn_scoped(scope, move || {
+                    let ep = epoll::create(epoll::CreateFlags::CLOEXEC).expect("epoll_create");
+                    let mut tally = Tally {
+                        lat: Vec::with_capacity(1 << 18),
+                        ..Tally::default()
+                    };
+                    let mut slots = Vec::new();
+                    for c in (t..n).step_by(threads) {
+                        let s = open(c).and_then(|s| {
+                            let data = EventData::new_u64(slots.len() as u64);
+                            epoll::add(&ep, &s, data, EventFlags::IN)?;
+                            Ok(s)
+                        });
+                        match s {
+                            Ok(s) => slots.push(Slot {
+                                c,
+                                s,
+                                rng: conn_rng(c),
+                                req: Vec::new(),
+                                written: 0,
+                                reply: Vec::with_capacity(1 << 16),
+                                scanned: 0,
+                                sent_at: Instant::now(),
+                                phase: 0,
+                                busy: false,
+                                want_out: false,
+                                dead: false,
+                            }),
+                            Err(e) => {
+                                eprintln!("  connection {c}: {e}");
+                                tally.errors += 1;
+                            }
+                        }
+                    }
+                    barrier.wait();
+                    let mut l = Loop {
+                        ep,
+                        slots,
+                        line,
+                        phase,
+                        tally,
+                        busy: 0,
+                        scratch: vec![0; 1 << 16],
+                    };
+                    l.run();
+                    results.lock().expect("no panics").merge(l.tally);
+                })
+                .expect("spawn client thread");
+        }
+        barrier.wait();
+        point = window(o, pid, &phase);
+    });
+    finish(point, results.into_inner().expect("no panics"))
 }
 
 // ---------------------------------------------------------------- servers
@@ -502,6 +896,20 @@ enum W {
 }
 
 impl W {
+    /// Its name for `--workloads`.
+    fn key(self) -> &'static str {
+        match self {
+            W::Echo => "echo",
+            W::Rmcp => "rmcp",
+            W::Get => "get",
+            W::Put64 => "put64",
+            W::Put4k => "put4k",
+            W::Mix => "mix",
+            W::List => "list",
+            W::Txn => "txn",
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             W::Echo => "floor: raw socket echo",
@@ -537,9 +945,9 @@ fn run_point(o: &Opts, w: W, n: usize, v4k: &str) -> Point {
         _ => gateway(),
     };
     let pid = server.pid();
-    let open = |c: usize| match w {
-        W::Echo | W::Rmcp => Conn::socket(&server.dir.join("s.sock")),
-        _ => Conn::socket(&server.agent_socket(c)),
+    let path = |c: usize| match w {
+        W::Echo | W::Rmcp => server.dir.join("s.sock"),
+        _ => server.agent_socket(c),
     };
     let line = |c: usize, rng: &mut Rng| -> String {
         match w {
@@ -574,7 +982,18 @@ fn run_point(o: &Opts, w: W, n: usize, v4k: &str) -> Point {
             }
         }
     };
-    let p = drive(o, n, pid, &open, &line);
+    let p = match o.client {
+        ClientMode::Threads => drive(o, n, pid, &|c| Conn::socket(&path(c)), &line),
+        ClientMode::Auto if n == 1 => drive(o, n, pid, &|c| Conn::socket(&path(c)), &line),
+        _ => drive_loop(
+            o,
+            n,
+            o.client_threads,
+            pid,
+            &|c| open_stream(&path(c)),
+            &line,
+        ),
+    };
     server.stop();
     p
 }
@@ -875,6 +1294,21 @@ fn num(x: f64) -> String {
     out
 }
 
+/// How the request/reply points were driven, for the table's preamble.
+fn client_note(o: &Opts) -> String {
+    let event_loop = match o.client_threads {
+        1 => "one event-loop thread (epoll) drives all N connections".to_owned(),
+        t => format!("{t} event-loop threads (epoll) share the N connections"),
+    };
+    let how = match o.client {
+        ClientMode::Auto => format!("one blocking connection at N = 1; above, {event_loop}"),
+        ClientMode::Loop => format!("at every N, {event_loop}"),
+        ClientMode::Threads => "one blocking thread per connection".to_owned(),
+    };
+    format!("The load client: {how}. Each connection has one request in flight (closed loop), timed from its write to its complete reply line. \
+        The client and the server share the machine's 2 cores, so the client's CPU time is taken from the server's (alike for every row).")
+}
+
 fn goal(out: &mut String, ok: bool, what: &str, measured: String) {
     let _ = writeln!(
         out,
@@ -901,7 +1335,19 @@ fn main() {
     let o = Opts {
         warmup: ms("--warmup-ms", 500),
         duration: ms("--duration-ms", 2000),
+        client: match flag("--client").as_deref() {
+            None | Some("auto") => ClientMode::Auto,
+            Some("loop") => ClientMode::Loop,
+            Some("threads") => ClientMode::Threads,
+            Some(other) => panic!("--client {other}: expected auto, loop or threads"),
+        },
+        client_threads: flag("--client-threads")
+            .map(|v| v.parse().expect("--client-threads: a number"))
+            .unwrap_or(1),
     };
+    // A quick look (no tables): only these workloads and connection counts.
+    let list = |name: &str| flag(name).map(|v| v.split(',').map(str::to_owned).collect::<Vec<_>>());
+    let (only_w, only_n) = (list("--workloads"), list("--conns"));
     let apex_py = flag("--apex-python");
     let apex_server = flag("--apex-server");
     let apex = apex_py.as_deref().zip(apex_server.as_deref());
@@ -922,20 +1368,36 @@ fn main() {
         W::Txn,
     ];
     let mut res: HashMap<(W, usize), Point> = HashMap::new();
+    let quick = only_w.is_some() || only_n.is_some();
     for &n in &CONNS {
+        if only_n.as_ref().is_some_and(|l| !l.contains(&n.to_string())) {
+            continue;
+        }
         for &w in &order {
+            if only_w
+                .as_ref()
+                .is_some_and(|l| !l.contains(&w.key().to_owned()))
+            {
+                continue;
+            }
             let p = run_point(&o, w, n, &v4k);
             eprintln!(
-                "  {:32} N={n:<3} {:>9} calls/s  p50 {:>8}  p99 {:>8}  errors {}  load {:.2}",
+                "  {:32} N={n:<3} {:>9} calls/s  p50 {:>8}  p99 {:>8}  errors {}  CPU/call server {:>5.1} µs client {:>5.1} µs  load {:.2}",
                 w.label(),
                 num(p.rate()),
                 us(p.pct(50.0)),
                 us(p.pct(99.0)),
                 p.errors,
+                p.cpu_us_per_call(),
+                p.client_cpu_s * 1e6 / p.calls.max(1) as f64,
                 p.load1
             );
             res.insert((w, n), p);
         }
+    }
+    if quick {
+        eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
+        return;
     }
     // Stdio, one connection, interleaved APEX / cordon bridge.
     let mut stdio: Vec<(&str, Option<Point>, Point)> = Vec::new();
@@ -975,9 +1437,9 @@ fn main() {
         o.warmup.as_secs_f64(), o.duration.as_secs_f64(), started.elapsed().as_secs_f64());
 
     let _ = writeln!(out, "### Request/reply over the agent socket\n");
-    let _ = writeln!(out, "The client and the server share the machine's 2 cores, so at high N the client's own threads take CPU from the server (alike for every row). \
+    let _ = writeln!(out, "{} \
         `×floor` = p50 over the raw echo's p50 at the same N; `×rmcp` = calls/s over the bare rmcp echo's calls/s at the same N. \
-        Server CPU is utime+stime of the server process over the measured window, per call; RSS: its peak (VmHWM), and its anonymous memory (RssAnon) at the end of the window — the rest is file-backed pages of the LMDB map (store and audit log), page cache the kernel can reclaim.\n");
+        Server CPU is utime+stime of the server process over the measured window, per call; RSS: its peak (VmHWM), and its anonymous memory (RssAnon) at the end of the window — the rest is file-backed pages of the LMDB map (store and audit log), page cache the kernel can reclaim.\n", client_note(&o));
     let _ = writeln!(out, "| workload | N | calls/s | p50 | p99 | p99.9 | errors | ×floor (p50) | ×rmcp (calls/s) | server CPU/call | server RSS peak | of it anon | load |");
     let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &n in &CONNS {
