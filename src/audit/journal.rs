@@ -5,6 +5,10 @@
 //! generations it sealed. A power loss can lose the lines written since the
 //! last sealing commit (at most `[audit] sync_interval`), never a mutation's
 //! record, which is sealed with its mutation.
+//!
+//! Each record is serialised once, on the caller's thread: the same bytes are
+//! the journal line and, kept in memory, the draft the writer seals (see
+//! `Draft`), so the writer neither serialises records nor frees them.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -12,7 +16,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use super::{AuditError, Record};
+use super::{AuditError, Draft, Drafts, Record};
 
 pub struct Journal {
     dir: PathBuf,
@@ -21,8 +25,10 @@ pub struct Journal {
 
 struct Inner {
     generation: u64,
+    /// The current generation's file, named in errors.
+    path: PathBuf,
     file: File,
-    pending: Vec<Record>,
+    pending: Drafts,
 }
 
 fn gen_path(dir: &Path, generation: u64) -> PathBuf {
@@ -57,7 +63,7 @@ impl Journal {
             fs::DirBuilder::new().mode(0o700).create(dir).map_err(err)?;
         }
         let gens = generations(dir).map_err(err)?;
-        let mut pending = Vec::new();
+        let mut pending = Drafts::default();
         for g in gens.iter().filter(|g| **g <= sealed_through) {
             let path = gen_path(dir, *g);
             fs::remove_file(&path).map_err(|source| AuditError::Journal { path, source })?;
@@ -69,11 +75,14 @@ impl Journal {
                 source,
             })?;
             for (n, line) in BufReader::new(file).lines().enumerate() {
+                // Parsed and drafted again rather than trusted as bytes: the
+                // line may be torn, or written by another version.
                 let parsed = line
                     .map_err(|e| e.to_string())
-                    .and_then(|l| serde_json::from_str::<Record>(&l).map_err(|e| e.to_string()));
+                    .and_then(|l| serde_json::from_str::<Record>(&l).map_err(|e| e.to_string()))
+                    .and_then(|r| pending.push_record(&r).map_err(|e| e.to_string()));
                 match parsed {
-                    Ok(r) => pending.push(r),
+                    Ok(()) => {}
                     Err(e) => {
                         tracing::warn!(file = %path.display(), line = n + 1, error = %e, "dropping a torn audit journal line");
                         break;
@@ -82,11 +91,12 @@ impl Journal {
             }
         }
         let generation = gens.last().map_or(1, |g| g + 1).max(sealed_through + 1);
-        let file = open_gen(dir, generation)?;
+        let (path, file) = open_gen(dir, generation)?;
         Ok(Journal {
             dir: dir.to_path_buf(),
             inner: Mutex::new(Inner {
                 generation,
+                path,
                 file,
                 pending,
             }),
@@ -103,42 +113,44 @@ impl Journal {
     /// Appends a drafted record. When this returns Ok the record survives the
     /// gateway's death; when it fails the caller must not serve the call.
     /// Returns how many records now wait to be sealed.
-    pub fn append(&self, record: Record) -> Result<usize, AuditError> {
-        let mut line = serde_json::to_vec(&record).map_err(|e| AuditError::Journal {
-            path: self.dir.clone(),
-            source: std::io::Error::other(e),
-        })?;
-        line.push(b'\n');
+    pub fn append(&self, record: &Record) -> Result<usize, AuditError> {
+        // Serialised before taking the lock, which only covers the write()
+        // and the copy into the pending drafts.
+        let draft = Draft::new(record)?;
         let mut inner = self.lock()?;
-        let path = gen_path(&self.dir, inner.generation);
-        inner
-            .file
-            .write_all(&line)
-            .map_err(|source| AuditError::Journal { path, source })?;
-        inner.pending.push(record);
+        let inner = &mut *inner;
+        if let Err(source) = inner.file.write_all(draft.line()) {
+            return Err(AuditError::Journal {
+                path: inner.path.clone(),
+                source,
+            });
+        }
+        inner.pending.push(&draft);
         Ok(inner.pending.len())
     }
 
     /// Takes every pending record for sealing, and starts a new generation so
     /// that appends made meanwhile are not deleted with the sealed ones.
-    /// Returns the records and the generation to retire once they are sealed.
-    pub fn take(&self) -> Result<(Vec<Record>, Option<u64>), AuditError> {
+    /// Returns the drafts and the generation to retire once they are sealed.
+    pub fn take(&self) -> Result<(Drafts, Option<u64>), AuditError> {
         let mut inner = self.lock()?;
         if inner.pending.is_empty() {
-            return Ok((Vec::new(), None));
+            return Ok((Drafts::default(), None));
         }
         let old = inner.generation;
-        let file = open_gen(&self.dir, old + 1)?;
+        let (path, file) = open_gen(&self.dir, old + 1)?;
         inner.file = file;
+        inner.path = path;
         inner.generation = old + 1;
         Ok((std::mem::take(&mut inner.pending), Some(old)))
     }
 
-    /// Puts records back after a commit that failed (their files still exist).
-    pub fn restore(&self, mut records: Vec<Record>) {
+    /// Puts drafts back after a commit that failed (their files still exist),
+    /// ahead of any appended since.
+    pub fn restore(&self, mut drafts: Drafts) {
         if let Ok(mut inner) = self.lock() {
-            records.append(&mut inner.pending);
-            inner.pending = records;
+            drafts.extend(&inner.pending);
+            inner.pending = drafts;
         }
     }
 
@@ -162,27 +174,61 @@ impl Journal {
     }
 }
 
-fn open_gen(dir: &Path, generation: u64) -> Result<File, AuditError> {
+fn open_gen(dir: &Path, generation: u64) -> Result<(PathBuf, File), AuditError> {
     let path = gen_path(dir, generation);
-    OpenOptions::new()
+    match OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o600)
         .open(&path)
-        .map_err(|source| AuditError::Journal { path, source })
+    {
+        Ok(file) => Ok((path, file)),
+        Err(source) => Err(AuditError::Journal { path, source }),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn events(drafts: &Drafts) -> Vec<String> {
+        drafts
+            .iter()
+            .map(|d| serde_json::from_slice::<Record>(d.json()).unwrap().event)
+            .collect()
+    }
+
+    #[test]
+    fn the_pending_drafts_are_the_journal_lines_and_restore_keeps_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let jdir = dir.path().join("j");
+        let j = Journal::open(&jdir, 0).unwrap();
+        let mut r = Record::new("call");
+        r.keys = vec!["/a".into()];
+        assert_eq!(j.append(&r).unwrap(), 1);
+        assert_eq!(j.append(&Record::new("policy_loaded")).unwrap(), 2);
+        let (taken, through) = j.take().unwrap();
+        let file = fs::read(gen_path(&jdir, through.unwrap())).unwrap();
+        let mut lines = Vec::new();
+        for d in taken.iter() {
+            lines.extend_from_slice(d.json());
+            lines.push(b'\n');
+        }
+        assert_eq!(file, lines);
+        // A commit failed: the taken drafts go back ahead of newer ones.
+        j.append(&Record::new("gateway_stop")).unwrap();
+        j.restore(taken);
+        let (again, _) = j.take().unwrap();
+        assert_eq!(events(&again), ["call", "policy_loaded", "gateway_stop"]);
+    }
+
     #[test]
     fn survives_reopen_and_retires() {
         let dir = tempfile::tempdir().unwrap();
         let jdir = dir.path().join("j");
         let j = Journal::open(&jdir, 0).unwrap();
-        j.append(Record::new("call")).unwrap();
-        j.append(Record::new("gateway_stop")).unwrap();
+        j.append(&Record::new("call")).unwrap();
+        j.append(&Record::new("gateway_stop")).unwrap();
         drop(j);
         // Simulate a torn line at the end of the last generation.
         let last = generations(&jdir).unwrap().into_iter().max().unwrap();
@@ -193,9 +239,8 @@ mod tests {
         f.write_all(b"{\"time\":\"2026").unwrap();
         let j = Journal::open(&jdir, 0).unwrap();
         let (recs, through) = j.take().unwrap();
-        assert_eq!(recs.len(), 2);
-        assert_eq!(recs[1].event, "gateway_stop");
-        j.append(Record::new("call")).unwrap();
+        assert_eq!(events(&recs), ["call", "gateway_stop"]);
+        j.append(&Record::new("call")).unwrap();
         j.retire(through.unwrap());
         let j2 = Journal::open(&jdir, 0);
         drop(j);

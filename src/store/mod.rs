@@ -644,7 +644,7 @@ impl Store {
         let Some(j) = &self.inner.journal else {
             return Ok(());
         };
-        let pending = j.append(record).map_err(|e| StoreError::Audit {
+        let pending = j.append(&record).map_err(|e| StoreError::Audit {
             message: e.to_string(),
         })?;
         // The journal's records also wait in memory until sealed: under a

@@ -371,3 +371,52 @@ async fn second_open_is_refused_and_data_survives_reopen() {
         .mode();
     assert_eq!(mode & 0o777, 0o700);
 }
+
+#[tokio::test]
+async fn a_failed_commit_still_records_every_mutation_it_carried() {
+    let dir = tempfile::tempdir().unwrap();
+    // A map that fills after a few dozen puts: the batch that hits it fails.
+    let s = Store::open(StoreOptions {
+        path: dir.path().join("s"),
+        map_size: 256 << 10,
+        max_value_bytes: 8192,
+        max_txn_ops: 16,
+        history: 1000,
+        audit: Some(AuditOptions {
+            max_records: None,
+            max_age: None,
+        }),
+    })
+    .unwrap();
+    let big = "x".repeat(8000);
+    let mut failed = None;
+    for i in 0..1000 {
+        let k = format!("/fill/{i}");
+        let mut rec = Record::new("call");
+        rec.keys = vec![k.clone()];
+        match s.mutate(put(&k, json!(big)), Some(rec)).await {
+            Ok(_) => {}
+            Err(StoreError::BatchFailed { .. }) => {
+                failed = Some(k);
+                break;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let failed = failed.expect("the map filled up");
+    // The writer seals a mutation's record before the commit; when the commit
+    // fails, the record goes to the journal saying so instead of being lost.
+    let mut found = false;
+    for entry in fs::read_dir(dir.path().join("s/audit-journal")).unwrap() {
+        for line in fs::read_to_string(entry.unwrap().path()).unwrap().lines() {
+            let r: Record = serde_json::from_str(line).unwrap();
+            if r.keys == [failed.clone()] {
+                let outcome = r.outcome.unwrap();
+                assert_eq!(outcome.code.as_deref(), Some("store_error"));
+                assert!(outcome.message.unwrap().contains("commit failed"), "{line}");
+                found = true;
+            }
+        }
+    }
+    assert!(found, "no record of the mutation whose commit failed");
+}

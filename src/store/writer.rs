@@ -6,7 +6,7 @@
 //! returned, so an acknowledged mutation is on disk.
 
 use heed::types::Bytes;
-use heed::{Database, Env, RwTxn, WithoutTls};
+use heed::{Database, Env, PutFlags, RwTxn, WithoutTls};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
@@ -17,11 +17,11 @@ use super::{
     Mutation, Op, OpResult, Outcome, PutOutcome, StoreError, TxnOutcome, Work, META_COMPACTED,
     META_JOURNAL_SEALED, META_REVISION,
 };
-use crate::audit::{Chain, Journal, Record};
+use crate::audit::{AuditError, Chain, Drafts, Journal, Record};
 
 /// Journal records being sealed in a batch, and the generation they end at.
 struct Sealing<'a> {
-    records: &'a mut [Record],
+    drafts: &'a Drafts,
     through: Option<u64>,
 }
 
@@ -63,15 +63,15 @@ impl Writer {
     }
 
     fn commit_batch(&mut self, batch: &mut Vec<Job>, closing: bool) {
-        let (mut sealing, through) = match &self.journal {
+        let (sealing, through) = match &self.journal {
             Some(j) => match j.take() {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot rotate the audit journal");
-                    (Vec::new(), None)
+                    (Drafts::default(), None)
                 }
             },
-            None => (Vec::new(), None),
+            None => (Drafts::default(), None),
         };
         if batch.is_empty() && sealing.is_empty() && !closing {
             return;
@@ -80,7 +80,7 @@ impl Writer {
         let mut results = Vec::with_capacity(batch.len());
         let mut chain = self.chain.clone();
         let mut sealed = Sealing {
-            records: &mut sealing,
+            drafts: &sealing,
             through,
         };
         match self.apply_batch(batch, &mut sealed, &mut chain, flushing, &mut results) {
@@ -103,13 +103,14 @@ impl Writer {
                 let message = e.to_string();
                 if let Some(j) = &self.journal {
                     // Nothing of this batch happened: the journal keeps what it
-                    // had, and each mutation gets a record saying it failed.
-                    sealing.iter_mut().for_each(Chain::unseal);
+                    // had (sealing never changes a draft), and each mutation
+                    // gets a record saying it failed, including those already
+                    // sealed into the transaction that was lost.
                     j.restore(sealing);
                     for job in batch.iter_mut() {
                         if let Some(mut rec) = job.record.take() {
                             rec.error("store_error", &format!("commit failed: {message}"));
-                            if let Err(e) = j.append(rec) {
+                            if let Err(e) = j.append(&rec) {
                                 tracing::error!(error = %e, "cannot record a failed commit");
                             }
                         }
@@ -124,14 +125,30 @@ impl Writer {
         }
     }
 
-    fn seal(
+    /// Seals a record that was not journaled (a mutation's, a checkpoint).
+    fn seal_record(
         &self,
         wtxn: &mut RwTxn,
         chain: &mut Chain,
-        record: &mut Record,
+        record: &Record,
+        stored: &mut Vec<u8>,
     ) -> Result<(), heed::Error> {
-        let (seq, stored) = chain.seal(record);
-        self.dbs.audit.put(wtxn, &seq.to_be_bytes(), &stored)
+        // Cannot happen (plain strings, numbers and JSON values into a Vec);
+        // if it did, the batch fails rather than store a broken record.
+        let seq = chain
+            .seal_record(record, stored)
+            .map_err(|e: AuditError| heed::Error::Encoding(Box::new(e)))?;
+        self.put_audit(wtxn, seq, stored)
+    }
+
+    /// Stores a sealed record. Seqs only grow, so each record goes at the end
+    /// of the database: MDB_APPEND skips the search and fills pages instead of
+    /// splitting them in half, and a seq that is not past the last one fails
+    /// the batch (KeyExist) instead of overwriting a record.
+    fn put_audit(&self, wtxn: &mut RwTxn, seq: u64, stored: &[u8]) -> Result<(), heed::Error> {
+        self.dbs
+            .audit
+            .put_with_flags(wtxn, PutFlags::APPEND, &seq.to_be_bytes(), stored)
     }
 
     fn apply_batch(
@@ -144,8 +161,11 @@ impl Writer {
     ) -> Result<(u64, u64), heed::Error> {
         let mut wtxn = self.env.write_txn()?;
         let audited = self.journal.is_some();
-        for record in sealing.records.iter_mut() {
-            self.seal(&mut wtxn, chain, record)?;
+        // One buffer for every record's stored form in this batch.
+        let mut stored = Vec::with_capacity(1024);
+        for draft in sealing.drafts.iter() {
+            let seq = chain.seal(draft, &mut stored);
+            self.put_audit(&mut wtxn, seq, &stored)?;
         }
         if let Some(through) = sealing.through {
             // Committed with the records it covers: if the gateway dies before
@@ -176,18 +196,19 @@ impl Writer {
                 }
             };
             // The record goes into the same transaction as the mutation: both
-            // are committed, or neither.
-            if let (true, Some(mut record)) = (audited, job.record.take()) {
+            // are committed, or neither. It stays with the job until the
+            // commit succeeded, so that a failed commit can still record it.
+            if let (true, Some(record)) = (audited, job.record.as_mut()) {
                 match &result {
                     Ok(_) => record.ok(),
                     Err(e) => record.error(e.code(), &e.to_string()),
                 }
-                self.seal(&mut wtxn, chain, &mut record)?;
+                self.seal_record(&mut wtxn, chain, record, &mut stored)?;
             }
             results.push(result);
         }
         if flushing {
-            self.prune(&mut wtxn, chain)?;
+            self.prune(&mut wtxn, chain, &mut stored)?;
         }
         let mut compacted = self.compacted;
         if revision != self.revision {
@@ -214,7 +235,12 @@ impl Writer {
     /// Retention: drops the oldest records past `max_records` or `max_age`,
     /// then seals a checkpoint naming the last dropped record's seq and hash, so
     /// the chain that remains still verifies.
-    fn prune(&self, wtxn: &mut RwTxn, chain: &mut Chain) -> Result<(), heed::Error> {
+    fn prune(
+        &self,
+        wtxn: &mut RwTxn,
+        chain: &mut Chain,
+        stored: &mut Vec<u8>,
+    ) -> Result<(), heed::Error> {
         let Some(opts) = &self.audit else {
             return Ok(());
         };
@@ -273,7 +299,7 @@ impl Writer {
             "max_age_s": opts.max_age.map(|a| a.as_secs()),
         }));
         checkpoint.ok();
-        self.seal(wtxn, chain, &mut checkpoint)
+        self.seal_record(wtxn, chain, &checkpoint, stored)
     }
 }
 
