@@ -2,8 +2,9 @@
 //!
 //! LMDB allows one write transaction at a time and a durable commit costs an
 //! fsync (~240 µs here), so the writer takes whatever has queued while the last
-//! fsync ran and commits it all at once. Callers hear back only after that commit
-//! returned, so an acknowledged mutation is on disk.
+//! fsync ran and commits it all at once, after waiting briefly (see `Gather`)
+//! for the callers it just answered when there are several. Callers hear back
+//! only after that commit returned, so an acknowledged mutation is on disk.
 
 use heed::types::Bytes;
 use heed::{Database, Env, PutFlags, RwTxn, WithoutTls};
@@ -11,6 +12,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::{
     decode_u64, get_entry, AuditOptions, Check, Dbs, DeleteOutcome, Event, EventKind, Job, Key,
@@ -27,6 +29,46 @@ struct Sealing<'a> {
 
 /// Upper bound on one batch, so that one commit's latency stays bounded under load.
 const MAX_BATCH: usize = 1024;
+
+/// The longest a batch waits for more writes before it commits.
+const MAX_GATHER: Duration = Duration::from_micros(250);
+/// How often the writer looks for them meanwhile.
+const GATHER_POLL: Duration = Duration::from_micros(20);
+
+/// How long the next batch may wait to gather writes, and for how many.
+///
+/// Taking only what queued during the last commit splits a steady set of
+/// writers into halves that alternate: N callers, each waiting for its
+/// reply before writing again, end up in batches of N/2 (measured: 32
+/// connections gave batches of 16.0 on average), so every write waits for
+/// two commits. The callers a commit just answered usually write again
+/// within a few tens of µs; waiting for them, bounded by a quarter of a
+/// commit, merges the halves again. A lone writer never waits: it expects
+/// itself only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Gather {
+    /// The callers just answered plus those already queued.
+    expect: usize,
+    window: Duration,
+}
+
+impl Default for Gather {
+    fn default() -> Gather {
+        Gather {
+            expect: 1,
+            window: Duration::ZERO,
+        }
+    }
+}
+
+impl Gather {
+    fn after(committed: usize, queued: usize, took: Duration) -> Gather {
+        Gather {
+            expect: (committed + queued).min(MAX_BATCH),
+            window: (took / 4).min(MAX_GATHER),
+        }
+    }
+}
 
 pub(super) struct Writer {
     pub env: Env<WithoutTls>,
@@ -47,19 +89,42 @@ impl Writer {
         let mut batch = Vec::with_capacity(64);
         // Records a previous run left in the journal are sealed first.
         self.commit_batch(&mut batch, false);
-        while let Some(job) = self.jobs.blocking_recv() {
-            batch.push(job);
-            while batch.len() < MAX_BATCH {
-                match self.jobs.try_recv() {
-                    Ok(job) => batch.push(job),
-                    Err(_) => break,
+        let mut gather = Gather::default();
+        loop {
+            if batch.is_empty() {
+                match self.jobs.blocking_recv() {
+                    Some(job) => batch.push(job),
+                    None => break,
                 }
             }
+            self.drain(&mut batch);
+            if batch.len() < gather.expect {
+                let deadline = Instant::now() + gather.window;
+                while batch.len() < gather.expect && Instant::now() < deadline {
+                    std::thread::sleep(GATHER_POLL);
+                    self.drain(&mut batch);
+                }
+            }
+            let jobs = batch.len();
+            let started = Instant::now();
             self.commit_batch(&mut batch, false);
+            let took = started.elapsed();
+            // What queued during the commit starts the next batch.
+            self.drain(&mut batch);
+            gather = Gather::after(jobs, batch.len(), took);
         }
         // Shutting down: seal whatever the journal still holds, and leave the
         // log within its retention.
         self.commit_batch(&mut batch, true);
+    }
+
+    fn drain(&mut self, batch: &mut Vec<Job>) {
+        while batch.len() < MAX_BATCH {
+            match self.jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
     }
 
     fn commit_batch(&mut self, batch: &mut Vec<Job>, closing: bool) {
@@ -491,4 +556,27 @@ fn apply(
             .map_err(write_err)?;
     }
     Ok((outcome, changed))
+}
+
+#[cfg(test)]
+mod gather_tests {
+    use super::*;
+
+    #[test]
+    fn a_lone_writer_never_waits_and_waits_are_bounded() {
+        // One caller, nothing queued: the next batch expects one job, which
+        // the first job it takes already meets, so it never waits.
+        let g = Gather::after(1, 0, Duration::from_micros(400));
+        assert_eq!(g.expect, 1);
+        // 16 answered and 16 queued (the split halves): wait for all 32, at
+        // most a quarter of the commit.
+        let g = Gather::after(16, 16, Duration::from_micros(800));
+        assert_eq!(g.expect, 32);
+        assert_eq!(g.window, Duration::from_micros(200));
+        // A slow commit never makes a batch wait more than MAX_GATHER, and no
+        // batch expects more than MAX_BATCH.
+        let g = Gather::after(MAX_BATCH, MAX_BATCH, Duration::from_secs(1));
+        assert_eq!(g.expect, MAX_BATCH);
+        assert_eq!(g.window, MAX_GATHER);
+    }
 }
