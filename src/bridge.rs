@@ -54,7 +54,8 @@ pub async fn run(path: &Path) -> Result<(), BridgeError> {
     std::thread::Builder::new()
         .name("bridge-up".into())
         .spawn(move || {
-            let _ = up.send(upstream(sock_wr));
+            let end = upstream(sock_wr, &up);
+            let _ = up.send(end);
         })
         .map_err(relay_err)?;
     std::thread::Builder::new()
@@ -68,6 +69,7 @@ pub async fn run(path: &Path) -> Result<(), BridgeError> {
         tokio::select! {
             event = ended.recv() => match event {
                 Some(Relay::StdinClosed) => stdin_closed = true,
+                Some(Relay::Done) => {}
                 Some(Relay::GatewayClosed) if stdin_closed => return Ok(()),
                 Some(Relay::GatewayClosed) | None => {
                     return Err(BridgeError::GatewayClosed { path: path.to_path_buf() })
@@ -86,19 +88,26 @@ enum Relay {
     StdinClosed,
     /// The gateway closed the connection.
     GatewayClosed,
+    /// Nothing more to report (stdin's end already was).
+    Done,
     Failed(io::Error),
 }
 
-fn upstream(mut sock: StdUnixStream) -> Relay {
+/// Relays stdin to the socket until stdin ends; returns how it ended, unless
+/// that was already reported.
+fn upstream(mut sock: StdUnixStream, events: &mpsc::UnboundedSender<Relay>) -> Relay {
     let mut stdin = io::stdin().lock();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match stdin.read(&mut buf) {
             Ok(0) => {
+                // Reported before the shutdown: the gateway's end of stream,
+                // which the other thread reports, can only follow it.
+                let _ = events.send(Relay::StdinClosed);
                 return match sock.shutdown(Shutdown::Write) {
-                    Ok(()) => Relay::StdinClosed,
+                    Ok(()) => Relay::Done,
                     Err(e) => Relay::Failed(e),
-                }
+                };
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
