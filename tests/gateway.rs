@@ -673,3 +673,55 @@ fn fast_path_replies_are_byte_identical_to_rmcp_dispatch() {
         .iter()
         .any(|l| l.contains("\"error\":{\"code\":-32001")));
 }
+
+/// One connection may have at most 64 calls in flight (SECURITY.md, bounds):
+/// 70 pipelined watches leave exactly 6 refused, and while the 64 wait, a read
+/// (answered on the fast path, not through rmcp) is refused too; once the
+/// watches end, reads are served again.
+#[test]
+fn calls_in_flight_on_one_connection_are_bounded_on_both_paths() {
+    let g = Gateway::start();
+    let mut c = g.client();
+    c.ok("kv_put", json!({"key": "/r", "value": 1}));
+    let since = c.ok("kv_put", json!({"key": "/r", "value": 2}))["revision"]
+        .as_u64()
+        .unwrap();
+    let watches: Vec<u64> = (0..70)
+        .map(|_| {
+            c.start(
+                "tools/call",
+                json!({"name": "kv_watch", "arguments": {"prefix": "/w", "since_revision": since, "timeout_ms": 60000}}),
+            )
+        })
+        .collect();
+    // The refusals come back at once; the 64 admitted watches wait.
+    let mut refused = BTreeSet::new();
+    while refused.len() < 6 {
+        let r = c.recv().expect("connection closed");
+        assert_eq!(r["error"]["code"], -32000, "{r}");
+        assert!(
+            r["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("too many concurrent calls"),
+            "{r}"
+        );
+        refused.insert(r["id"].as_u64().unwrap());
+    }
+    let r = c.request(
+        "tools/call",
+        json!({"name": "kv_get", "arguments": {"key": "/r"}}),
+    );
+    assert_eq!(r["error"]["code"], -32000, "the 65th call is refused: {r}");
+    // Another connection wakes the watches; all 64 answer.
+    g.client().ok("kv_put", json!({"key": "/w/x", "value": 1}));
+    let mut woken = BTreeSet::new();
+    while woken.len() < 64 {
+        let r = c.recv().expect("connection closed");
+        assert_eq!(r["result"]["isError"], false, "{r}");
+        woken.insert(r["id"].as_u64().unwrap());
+    }
+    let all: BTreeSet<u64> = watches.into_iter().collect();
+    assert_eq!(woken.union(&refused).copied().collect::<BTreeSet<_>>(), all);
+    assert_eq!(c.ok("kv_get", json!({"key": "/r"}))["value"], 2);
+}
