@@ -29,6 +29,10 @@ struct Inner {
     path: PathBuf,
     file: File,
     pending: Drafts,
+    /// A write failed part-way: the file may end in a torn line, and nothing
+    /// may follow it there (recovery stops at a bad line), so the next append
+    /// goes to a new generation.
+    torn: bool,
 }
 
 fn gen_path(dir: &Path, generation: u64) -> PathBuf {
@@ -99,6 +103,7 @@ impl Journal {
                 path,
                 file,
                 pending,
+                torn: false,
             }),
         })
     }
@@ -119,14 +124,33 @@ impl Journal {
         let draft = Draft::new(record)?;
         let mut inner = self.lock()?;
         let inner = &mut *inner;
+        if inner.torn {
+            self.rotate(inner)?;
+            inner.torn = false;
+        }
         if let Err(source) = inner.file.write_all(draft.line()) {
-            return Err(AuditError::Journal {
-                path: inner.path.clone(),
-                source,
-            });
+            let path = inner.path.clone();
+            // A full disk can take part of the line: leave it as the last
+            // line of its generation (recovery drops a torn last line).
+            inner.torn = true;
+            if self.rotate(inner).is_ok() {
+                inner.torn = false;
+            }
+            return Err(AuditError::Journal { path, source });
         }
         inner.pending.push(&draft);
         Ok(inner.pending.len())
+    }
+
+    /// Appends go to a new generation from now on. The records of the old one
+    /// stay pending: they are sealed, and its file retired, with the next
+    /// generation's.
+    fn rotate(&self, inner: &mut Inner) -> Result<(), AuditError> {
+        let (path, file) = open_gen(&self.dir, inner.generation + 1)?;
+        inner.file = file;
+        inner.path = path;
+        inner.generation += 1;
+        Ok(())
     }
 
     /// Takes every pending record for sealing, and starts a new generation so
@@ -138,10 +162,8 @@ impl Journal {
             return Ok((Drafts::default(), None));
         }
         let old = inner.generation;
-        let (path, file) = open_gen(&self.dir, old + 1)?;
-        inner.file = file;
-        inner.path = path;
-        inner.generation = old + 1;
+        self.rotate(&mut inner)?;
+        inner.torn = false;
         Ok((std::mem::take(&mut inner.pending), Some(old)))
     }
 
