@@ -280,7 +280,14 @@ fn sigterm_finishes_a_waiting_watch_and_exits_zero() {
         "tools/call",
         json!({"name": "kv_watch", "arguments": {"prefix": "/", "since_revision": 0, "timeout_ms": 300000}}),
     );
-    assert!(c.request("ping", json!({})).get("result").is_some());
+    // The watch must be waiting (not merely sent) when the signal comes: a
+    // call that starts after shutdown began is refused instead.
+    let mut rounds = 0;
+    while g.status()["watching"] != 1 {
+        rounds += 1;
+        assert!(rounds < 100_000, "the watch never started waiting");
+        assert!(c.request("ping", json!({})).get("result").is_some());
+    }
     g.signal(Signal::TERM);
     let r = c
         .recv()

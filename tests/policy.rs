@@ -324,7 +324,7 @@ fn sighup_reload_takes_effect_for_the_next_call() {
     };
     let mut hash = String::new();
     for _ in 0..10_000 {
-        hash = status(&g)["hash"].as_str().unwrap().to_string();
+        hash = g.status()["hash"].as_str().unwrap().to_string();
         if hash == want {
             break;
         }
@@ -336,16 +336,6 @@ fn sighup_reload_takes_effect_for_the_next_call() {
         json!({"name": "kv_get", "arguments": {"key": "/pub/a"}}),
     );
     assert_eq!(r["error"]["code"], -32001, "{r}");
-}
-
-fn status(g: &Gateway) -> Value {
-    use std::io::{BufRead, BufReader, Write};
-    let mut s =
-        std::os::unix::net::UnixStream::connect(g.dir.join("state/run/admin.sock")).unwrap();
-    s.write_all(b"{\"op\":\"status\"}\n").unwrap();
-    let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).unwrap();
-    serde_json::from_str(&line).unwrap()
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! object per line each way:
 //! - `{"op": "policy_reload"}` → `{"ok": true, "policy": …, "hash": …, "tests_passed": N, "warnings": […]}`
 //!   or `{"ok": false, "error": "…"}` (the running policy stays in force)
-//! - `{"op": "status"}` → `{"ok": true, "revision": N, "policy": …, "hash": …, "agents": {…}}`
+//! - `{"op": "status"}` → `{"ok": true, "revision": N, "watching": N, "policy": …, "hash": …, "agents": {…}}`
+//!   (`watching`: kv_watch calls waiting for a change)
 //! - `{"op": "agent_root", "agent": NAME, "pid": N | null}` → `{"ok": true}`: from
 //!   `cordon up`: the agent's root process (or none: not running); from then on
 //!   a connecting peer must descend from it. Accepted only from the gateway's
@@ -188,6 +189,7 @@ fn answer(
             json!({
                 "ok": true,
                 "revision": shared.store.revision(),
+                "watching": shared.store.watching(),
                 "policy": p.path.display().to_string(),
                 "hash": p.hash,
                 "agents": agents,

@@ -16,6 +16,7 @@ mod writer;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -328,7 +329,18 @@ struct Inner {
     revision: watch::Receiver<u64>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     journal: Option<Arc<Journal>>,
+    /// `kv_watch` calls waiting in `watch` right now (admin `status`).
+    watching: AtomicUsize,
     _lock: File,
+}
+
+/// Counts one waiting watch for as long as it lives.
+struct Watching<'a>(&'a AtomicUsize);
+
+impl Drop for Watching<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Store {
@@ -440,6 +452,7 @@ impl Store {
                 revision: rev_rx,
                 writer: Mutex::new(Some(handle)),
                 journal,
+                watching: AtomicUsize::new(0),
                 _lock: lock,
             }),
         })
@@ -453,6 +466,11 @@ impl Store {
     /// The last committed revision.
     pub fn revision(&self) -> u64 {
         *self.inner.revision.borrow()
+    }
+
+    /// How many `kv_watch` calls are waiting for changes.
+    pub fn watching(&self) -> usize {
+        self.inner.watching.load(Ordering::Relaxed)
     }
 
     fn read_txn(&self) -> Result<RoTxn<'_, WithoutTls>, StoreError> {
@@ -720,6 +738,8 @@ impl Store {
         visible: &(dyn Fn(&str) -> bool + Sync),
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<WatchResult, StoreError> {
+        self.inner.watching.fetch_add(1, Ordering::Relaxed);
+        let _watching = Watching(&self.inner.watching);
         let mut rev = self.inner.revision.clone();
         let deadline = tokio::time::Instant::now() + timeout;
         tokio::pin!(stop);

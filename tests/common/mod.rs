@@ -102,6 +102,15 @@ impl Gateway {
         std::fs::read_to_string(self.dir.join("gateway.log")).unwrap_or_default()
     }
 
+    /// The admin socket's `status` reply.
+    pub fn status(&self) -> Value {
+        let mut s = UnixStream::connect(self.dir.join("state/run/admin.sock")).unwrap();
+        s.write_all(b"{\"op\":\"status\"}\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
     pub fn socket(&self, agent: &str) -> PathBuf {
         self.dir
             .join("state/run/agents")
