@@ -313,7 +313,9 @@ fn kill_9_during_a_write_storm_leaves_a_verifying_chain_with_every_acknowledged_
                 let mut c = Client::connect(&sock);
                 for i in 0.. {
                     let key = format!("/storm/w{w}/{i}");
-                    c.send(&json!({"jsonrpc": "2.0", "id": i, "method": "tools/call",
+                    // The gateway dies at any point: a failed send ends this
+                    // writer like a missing reply does.
+                    c.try_send(&json!({"jsonrpc": "2.0", "id": i, "method": "tools/call",
                         "params": {"name": "kv_put", "arguments": {"key": key, "value": i}}}));
                     match c.recv() {
                         Some(r) if r["result"]["isError"] == false => {
@@ -323,7 +325,7 @@ fn kill_9_during_a_write_storm_leaves_a_verifying_chain_with_every_acknowledged_
                         _ => return,
                     }
                     // Reads too, so the journal holds records at the kill.
-                    c.send(&json!({"jsonrpc": "2.0", "id": "r", "method": "tools/call",
+                    c.try_send(&json!({"jsonrpc": "2.0", "id": "r", "method": "tools/call",
                         "params": {"name": "kv_get", "arguments": {"key": "/storm/none"}}}));
                     if c.recv().is_none() {
                         return;
