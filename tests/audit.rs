@@ -508,18 +508,24 @@ impl Drop for Mount {
     }
 }
 
-#[test]
-fn when_the_audit_cannot_be_written_calls_fail_and_return_no_data() {
+/// A running gateway whose audit journal lives on a 16 KiB tmpfs (it fills
+/// after a few dozen records), sealing only every hour. Fields drop in order:
+/// the gateway stops before the unmount. None (SKIPPED) when not root.
+struct TinyJournalDisk {
+    g: Gateway,
+    mount: Mount,
+}
+
+fn tiny_journal_disk(test: &str) -> Option<TinyJournalDisk> {
     if !common::is_root() {
-        eprintln!("SKIPPED when_the_audit_cannot_be_written_calls_fail_and_return_no_data: needs root (mounts a tiny tmpfs)");
-        return;
+        eprintln!("SKIPPED {test}: needs root (mounts a tiny tmpfs)");
+        return None;
     }
     let g = Gateway::prepare(
         "[audit]\nsync_interval = \"1h\"\n",
         CODER,
         common::ALLOW_ALL,
     );
-    // The journal lives on a 16 KiB tmpfs: it fills after a few dozen records.
     let journal = g.dir.join("state/store/audit-journal");
     std::fs::create_dir_all(&journal).unwrap();
     let st = Command::new("mount")
@@ -528,16 +534,21 @@ fn when_the_audit_cannot_be_written_calls_fail_and_return_no_data() {
         .status()
         .unwrap();
     assert!(st.success(), "mount tmpfs");
-    // Fields drop in order: the gateway stops before the unmount.
-    struct Setup {
-        g: Gateway,
-        _mount: Mount,
-    }
-    let mut s = Setup {
+    let mut s = TinyJournalDisk {
         g,
-        _mount: Mount(journal),
+        mount: Mount(journal),
     };
     s.g.launch().unwrap();
+    Some(s)
+}
+
+#[test]
+fn when_the_audit_cannot_be_written_calls_fail_and_return_no_data() {
+    let Some(s) =
+        tiny_journal_disk("when_the_audit_cannot_be_written_calls_fail_and_return_no_data")
+    else {
+        return;
+    };
     let g = &s.g;
     let mut c = g.client();
     c.ok("kv_put", json!({"key": "/secret", "value": "the data"}));
@@ -581,32 +592,11 @@ fn when_the_audit_cannot_be_written_calls_fail_and_return_no_data() {
 /// made recovery stop at it, dropping everything after.)
 #[test]
 fn records_appended_after_a_full_journal_disk_survive_a_kill_9() {
-    if !common::is_root() {
-        eprintln!("SKIPPED records_appended_after_a_full_journal_disk_survive_a_kill_9: needs root (mounts a tiny tmpfs)");
+    let Some(mut s) =
+        tiny_journal_disk("records_appended_after_a_full_journal_disk_survive_a_kill_9")
+    else {
         return;
-    }
-    let g = Gateway::prepare(
-        "[audit]\nsync_interval = \"1h\"\n",
-        CODER,
-        common::ALLOW_ALL,
-    );
-    let journal = g.dir.join("state/store/audit-journal");
-    std::fs::create_dir_all(&journal).unwrap();
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16k,mode=0700", "tmpfs"])
-        .arg(&journal)
-        .status()
-        .unwrap();
-    assert!(st.success(), "mount tmpfs");
-    struct Setup {
-        g: Gateway,
-        _mount: Mount,
-    }
-    let mut s = Setup {
-        g,
-        _mount: Mount(journal.clone()),
     };
-    s.g.launch().unwrap();
     let mut c = s.g.client();
     c.ok("kv_put", json!({"key": "/k", "value": 1}));
     for i in 0..20 {
@@ -628,7 +618,7 @@ fn records_appended_after_a_full_journal_disk_survive_a_kill_9() {
     // Space comes back; these reads are served, so they must be in the log.
     let st = Command::new("mount")
         .args(["-o", "remount,size=4m"])
-        .arg(&journal)
+        .arg(&s.mount.0)
         .status()
         .unwrap();
     assert!(st.success(), "remount tmpfs");
