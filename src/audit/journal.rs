@@ -33,6 +33,9 @@ struct Inner {
     /// may follow it there (recovery stops at a bad line), so the next append
     /// goes to a new generation.
     torn: bool,
+    /// Generations up to this one are sealed and their files deleted; the
+    /// files after it run contiguously to `generation`.
+    retired: u64,
 }
 
 fn gen_path(dir: &Path, generation: u64) -> PathBuf {
@@ -104,6 +107,7 @@ impl Journal {
                 file,
                 pending,
                 torn: false,
+                retired: sealed_through,
             }),
         })
     }
@@ -177,15 +181,22 @@ impl Journal {
     }
 
     /// Deletes the generation files up to `through`: their records are sealed.
+    /// Only the ones not deleted yet, without listing the directory: this runs
+    /// after every commit that sealed journal records.
     pub fn retire(&self, through: u64) {
-        let Ok(gens) = generations(&self.dir) else {
+        let Ok(mut inner) = self.lock() else {
             return;
         };
-        for g in gens.into_iter().filter(|g| *g <= through) {
-            if let Err(e) = fs::remove_file(gen_path(&self.dir, g)) {
-                tracing::warn!(generation = g, error = %e, "cannot remove a sealed audit journal file");
+        for g in inner.retired + 1..=through {
+            match fs::remove_file(gen_path(&self.dir, g)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(generation = g, error = %e, "cannot remove a sealed audit journal file")
+                }
             }
         }
+        inner.retired = inner.retired.max(through);
     }
 
     pub fn has_pending(&self) -> bool {
