@@ -65,6 +65,17 @@ fn lane(tool: &str) -> Option<Lane> {
     }
 }
 
+/// The line as a store tool call the fast path answers, and how; None for
+/// anything rmcp should see.
+fn fast_call(line: &[u8]) -> Option<(ToolCall, Lane)> {
+    let call = serde_json::from_slice::<ToolCall>(line).ok()?;
+    if call.method != "tools/call" {
+        return None;
+    }
+    let lane = lane(&call.params.name)?;
+    Some((call, lane))
+}
+
 pub async fn serve(session: Session, stream: UnixStream, token: CancellationToken, max: usize) {
     let agent = session.id.agent.clone();
     let conn = session.id.conn;
@@ -123,24 +134,16 @@ pub async fn serve(session: Session, stream: UnixStream, token: CancellationToke
             }
             Some(Incoming::Line(line)) => line,
         };
-        if session.shared.fast_path && ready.load(Ordering::Acquire) {
-            if let Ok(call) = serde_json::from_slice::<ToolCall>(&line) {
-                if call.method == "tools/call" {
-                    if let Some(lane) = lane(&call.params.name) {
-                        match lane {
-                            Lane::Inline => answer(&session, &writer, call, &token).await,
-                            Lane::Task => {
-                                let (session, writer, token) =
-                                    (session.clone(), writer.clone(), token.clone());
-                                calls.spawn(async move {
-                                    answer(&session, &writer, call, &token).await
-                                });
-                            }
-                        }
-                        continue;
-                    }
+        let fast = session.shared.fast_path && ready.load(Ordering::Acquire);
+        if let Some((call, lane)) = fast.then(|| fast_call(&line)).flatten() {
+            match lane {
+                Lane::Inline => answer(&session, &writer, call, &token).await,
+                Lane::Task => {
+                    let (session, writer, token) = (session.clone(), writer.clone(), token.clone());
+                    calls.spawn(async move { answer(&session, &writer, call, &token).await });
                 }
             }
+            continue;
         }
         if !to_rmcp(&line, &writer, &tx).await {
             break;

@@ -165,8 +165,14 @@ pub async fn write_line(writer: &Writer, mut line: Vec<u8>) -> io::Result<()> {
 
 /// A JSON-RPC error reply that rmcp never sees.
 pub async fn write_error(writer: &Writer, id: Value, code: i64, message: String) {
-    let msg = json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}});
-    let _ = write_line(writer, msg.to_string().into_bytes()).await;
+    let _ = write_line(writer, error_line(id, code, &message)).await;
+}
+
+/// A JSON-RPC error response, without its newline.
+fn error_line(id: Value, code: i64, message: &str) -> Vec<u8> {
+    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
+        .to_string()
+        .into_bytes()
 }
 
 /// rmcp's side of a connection: the messages the connection's reader hands
@@ -218,8 +224,7 @@ impl Transport<RoleServer> for ChannelTransport {
 /// Writes one JSON-RPC error line on a connection that never reached rmcp (a
 /// refused peer, a full socket).
 pub async fn refuse(stream: &mut UnixStream, code: i64, message: &str) {
-    let msg = json!({"jsonrpc": "2.0", "id": null, "error": {"code": code, "message": message}});
-    let mut line = msg.to_string().into_bytes();
+    let mut line = error_line(Value::Null, code, message);
     line.push(b'\n');
     let _ = stream.write_all(&line).await;
     let _ = stream.shutdown().await;
