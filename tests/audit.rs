@@ -75,7 +75,7 @@ fn every_kind_of_event_is_recorded_and_the_chain_verifies() {
         "tools/call",
         json!({"name": "kv_put", "arguments": {"key": "/pub/a", "value": 1}}),
     );
-    assert_eq!(r["error"]["code"], -32001);
+    assert_eq!(r["error"]["code"], -32010);
     assert_eq!(
         viewer.err("kv_get", json!({"key": "/pub/../x"})),
         "invalid_key"

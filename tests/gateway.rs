@@ -348,7 +348,7 @@ fn peer_with_the_wrong_uid_is_refused() {
     };
     let mut c = Client::connect_raw(&g.socket("locked")).unwrap();
     let refused = c.recv().expect("a refusal line");
-    assert_eq!(refused["error"]["code"], -32001, "{refused}");
+    assert_eq!(refused["error"]["code"], -32014, "{refused}");
     assert!(refused["error"]["message"]
         .as_str()
         .unwrap()
@@ -678,7 +678,7 @@ fn fast_path_replies_are_byte_identical_to_rmcp_dispatch() {
     assert!(fast.iter().any(|l| l.contains("\"isError\":true")));
     assert!(fast
         .iter()
-        .any(|l| l.contains("\"error\":{\"code\":-32001")));
+        .any(|l| l.contains("\"error\":{\"code\":-32010")));
 }
 
 /// One connection may have at most 64 calls in flight (SECURITY.md, bounds):
@@ -705,7 +705,7 @@ fn calls_in_flight_on_one_connection_are_bounded_on_both_paths() {
     let mut refused = BTreeSet::new();
     while refused.len() < 6 {
         let r = c.recv().expect("connection closed");
-        assert_eq!(r["error"]["code"], -32000, "{r}");
+        assert_eq!(r["error"]["code"], -32011, "{r}");
         assert!(
             r["error"]["message"]
                 .as_str()
@@ -719,7 +719,7 @@ fn calls_in_flight_on_one_connection_are_bounded_on_both_paths() {
         "tools/call",
         json!({"name": "kv_get", "arguments": {"key": "/r"}}),
     );
-    assert_eq!(r["error"]["code"], -32000, "the 65th call is refused: {r}");
+    assert_eq!(r["error"]["code"], -32011, "the 65th call is refused: {r}");
     // Another connection wakes the watches; all 64 answer.
     g.client().ok("kv_put", json!({"key": "/w/x", "value": 1}));
     let mut woken = BTreeSet::new();

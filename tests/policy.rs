@@ -55,7 +55,7 @@ fn tools_list_shows_only_allowed_tools_and_a_denied_tool_never_runs() {
         "tools/call",
         json!({"name": "kv_delete", "arguments": {"key": "/pub/a"}}),
     );
-    assert_eq!(r["error"]["code"], -32001, "{r}");
+    assert_eq!(r["error"]["code"], -32010, "{r}");
     let msg = r["error"]["message"].as_str().unwrap();
     assert!(msg.contains("denied by policy"), "{msg}");
     assert!(
@@ -335,7 +335,7 @@ fn sighup_reload_takes_effect_for_the_next_call() {
         "tools/call",
         json!({"name": "kv_get", "arguments": {"key": "/pub/a"}}),
     );
-    assert_eq!(r["error"]["code"], -32001, "{r}");
+    assert_eq!(r["error"]["code"], -32010, "{r}");
 }
 
 #[test]

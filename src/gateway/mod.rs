@@ -3,6 +3,7 @@
 //! peer credentials must match the agent's uid before a single byte is served.
 
 pub mod admin;
+pub mod codes;
 mod conn;
 pub mod request;
 pub mod roots;
@@ -580,7 +581,7 @@ async fn accept_loop(
         // Every refusal is recorded, logged and answered the same way.
         let refusal = if cred.uid() != l.expected_uid {
             Err((
-                -32001,
+                codes::CONNECTION_REFUSED.0,
                 "peer uid does not match the agent's uid".to_string(),
                 format!("connection refused: peer credentials do not match agent {agent_name}"),
             ))
@@ -589,7 +590,7 @@ async fn accept_loop(
                 // Under `cordon up`: the peer must be the agent's process or
                 // descend from it; its session ends with the agent's run.
                 Err(reason) => Err((
-                    -32001,
+                    codes::CONNECTION_REFUSED.0,
                     reason.to_string(),
                     format!(
                         "connection refused: peer process is not agent {agent_name}'s ({reason})"
@@ -601,7 +602,7 @@ async fn accept_loop(
                     .map(|slot| (slot, token))
                     .map_err(|_| {
                         (
-                            -32000,
+                            codes::CONNECTION_REFUSED.0,
                             "too many connections on this agent's socket".to_string(),
                             format!("connection refused: agent {agent_name} already has {max_connections} connections (the limit)"),
                         )
@@ -616,7 +617,7 @@ async fn accept_loop(
                     agent = %agent_name, conn, peer_uid = cred.uid(), peer_pid = cred.pid(),
                     expected_uid = l.expected_uid, "connection refused: {reason}"
                 );
-                transport::refuse(&mut stream, code, &message).await;
+                transport::refuse(&mut stream, i64::from(code), &message).await;
                 continue;
             }
         };

@@ -17,6 +17,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::codes;
 use super::request::Request;
 use super::tools::{self, ToolError, ToolLimits};
 use crate::audit::{self, Record};
@@ -62,11 +63,6 @@ pub struct Session {
     /// Shared by every connection of this agent.
     pub rate: Arc<RateLimiter>,
 }
-
-/// JSON-RPC "server error" range: the call was not run.
-const UNAVAILABLE: ErrorCode = ErrorCode(-32000);
-/// The role may not call this tool.
-const DENIED: ErrorCode = ErrorCode(-32001);
 
 fn narrow(gateway: u64, role: &Option<Bound>) -> u64 {
     role.as_ref().map_or(gateway, |b| b.max.min(gateway))
@@ -142,7 +138,12 @@ impl Session {
 
         if shared.shutdown.is_cancelled() {
             rec.decision = Some("deny".into());
-            return audit.refuse(rec, UNAVAILABLE, "gateway is shutting down".into(), None);
+            return audit.refuse(
+                rec,
+                codes::SHUTTING_DOWN,
+                "gateway is shutting down".into(),
+                None,
+            );
         }
         if !GATEWAY_TOOLS.contains(&name.as_str()) {
             rec.decision = Some("deny".into());
@@ -158,7 +159,7 @@ impl Session {
             // role, so this cannot happen; refuse rather than serve.
             rec.decision = Some("deny".into());
             let message = format!("denied by policy: role {} is not in the policy", id.role);
-            return audit.refuse(rec, DENIED, message, None);
+            return audit.refuse(rec, codes::DENIED, message, None);
         };
         // The tool first: a role that may not call it learns nothing more, and
         // its arguments are never looked at.
@@ -171,7 +172,7 @@ impl Session {
                 id.role, decision.rule
             );
             let data = serde_json::json!({"rule": decision.rule.to_json()});
-            return audit.refuse(rec, DENIED, message, Some(data));
+            return audit.refuse(rec, codes::DENIED, message, Some(data));
         }
         if let Some(bound) = &role.limits.calls_per_minute {
             if !self.rate.try_acquire(bound.max) {
@@ -190,7 +191,7 @@ impl Session {
                 "too many concurrent calls on this connection (limit {})",
                 shared.max_calls_per_connection
             );
-            return audit.refuse(rec, UNAVAILABLE, message, None);
+            return audit.refuse(rec, codes::RATE_LIMITED, message, None);
         };
         let parsed = match Request::parse(&name, args) {
             Ok(r) => r,
@@ -262,7 +263,11 @@ impl Session {
             }
             if let Err(e) = shared.store.audit(rec) {
                 tracing::error!(error = %e, "audit write failed; call refused");
-                return Err(ErrorData::new(UNAVAILABLE, e.to_string(), None));
+                return Err(ErrorData::new(
+                    codes::AUDIT_UNAVAILABLE,
+                    e.to_string(),
+                    None,
+                ));
             }
         }
         match result {
@@ -287,7 +292,7 @@ impl Audit<'_> {
         rec.error(code, message);
         self.store.audit(rec).map_err(|e| {
             tracing::error!(error = %e, "audit write failed; call refused");
-            ErrorData::new(UNAVAILABLE, e.to_string(), None)
+            ErrorData::new(codes::AUDIT_UNAVAILABLE, e.to_string(), None)
         })
     }
 

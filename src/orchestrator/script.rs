@@ -253,12 +253,12 @@ impl Mcp {
         if let Some(e) = r.get("error") {
             let code = e["code"].as_i64().unwrap_or(0);
             return Ok(Outcome {
-                kind: if code == -32001 {
+                kind: if code == i64::from(crate::gateway::codes::DENIED.0) {
                     Expect::Deny
                 } else {
                     Expect::Error
                 },
-                code: Some(if code == -32001 {
+                code: Some(if code == i64::from(crate::gateway::codes::DENIED.0) {
                     "denied".into()
                 } else {
                     code.to_string()
