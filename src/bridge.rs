@@ -1,7 +1,10 @@
 //! `cordon bridge`: what an agent's MCP client spawns. It relays stdin to the
 //! agent's gateway socket and the socket to stdout, byte for byte. It never
 //! parses or rewrites messages: identity comes from the socket, so the bridge
-//! holds no authority of its own.
+//! holds no authority of its own. The one thing it reads is the gateway's
+//! first line, when the gateway then closes: a refused connection's reason
+//! goes to stderr, where an operator looks (MCP clients often show only
+//! "connection closed").
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +24,8 @@ pub enum BridgeError {
     },
     #[error("gateway socket {path} closed the connection")]
     GatewayClosed { path: PathBuf },
+    #[error("the gateway at {path} refused this connection: {message}")]
+    Refused { path: PathBuf, message: String },
     #[error("relay to gateway socket {path} failed: {source}")]
     Relay {
         path: PathBuf,
@@ -70,6 +75,9 @@ pub async fn run(path: &Path) -> Result<(), BridgeError> {
             event = ended.recv() => match event {
                 Some(Relay::StdinClosed) => stdin_closed = true,
                 Some(Relay::Done) => {}
+                Some(Relay::Refused(message)) => {
+                    return Err(BridgeError::Refused { path: path.to_path_buf(), message })
+                }
                 Some(Relay::GatewayClosed) if stdin_closed => return Ok(()),
                 Some(Relay::GatewayClosed) | None => {
                     return Err(BridgeError::GatewayClosed { path: path.to_path_buf() })
@@ -88,6 +96,9 @@ enum Relay {
     StdinClosed,
     /// The gateway closed the connection.
     GatewayClosed,
+    /// The gateway closed the connection after refusing it (its first line
+    /// was a connection-refused error): the reason.
+    Refused(String),
     /// Nothing more to report (stdin's end already was).
     Done,
     Failed(io::Error),
@@ -119,18 +130,54 @@ fn upstream(mut sock: StdUnixStream, events: &mpsc::UnboundedSender<Relay>) -> R
     }
 }
 
+/// The first line a refusal can be (the gateway's refusals are short).
+const FIRST_LINE_MAX: usize = 4096;
+
 fn downstream(mut sock: StdUnixStream) -> Relay {
     let mut stdout = io::stdout().lock();
     let mut buf = vec![0u8; 64 * 1024];
+    // The gateway's first line, kept until it is complete (or too long to be
+    // a refusal); only looked at if the gateway then closes.
+    let mut first: Option<Vec<u8>> = Some(Vec::new());
     loop {
         let n = match sock.read(&mut buf) {
-            Ok(0) => return Relay::GatewayClosed,
+            Ok(0) => {
+                return match first.as_deref().and_then(refusal) {
+                    Some(message) => Relay::Refused(message),
+                    None => Relay::GatewayClosed,
+                }
+            }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Relay::Failed(e),
         };
+        if let Some(f) = first.as_mut() {
+            if f.contains(&b'\n') {
+                // Complete: a second line means the gateway is serving.
+                first = None;
+            } else {
+                f.extend_from_slice(&buf[..n]);
+                if f.len() > FIRST_LINE_MAX {
+                    first = None;
+                }
+            }
+        }
         if let Err(e) = stdout.write_all(&buf[..n]).and_then(|()| stdout.flush()) {
             return Relay::Failed(e);
         }
     }
+}
+
+/// The reason, if `line` (the gateway's whole output before it closed) is
+/// the gateway's connection-refused error. Escaped for a terminal: the text
+/// came from the other side of a socket.
+fn refusal(line: &[u8]) -> Option<String> {
+    let text = line.split(|b| *b == b'\n').next()?;
+    let v: serde_json::Value = serde_json::from_slice(text).ok()?;
+    let error = v.get("error")?;
+    if error.get("code")?.as_i64()? != i64::from(crate::gateway::codes::CONNECTION_REFUSED.0) {
+        return None;
+    }
+    let message = error.get("message")?.as_str()?;
+    Some(message.chars().flat_map(char::escape_default).collect())
 }

@@ -160,11 +160,15 @@ pub struct GatewayConfig {
     /// How long shutdown waits for in-flight calls before closing connections.
     #[serde(default = "default_grace_ms")]
     pub shutdown_grace_ms: u64,
-    /// Answer store tool calls in the connection's own task (the same replies,
-    /// fewer thread hand-offs per call); false sends every message through
-    /// rmcp's per-request dispatch, for comparison or as a fallback.
-    #[serde(default = "default_true")]
-    pub fast_path: bool,
+    /// How often a waiting `kv_watch` whose request has a progress token gets
+    /// `notifications/progress`, so that clients which reset their request
+    /// timeout on progress (the TypeScript SDK's default is 60 s) keep it.
+    #[serde(default = "default_progress_ms")]
+    pub watch_progress_ms: u64,
+}
+
+fn default_progress_ms() -> u64 {
+    15_000
 }
 
 /// A duration written as a string such as `"1s"`, `"500ms"`, `"30d"`.
@@ -490,6 +494,12 @@ impl Config {
         }
         if g.watch_history == 0 {
             return Err(self.invalid("gateway.watch_history must be at least 1".into()));
+        }
+        if self.gateway.watch_progress_ms < 100 {
+            return Err(self.invalid(
+                "gateway.watch_progress_ms must be at least 100 (a notification per wait this often)"
+                    .into(),
+            ));
         }
         Ok(())
     }

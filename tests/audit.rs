@@ -83,7 +83,7 @@ fn every_kind_of_event_is_recorded_and_the_chain_verifies() {
     // A refused connection: the viewer's socket allows two.
     let _second = Client::connect(&g.socket("viewer"));
     let mut third = Client::connect_raw(&g.socket("viewer")).unwrap();
-    assert!(third.recv().unwrap()["error"].is_object());
+    assert!(third.refusal()["error"].is_object());
     // A rejected and an accepted reload.
     let policy = g.dir.join("policy.toml");
     std::fs::write(&policy, "[roles.coder]\nbogus = 1\n").unwrap();

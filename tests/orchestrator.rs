@@ -392,7 +392,7 @@ fn gateway_refuses_a_process_outside_the_agents_tree_and_is_restarted_when_it_di
     let socket = d.dir.join("state/run/agents/a/mcp.sock");
     let mut c =
         common::Client::connect_raw(&socket).unwrap_or_else(|e| panic!("{e}: {}", d.logs()));
-    let line = c.recv().expect("a refusal line");
+    let line = c.refusal();
     assert!(
         line["error"]["message"]
             .as_str()
@@ -412,7 +412,7 @@ fn gateway_refuses_a_process_outside_the_agents_tree_and_is_restarted_when_it_di
     assert_ne!(s["gateway"]["pid"], gateway);
     assert_eq!(d.agent(&s, "a")["state"], "running");
     let mut c = common::Client::connect_raw(&socket).unwrap();
-    let line = c.recv().expect("a refusal line");
+    let line = c.refusal();
     let msg = line["error"]["message"].as_str().unwrap().to_string();
     assert!(msg.contains("descend"), "{line}");
 
@@ -473,7 +473,7 @@ fn agent_root_is_accepted_only_from_the_orchestrator() {
     // The root is unchanged: this test still cannot connect as agent a.
     let socket = d.dir.join("state/run/agents/a/mcp.sock");
     let mut c = common::Client::connect_raw(&socket).unwrap();
-    let line = c.recv().expect("a refusal line");
+    let line = c.refusal();
     assert!(
         line["error"]["message"]
             .as_str()

@@ -331,10 +331,15 @@ fn sighup_reload_takes_effect_for_the_next_call() {
         std::thread::yield_now();
     }
     assert_eq!(hash, want, "SIGHUP reload never happened");
-    let r = reader.request(
+    // The open session is told its tools changed (before any later reply).
+    let id = reader.start(
         "tools/call",
         json!({"name": "kv_get", "arguments": {"key": "/pub/a"}}),
     );
+    let note = reader.recv().unwrap();
+    assert_eq!(note["method"], "notifications/tools/list_changed", "{note}");
+    let r = reader.recv().unwrap();
+    assert_eq!(r["id"], id);
     assert_eq!(r["error"]["code"], -32010, "{r}");
 }
 

@@ -1,127 +1,191 @@
-//! One accepted connection: its reader, rmcp's session, and the fast path.
+//! One accepted connection and its dispatcher: every JSON-RPC line is parsed
+//! once (an envelope that borrows the line, then the params into rmcp's model
+//! types) and handled by one exhaustive match on its method. There is no
+//! second service loop: the handshake, discovery, listing, calls, watches,
+//! their cancellation and progress, and list-changed notifications are all
+//! answered here.
 //!
-//! The connection's own task reads every line. Once rmcp has answered
-//! `initialize`, a `tools/call` of a store tool is answered here directly:
-//! parsed once into rmcp's own `CallToolRequestParams`, decided, run and
-//! audited by the same `Session::call` that rmcp's dispatch uses, and its
-//! reply serialised as the same rmcp message. Everything else (the handshake,
-//! `tools/list`, `ping`, notifications, `kv_watch` with its cancellation, and
-//! any call that arrives before the handshake is done) goes to rmcp through a
-//! channel, exactly as before.
+//! Both protocol eras are served on one connection, as the spec allows:
+//! - 2025-11-25 and older: `initialize` negotiates a version, then requests
+//!   are served under it.
+//! - 2026-07-28: no handshake; every request carries its version and the
+//!   client's capabilities in `params._meta`, and is served on its own.
+//!   `server/discover` answers at any time.
 //!
-//! Why: rmcp spawns a task per request and routes its reply back through its
-//! service loop, three thread hand-offs per call that cost more than the call
-//! (see BENCHMARKS.md). Reads run inline in the reader (LMDB reads never wait);
-//! writes, which wait for their group commit, get a task each so that calls
-//! pipelined on one connection still share a commit.
+//! Identity is the socket's, fixed at accept (`Session::id`); nothing in
+//! `clientInfo` or `_meta` changes it.
+//!
+//! Reads run inline in the reader (LMDB reads never wait). Writes, which wait
+//! for their group commit, and watches get a task each, so calls pipelined on
+//! one connection still share a commit (BENCHMARKS.md: a thread hand-off per
+//! call costs more than the call).
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use futures::future::BoxFuture;
+use futures::FutureExt;
 use rmcp::model::{
-    CallToolRequestParams, ClientRequest, JsonRpcMessage, JsonRpcVersion2_0, RequestId,
-    ServerJsonRpcMessage, ServerResult,
+    CallToolRequestParams, CallToolResponse, ErrorCode, ErrorData, InitializeRequestParams,
+    PaginatedRequestParams, RequestMetaObject, ServerResult,
 };
-use rmcp::service::RxJsonRpcMessage;
-use rmcp::{RoleServer, ServiceExt};
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::session::Session;
-use super::transport::{self, ChannelTransport, Incoming, Writer};
+use super::transport::{self, Incoming, Writer};
 use super::HANDSHAKE_TIMEOUT;
 
-/// A `tools/call` request, parsed straight into rmcp's params type (so its
-/// validation is rmcp's); a line this does not fit goes to rmcp.
+/// The stateless revision: no handshake, `_meta` on every request.
+pub const STATELESS: &str = "2026-07-28";
+/// Every version the gateway serves, newest first (what `server/discover`
+/// lists and a -32022 names).
+pub const SUPPORTED: [&str; 5] = [
+    STATELESS,
+    "2025-11-25",
+    "2025-06-18",
+    "2025-03-26",
+    "2024-11-05",
+];
+/// Versions `initialize` can agree to; any other request gets the newest.
+const HANDSHAKE: [&str; 4] = ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"];
+/// The only revision whose servers must accept JSON-RPC batches (added in
+/// 2025-03-26, removed in 2025-06-18).
+const BATCHES: &str = "2025-03-26";
+/// How long a 2026-07-28 client may cache `server/discover` and `tools/list`.
+/// A reload shows within this; a revoked tool is refused meanwhile anyway.
+pub const TTL_MS: u64 = 60_000;
+/// A batch may hold at most as many messages as calls one connection may
+/// have in flight.
+const MAX_BATCH: usize = 64;
+/// When the session is closed under them, how long ended calls get to send
+/// their replies (shutdown gives sessions 3 s in all).
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+
+const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
+const META_SERVER_INFO: &str = "io.modelcontextprotocol/serverInfo";
+
+/// One JSON-RPC message as it arrives: the envelope is parsed, `params` is
+/// kept as raw bytes until the method says what type they are.
 #[derive(Deserialize)]
-struct ToolCall {
-    #[allow(dead_code)] // checked by deserialising: "2.0" only
-    jsonrpc: JsonRpcVersion2_0,
-    id: RequestId,
-    method: String,
-    params: CallToolRequestParams,
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    jsonrpc: Option<Cow<'a, str>>,
+    /// `Some(Null)` is an explicit `"id": null` (invalid for a request).
+    #[serde(default, deserialize_with = "present")]
+    id: Option<Value>,
+    #[serde(borrow, default)]
+    method: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    params: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    result: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    error: Option<&'a RawValue>,
 }
 
-/// How a fast-path call runs.
-enum Lane {
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CancelledParams {
+    request_id: Value,
+}
+
+/// Under which protocol one request is answered.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Era {
+    /// Negotiated by `initialize`: results have no `resultType`.
+    Legacy(&'static str),
+    /// 2026-07-28, from the request's own `_meta`.
+    Stateless,
+}
+
+/// What handling one message produced.
+enum Reply {
+    None,
+    Now(Vec<u8>),
     /// Answered in the reader: the store never makes it wait.
-    Inline,
-    /// Waits for a commit: its own task, so the reader goes on.
-    Task,
+    Inline(BoxFuture<'static, Option<Vec<u8>>>),
+    /// Waits (a commit, a watch): its own task, so the reader goes on.
+    Task(BoxFuture<'static, Option<Vec<u8>>>),
 }
 
-fn lane(tool: &str) -> Option<Lane> {
-    match tool {
-        "kv_get" | "kv_list" | "kv_scan" => Some(Lane::Inline),
-        "kv_put" | "kv_delete" | "kv_txn" => Some(Lane::Task),
-        // kv_watch waits and is cancellable by notifications/cancelled, which
-        // rmcp tracks per request; unknown tools get rmcp's answer.
-        _ => None,
-    }
+/// Calls in flight that a `notifications/cancelled` may end, by request id
+/// (its JSON text).
+type Pending = Arc<Mutex<HashMap<String, Cancel>>>;
+
+/// Ends a waiting call. `by_client` tells a client's cancellation (no reply,
+/// as the spec says) from the session closing (the reply is still sent).
+#[derive(Clone, Default)]
+struct Cancel {
+    token: CancellationToken,
+    by_client: Arc<AtomicBool>,
 }
 
-/// The line as a store tool call the fast path answers, and how; None for
-/// anything rmcp should see.
-fn fast_call(line: &[u8]) -> Option<(ToolCall, Lane)> {
-    let call = serde_json::from_slice::<ToolCall>(line).ok()?;
-    if call.method != "tools/call" {
-        return None;
-    }
-    let lane = lane(&call.params.name)?;
-    Some((call, lane))
+struct Conn {
+    session: Session,
+    writer: Writer,
+    /// Set by `initialize`.
+    legacy: Option<&'static str>,
+    /// `notifications/initialized` arrived: server notifications may go out.
+    initialized: bool,
+    /// A 2026-07-28 request was served.
+    stateless: bool,
+    pending: Pending,
+    /// The tools this connection was last shown (or would be): a reload that
+    /// changes them sends `notifications/tools/list_changed`.
+    advertised: Vec<&'static str>,
 }
 
 pub async fn serve(session: Session, stream: UnixStream, token: CancellationToken, max: usize) {
     let agent = session.id.agent.clone();
-    let conn = session.id.conn;
+    let conn_id = session.id.conn;
     let (mut reader, writer) = transport::split(stream, max);
-    let ready = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = mpsc::channel::<RxJsonRpcMessage<RoleServer>>(16);
-    let rmcp_transport = ChannelTransport {
-        rx,
-        writer: writer.clone(),
-        ready: ready.clone(),
+    let mut policy_changes = session.shared.policy_changes.subscribe();
+    let mut conn = Conn {
+        advertised: session.allowed_tools(),
+        session,
+        writer,
+        legacy: None,
+        initialized: false,
+        stateless: false,
+        pending: Arc::default(),
     };
-    // rmcp's session ends the connection when it ends (a failed or timed-out
-    // handshake, the token).
-    let rmcp_done = CancellationToken::new();
-    let rmcp = {
-        let session = session.clone();
-        let token = token.clone();
-        let done = rmcp_done.clone();
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            let _done = done.drop_guard();
-            let handshake = tokio::select! {
-                r = tokio::time::timeout(HANDSHAKE_TIMEOUT, session.serve_with_ct(rmcp_transport, token.clone())) => r,
-                _ = token.cancelled() => return,
-            };
-            match handshake {
-                Ok(Ok(running)) => {
-                    let reason = running.waiting().await;
-                    tracing::debug!(agent = %agent, conn, ?reason, "session closed");
-                }
-                Ok(Err(e)) => {
-                    tracing::info!(agent = %agent, conn, error = %e, "session ended before initialize");
-                }
-                Err(_) => {
-                    tracing::info!(agent = %agent, conn, "session closed: no initialize within {HANDSHAKE_TIMEOUT:?}");
-                }
-            }
-        })
-    };
-
     let calls = TaskTracker::new();
+    // A connection must make itself useful (initialize, or a 2026-07-28
+    // request) within this, or it is dropped: it holds one of the agent's
+    // connection slots.
+    let handshake = tokio::time::sleep(HANDSHAKE_TIMEOUT);
+    tokio::pin!(handshake);
+    let mut established = false;
+    let mut watching_policy = true;
     loop {
         let incoming = tokio::select! {
             biased;
             _ = token.cancelled() => break,
-            _ = rmcp_done.cancelled() => break,
+            _ = &mut handshake, if !established => {
+                tracing::info!(agent = %agent, conn = conn_id, "session closed: no initialize or 2026-07-28 request within {HANDSHAKE_TIMEOUT:?}");
+                break;
+            }
+            changed = policy_changes.changed(), if watching_policy => {
+                match changed {
+                    Ok(()) => conn.policy_changed().await,
+                    Err(_) => watching_policy = false,
+                }
+                continue;
+            }
             i = reader.next() => i,
         };
         let line = match incoming {
@@ -129,95 +193,600 @@ pub async fn serve(session: Session, stream: UnixStream, token: CancellationToke
             Some(Incoming::Oversized) => {
                 tracing::warn!(limit = reader.max, "oversized message refused");
                 let message = format!("message too large: the limit is {} bytes", reader.max);
-                transport::write_error(&writer, Value::Null, -32600, message).await;
+                conn.write(error_line(None, ErrorCode::INVALID_REQUEST, &message, None))
+                    .await;
                 continue;
             }
             Some(Incoming::Line(line)) => line,
         };
-        let fast = session.shared.fast_path && ready.load(Ordering::Acquire);
-        if let Some((call, lane)) = fast.then(|| fast_call(&line)).flatten() {
-            match lane {
-                Lane::Inline => answer(&session, &writer, call, &token).await,
-                Lane::Task => {
-                    let (session, writer, token) = (session.clone(), writer.clone(), token.clone());
-                    calls.spawn(async move { answer(&session, &writer, call, &token).await });
+        let reply = if line.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+            conn.batch(&line)
+        } else {
+            conn.one(&line)
+        };
+        established |= conn.legacy.is_some() || conn.stateless;
+        match reply {
+            Reply::None => {}
+            Reply::Now(line) => conn.write(line).await,
+            Reply::Inline(fut) => {
+                if let Some(line) = fut.await {
+                    conn.write(line).await;
                 }
             }
-            continue;
-        }
-        if !to_rmcp(&line, &writer, &tx).await {
-            break;
+            Reply::Task(fut) => {
+                let writer = conn.writer.clone();
+                calls.spawn(async move {
+                    if let Some(line) = fut.await {
+                        write(&writer, line).await;
+                    }
+                });
+            }
         }
     }
-    // No more requests: rmcp's loop ends when its channel closes. Calls in
-    // flight still answer (a client may half-close and wait for its replies),
-    // unless the session is being closed.
-    drop(tx);
+    // The session is being closed (the agent stopped, shutdown): end what
+    // waits. On a plain end of stream, calls in flight still answer (a
+    // client may half-close and wait for its replies).
+    if token.is_cancelled() {
+        conn.cancel_all();
+    }
     calls.close();
     tokio::select! {
         _ = calls.wait() => {}
-        _ = token.cancelled() => {}
+        _ = token.cancelled() => {
+            // Waiting calls end at once; their replies still go out.
+            conn.cancel_all();
+            let _ = tokio::time::timeout(FLUSH_TIMEOUT, calls.wait()).await;
+        }
     }
-    let _ = rmcp.await;
-    let last = writer.lock().await.take();
+    let last = conn.writer.lock().await.take();
     if let Some(mut w) = last {
         let _ = w.shutdown().await;
     }
+    tracing::debug!(agent = %agent, conn = conn_id, "session closed");
 }
 
-/// Runs one call on the fast path and writes its reply.
-async fn answer(session: &Session, writer: &Writer, call: ToolCall, token: &CancellationToken) {
-    let reply = match session.call(call.params, token.clone()).await {
-        Ok(response) => {
-            let mut result = ServerResult::from(response);
-            // What rmcp's handler does for every peer of a protocol version
-            // before 2026-07-28, which are all the gateway negotiates.
-            result.strip_result_type_for_legacy_peer();
-            result.strip_non_object_output_for_legacy_peer();
-            ServerJsonRpcMessage::response(result, call.id)
-        }
-        Err(error) => ServerJsonRpcMessage::error(error, Some(call.id)),
-    };
-    match serde_json::to_vec(&reply) {
-        Ok(line) => {
-            if let Err(e) = transport::write_line(writer, line).await {
-                tracing::debug!(error = %e, "reply not delivered");
-            }
-        }
-        Err(e) => tracing::error!(error = %e, "reply not serialisable"),
+async fn write(writer: &Writer, line: Vec<u8>) {
+    if let Err(e) = transport::write_line(writer, line).await {
+        tracing::debug!(error = %e, "reply not delivered");
     }
 }
 
-/// Hands a line to rmcp, or answers what rmcp must not see. False when rmcp's
-/// session is gone.
-async fn to_rmcp(
-    line: &[u8],
-    writer: &Writer,
-    tx: &mpsc::Sender<RxJsonRpcMessage<RoleServer>>,
-) -> bool {
-    match serde_json::from_slice::<RxJsonRpcMessage<RoleServer>>(line) {
-        Ok(JsonRpcMessage::Request(req))
-            if matches!(
-                req.request,
-                ClientRequest::DiscoverRequest(_) | ClientRequest::CustomRequest(_)
-            ) =>
-        {
-            let method = req.request.method().to_string();
-            let id = serde_json::to_value(&req.id).unwrap_or(Value::Null);
-            let message = format!("Method not found: {method}");
-            transport::write_error(writer, id, -32601, message).await;
-            true
+impl Conn {
+    async fn write(&self, line: Vec<u8>) {
+        write(&self.writer, line).await;
+    }
+
+    fn cancel_all(&self) {
+        let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        for c in pending.values() {
+            c.token.cancel();
         }
-        Ok(msg) => tx.send(msg).await.is_ok(),
-        Err(e) if e.is_syntax() || e.is_eof() => {
-            let message = format!("Parse error: {e}");
-            transport::write_error(writer, Value::Null, -32700, message).await;
-            true
+    }
+
+    /// A reload swapped the policy: tell an initialized legacy session if
+    /// its tools changed. (A 2026-07-28 client re-lists within `TTL_MS`.)
+    async fn policy_changed(&mut self) {
+        let now = self.session.allowed_tools();
+        if now != self.advertised {
+            self.advertised = now;
+            if self.legacy.is_some() && self.initialized {
+                tracing::info!(agent = %self.session.id.agent, conn = self.session.id.conn, "tools changed by a reload: notifying");
+                let line = br#"{"jsonrpc":"2.0","method":"notifications/tools/list_changed"}"#;
+                self.write(line.to_vec()).await;
+            }
         }
-        Err(e) => {
-            let message = format!("Invalid Request: {e}");
-            transport::write_error(writer, transport::usable_id(line), -32600, message).await;
-            true
+    }
+
+    /// A single message.
+    fn one(&mut self, line: &[u8]) -> Reply {
+        match serde_json::from_slice::<Envelope>(line) {
+            Ok(env) => self.handle(env),
+            Err(e) => Reply::Now(unparsed(line, &e)),
         }
+    }
+
+    /// A JSON-RPC batch: served only under 2025-03-26, answered as one array.
+    fn batch(&mut self, line: &[u8]) -> Reply {
+        let items = match serde_json::from_slice::<Vec<&RawValue>>(line) {
+            Ok(items) => items,
+            Err(e) if e.is_syntax() || e.is_eof() => {
+                return Reply::Now(error_line(
+                    None,
+                    ErrorCode::PARSE_ERROR,
+                    &format!("Parse error: {e}"),
+                    None,
+                ))
+            }
+            Err(e) => {
+                return Reply::Now(error_line(
+                    None,
+                    ErrorCode::INVALID_REQUEST,
+                    &format!("Invalid Request: {e}"),
+                    None,
+                ))
+            }
+        };
+        if self.legacy != Some(BATCHES) {
+            let message = format!(
+                "Invalid Request: JSON-RPC batches are accepted only in protocol {BATCHES} (this session: {})",
+                self.legacy.unwrap_or("not initialized")
+            );
+            return Reply::Now(error_line(None, ErrorCode::INVALID_REQUEST, &message, None));
+        }
+        if items.is_empty() || items.len() > MAX_BATCH {
+            let message = format!(
+                "Invalid Request: a batch holds 1 to {MAX_BATCH} messages, not {}",
+                items.len()
+            );
+            return Reply::Now(error_line(None, ErrorCode::INVALID_REQUEST, &message, None));
+        }
+        let mut now = Vec::new();
+        let mut later = Vec::new();
+        for item in items {
+            match self.one(item.get().as_bytes()) {
+                Reply::None => {}
+                Reply::Now(line) => now.push(line),
+                Reply::Inline(fut) | Reply::Task(fut) => later.push(fut),
+            }
+        }
+        if now.is_empty() && later.is_empty() {
+            return Reply::None;
+        }
+        Reply::Task(
+            async move {
+                let done = futures::future::join_all(later).await;
+                let lines: Vec<Vec<u8>> =
+                    now.into_iter().chain(done.into_iter().flatten()).collect();
+                if lines.is_empty() {
+                    return None;
+                }
+                let mut out =
+                    Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum::<usize>() + 2);
+                out.push(b'[');
+                for (i, l) in lines.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(l);
+                }
+                out.push(b']');
+                Some(out)
+            }
+            .boxed(),
+        )
+    }
+
+    fn handle(&mut self, env: Envelope<'_>) -> Reply {
+        let id = match &env.id {
+            None => None,
+            Some(id @ Value::String(_)) => Some(id.clone()),
+            Some(id @ Value::Number(n)) if n.is_i64() || n.is_u64() => Some(id.clone()),
+            Some(other) => {
+                let message =
+                    format!("Invalid Request: id must be a string or an integer, not {other}");
+                return Reply::Now(error_line(None, ErrorCode::INVALID_REQUEST, &message, None));
+            }
+        };
+        if env.jsonrpc.as_deref() != Some("2.0") {
+            return Reply::Now(error_line(
+                id.as_ref(),
+                ErrorCode::INVALID_REQUEST,
+                "Invalid Request: jsonrpc must be \"2.0\"",
+                None,
+            ));
+        }
+        let Some(method) = env.method.as_deref() else {
+            if id.is_some() && (env.result.is_some() || env.error.is_some()) {
+                // A response to a request we sent: the gateway sends none,
+                // so there is nothing to match it with.
+                return Reply::None;
+            }
+            return Reply::Now(error_line(
+                id.as_ref(),
+                ErrorCode::INVALID_REQUEST,
+                "Invalid Request: no method",
+                None,
+            ));
+        };
+        let params = env.params;
+        let Some(id) = id else {
+            // Notifications never get a reply.
+            match method {
+                "notifications/initialized" => self.initialized = self.legacy.is_some(),
+                "notifications/cancelled" => self.cancelled(params),
+                _ => {}
+            }
+            return Reply::None;
+        };
+        let reply = match method {
+            "initialize" => self
+                .initialize(params)
+                .map(|r| Reply::Now(result_line(&id, &r))),
+            "server/discover" => self
+                .discover(params)
+                .map(|r| Reply::Now(result_line(&id, &r))),
+            "ping" => Ok(Reply::Now(result_line(&id, &json!({})))),
+            "tools/list" => self.list(&id, params),
+            "tools/call" => return self.call(id, params),
+            other => Err(ErrorData::new(
+                ErrorCode::METHOD_NOT_FOUND,
+                format!("Method not found: {other}"),
+                None,
+            )),
+        };
+        match reply {
+            Ok(r) => r,
+            Err(e) => Reply::Now(error_line(Some(&id), e.code, &e.message, e.data.as_ref())),
+        }
+    }
+
+    /// Under which era a request other than initialize/discover is served.
+    fn era(&mut self, meta: Option<&RequestMetaObject>) -> Result<Era, ErrorData> {
+        let meta = meta.map(|m| &m.0 .0);
+        match meta.and_then(|m| m.get(META_VERSION)) {
+            Some(Value::String(v)) if v == STATELESS => {
+                if !meta.and_then(|m| m.get(META_CAPABILITIES)).is_some_and(Value::is_object) {
+                    return Err(missing_meta(&[META_CAPABILITIES]));
+                }
+                self.stateless = true;
+                Ok(Era::Stateless)
+            }
+            Some(Value::String(v)) if self.legacy == Some(v.as_str()) => {
+                Ok(Era::Legacy(self.legacy.unwrap_or(HANDSHAKE[0])))
+            }
+            Some(Value::String(v)) => Err(unsupported(v)),
+            Some(_) => Err(missing_meta(&[META_VERSION])),
+            None => match self.legacy {
+                Some(v) => Ok(Era::Legacy(v)),
+                None => Err(ErrorData::invalid_params(
+                    format!(
+                        "request _meta is missing or has malformed required fields: {META_VERSION}, {META_CAPABILITIES} (or send initialize first)"
+                    ),
+                    None,
+                )),
+            },
+        }
+    }
+
+    fn initialize(&mut self, params: Option<&RawValue>) -> Result<Value, ErrorData> {
+        let p: InitializeRequestParams = required_params(params)?;
+        let requested = p.protocol_version.as_str();
+        let version = HANDSHAKE
+            .iter()
+            .find(|v| **v == requested)
+            .copied()
+            .unwrap_or(HANDSHAKE[0]);
+        self.legacy = Some(version);
+        tracing::debug!(agent = %self.session.id.agent, conn = self.session.id.conn, requested, version, client = %p.client_info.name, "initialize");
+        let result = json!({
+            "protocolVersion": version,
+            "capabilities": capabilities(),
+            "serverInfo": server_info(),
+            "instructions": self.session.instructions(),
+        });
+        Ok(result)
+    }
+
+    fn discover(&mut self, params: Option<&RawValue>) -> Result<Value, ErrorData> {
+        // Discovery is a probe: it is answered with or without `_meta`, but a
+        // version it names must be one we serve.
+        let p: PaginatedRequestParams = parse_params(params)?;
+        if let Some(v) = p.meta.as_ref().and_then(|m| m.0 .0.get(META_VERSION)) {
+            match v.as_str() {
+                Some(v) if SUPPORTED.contains(&v) => {}
+                Some(v) => return Err(unsupported(v)),
+                None => return Err(missing_meta(&[META_VERSION])),
+            }
+        }
+        let result = json!({
+            "resultType": "complete",
+            "supportedVersions": SUPPORTED,
+            "capabilities": capabilities(),
+            "instructions": self.session.instructions(),
+            "ttlMs": TTL_MS,
+            // Per role, so never shared across clients.
+            "cacheScope": "private",
+            "_meta": {META_SERVER_INFO: server_info()},
+        });
+        Ok(result)
+    }
+
+    fn list(&mut self, id: &Value, params: Option<&RawValue>) -> Result<Reply, ErrorData> {
+        let p: PaginatedRequestParams = parse_params(params)?;
+        let era = self.era(p.meta.as_ref())?;
+        let (names, tools) = self.session.tools_json();
+        self.advertised = names;
+        let mut out = Vec::with_capacity(tools.len() + 128);
+        out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+        push_json(&mut out, id);
+        out.extend_from_slice(b",\"result\":{\"tools\":");
+        out.extend_from_slice(&tools);
+        if era == Era::Stateless {
+            out.extend_from_slice(b",\"resultType\":\"complete\",\"ttlMs\":");
+            out.extend_from_slice(TTL_MS.to_string().as_bytes());
+            out.extend_from_slice(b",\"cacheScope\":\"private\"");
+        }
+        out.extend_from_slice(b"}}");
+        Ok(Reply::Now(out))
+    }
+
+    fn call(&mut self, id: Value, params: Option<&RawValue>) -> Reply {
+        let fail = |id: &Value, e: ErrorData| {
+            Reply::Now(error_line(Some(id), e.code, &e.message, e.data.as_ref()))
+        };
+        let p: CallToolRequestParams = match required_params(params) {
+            Ok(p) => p,
+            Err(e) => return fail(&id, e),
+        };
+        let era = match self.era(p.meta.as_ref()) {
+            Ok(era) => era,
+            Err(e) => return fail(&id, e),
+        };
+        let session = self.session.clone();
+        let lane = Lane::of(&p.name);
+        if let Lane::Inline = lane {
+            return Reply::Inline(
+                async move {
+                    let r = session.call(p, CancellationToken::new()).await;
+                    Some(call_line(&id, r, era))
+                }
+                .boxed(),
+            );
+        }
+        // Cancellable by the client; a cancelled request gets no reply.
+        let cancel = Cancel::default();
+        let key = id.to_string();
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key.clone(), cancel.clone());
+        let pending = self.pending.clone();
+        let progress = match lane {
+            Lane::Watch => p
+                .meta
+                .as_ref()
+                .and_then(|m| m.0 .0.get("progressToken"))
+                .filter(|t| t.is_string() || t.is_i64() || t.is_u64())
+                .cloned(),
+            _ => None,
+        };
+        let writer = self.writer.clone();
+        let every = session.shared.progress_every;
+        Reply::Task(
+            async move {
+                let call = session.call(p, cancel.token.clone());
+                let r = match progress {
+                    None => call.await,
+                    Some(token) => with_progress(call, &writer, &token, every).await,
+                };
+                pending
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&key);
+                if cancel.by_client.load(Ordering::Acquire) {
+                    return None;
+                }
+                Some(call_line(&id, r, era))
+            }
+            .boxed(),
+        )
+    }
+
+    fn cancelled(&self, params: Option<&RawValue>) {
+        let Some(p) = params.and_then(|p| serde_json::from_str::<CancelledParams>(p.get()).ok())
+        else {
+            return;
+        };
+        let key = p.request_id.to_string();
+        let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = pending.get(&key) {
+            tracing::debug!(agent = %self.session.id.agent, conn = self.session.id.conn, request = %key, "cancelled by the client");
+            c.by_client.store(true, Ordering::Release);
+            c.token.cancel();
+        }
+    }
+}
+
+/// How a call runs.
+enum Lane {
+    /// A read: answered in the reader.
+    Inline,
+    /// Waits for a commit, or an unknown tool (refused, audited; cheap either way).
+    Task,
+    /// Waits for changes: its own task, with progress.
+    Watch,
+}
+
+impl Lane {
+    fn of(tool: &str) -> Lane {
+        match tool {
+            "kv_get" | "kv_list" | "kv_scan" => Lane::Inline,
+            "kv_watch" => Lane::Watch,
+            _ => Lane::Task,
+        }
+    }
+}
+
+/// Runs a waiting call, sending `notifications/progress` every `every` so a
+/// client that resets its request timeout on progress keeps the call.
+async fn with_progress<F>(call: F, writer: &Writer, token: &Value, every: Duration) -> F::Output
+where
+    F: std::future::Future,
+{
+    tokio::pin!(call);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            r = &mut call => return r,
+            _ = tick.tick() => {
+                n += 1;
+                let note = json!({
+                    "jsonrpc": "2.0",
+                    "method": "notifications/progress",
+                    "params": {"progressToken": token, "progress": n, "message": "kv_watch: still waiting for a change"},
+                });
+                write(writer, to_vec(&note)).await;
+            }
+        }
+    }
+}
+
+fn call_line(id: &Value, r: Result<CallToolResponse, ErrorData>, era: Era) -> Vec<u8> {
+    match r {
+        Ok(response) => {
+            let mut result = ServerResult::from(response);
+            if let Era::Legacy(_) = era {
+                // What rmcp's handler does for every peer before 2026-07-28.
+                result.strip_result_type_for_legacy_peer();
+                result.strip_non_object_output_for_legacy_peer();
+            }
+            result_line(id, &result)
+        }
+        Err(e) => error_line(Some(id), e.code, &e.message, e.data.as_ref()),
+    }
+}
+
+/// Params a method may omit.
+fn parse_params<T: serde::de::DeserializeOwned + Default>(
+    params: Option<&RawValue>,
+) -> Result<T, ErrorData> {
+    match params {
+        None => Ok(T::default()),
+        Some(raw) => required_params(Some(raw)),
+    }
+}
+
+/// Params a method needs: absent or malformed is -32602.
+fn required_params<T: serde::de::DeserializeOwned>(
+    params: Option<&RawValue>,
+) -> Result<T, ErrorData> {
+    let raw = params.ok_or_else(|| ErrorData::invalid_params("Invalid params: missing", None))?;
+    serde_json::from_str(raw.get())
+        .map_err(|e| ErrorData::invalid_params(format!("Invalid params: {e}"), None))
+}
+
+fn missing_meta(keys: &[&str]) -> ErrorData {
+    ErrorData::invalid_params(
+        format!(
+            "request _meta is missing or has malformed required fields: {}",
+            keys.join(", ")
+        ),
+        None,
+    )
+}
+
+fn unsupported(requested: &str) -> ErrorData {
+    ErrorData::new(
+        ErrorCode::UNSUPPORTED_PROTOCOL_VERSION,
+        format!("Unsupported protocol version {requested}"),
+        Some(json!({"supported": SUPPORTED, "requested": requested})),
+    )
+}
+
+fn capabilities() -> Value {
+    json!({"tools": {"listChanged": true}})
+}
+
+fn server_info() -> Value {
+    json!({"name": "cordon", "title": "cordon gateway", "version": env!("CARGO_PKG_VERSION")})
+}
+
+fn to_vec(v: &impl serde::Serialize) -> Vec<u8> {
+    // Values built here hold only strings, numbers and maps with string keys.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+fn push_json(out: &mut Vec<u8>, v: &impl serde::Serialize) {
+    // As in `to_vec`: writing into a Vec cannot fail for these values.
+    let _ = serde_json::to_writer(&mut *out, v);
+}
+
+fn result_line(id: &Value, result: &impl serde::Serialize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+    push_json(&mut out, id);
+    out.extend_from_slice(b",\"result\":");
+    push_json(&mut out, result);
+    out.push(b'}');
+    out
+}
+
+/// A JSON-RPC error response (without its newline). `id` None is written as
+/// null: the id could not be read.
+pub fn error_line(
+    id: Option<&Value>,
+    code: ErrorCode,
+    message: &str,
+    data: Option<&Value>,
+) -> Vec<u8> {
+    let mut error = json!({"code": code.0, "message": message});
+    if let Some(d) = data {
+        error["data"] = d.clone();
+    }
+    to_vec(&json!({"jsonrpc": "2.0", "id": id.unwrap_or(&Value::Null), "error": error}))
+}
+
+/// The reply to a line that is not a JSON-RPC message: a parse error, or an
+/// invalid request answered with its id when the id can be read.
+fn unparsed(line: &[u8], e: &serde_json::Error) -> Vec<u8> {
+    if e.is_syntax() || e.is_eof() {
+        return error_line(
+            None,
+            ErrorCode::PARSE_ERROR,
+            &format!("Parse error: {e}"),
+            None,
+        );
+    }
+    let id = transport::usable_id(line);
+    let id = (!id.is_null()).then_some(id);
+    error_line(
+        id.as_ref(),
+        ErrorCode::INVALID_REQUEST,
+        &format!("Invalid Request: {e}"),
+        None,
+    )
+}
+
+/// How long a refused connection is kept open waiting for its first request,
+/// so the refusal can be that request's answer (SDKs drop errors whose id is
+/// null, and then show only "connection closed").
+const REFUSAL_WAIT: Duration = Duration::from_secs(5);
+/// Messages read from a refused connection before giving up on a request.
+const REFUSAL_LINES: usize = 8;
+
+/// Answers a refused connection: its first request gets a -32014 error with
+/// its id and the reason; then the connection is closed. Nothing is served,
+/// nothing the peer sends is acted on. A peer that sends no request within
+/// `REFUSAL_WAIT` gets the error with a null id.
+pub async fn refuse(stream: UnixStream, message: String, max: usize) {
+    let (mut reader, writer) = transport::split(stream, max);
+    let code = super::codes::CONNECTION_REFUSED;
+    let answered = tokio::time::timeout(REFUSAL_WAIT, async {
+        for _ in 0..REFUSAL_LINES {
+            let Some(Incoming::Line(line)) = reader.next().await else {
+                return false;
+            };
+            let id = match serde_json::from_slice::<Envelope>(&line) {
+                Ok(env) if env.id.is_none() => continue,
+                Ok(env) => env
+                    .id
+                    .filter(|id| id.is_string() || id.is_i64() || id.is_u64()),
+                Err(_) => None,
+            };
+            write(&writer, error_line(id.as_ref(), code, &message, None)).await;
+            return true;
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    if !answered {
+        write(&writer, error_line(None, code, &message, None)).await;
+    }
+    let last = writer.lock().await.take();
+    if let Some(mut w) = last {
+        let _ = w.shutdown().await;
     }
 }

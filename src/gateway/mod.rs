@@ -40,6 +40,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// to flush their last replies.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 const MAX_CALLS_PER_CONNECTION: usize = 64;
+/// Refused connections answered at once per agent (see `conn::refuse`).
+const REFUSING: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -183,7 +185,19 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
     let max_message = usize::try_from(g.max_message_bytes.0).unwrap_or(usize::MAX);
     let shared = Arc::new(Shared {
         store: store.clone(),
-        tools: Arc::new(tools::definitions()),
+        tool_json: Arc::new(
+            tools::definitions()
+                .iter()
+                .filter_map(|t| {
+                    let name = crate::policy::GATEWAY_TOOLS
+                        .iter()
+                        .find(|n| **n == t.name.as_ref())?;
+                    Some((*name, serde_json::to_vec(t).ok()?))
+                })
+                .collect(),
+        ),
+        policy_changes: tokio::sync::watch::Sender::new(0),
+        progress_every: Duration::from_millis(g.watch_progress_ms),
         policy: ArcSwap::from_pointee(policy),
         limits: ToolLimits {
             max_list_limit: g.max_list_limit as u64,
@@ -195,7 +209,6 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
         calls: TaskTracker::new(),
         max_calls_per_connection: MAX_CALLS_PER_CONNECTION,
         record_values: config.audit.record_values,
-        fast_path: config.gateway.fast_path,
     });
     // Reads' and denials' records are sealed into LMDB (and fsynced) within
     // sync_interval; with retention, the same tick prunes.
@@ -342,6 +355,7 @@ pub(crate) fn reload_policy(shared: &Shared, config: &Config) -> Result<Arc<Poli
             let policy = Arc::new(policy);
             tracing::info!(policy = %policy.path.display(), hash = %policy.hash, tests = policy.tests_passed, "policy reloaded");
             shared.policy.store(policy.clone());
+            shared.policy_changes.send_modify(|g| *g += 1);
             Ok(policy)
         }
         Err(e) => {
@@ -553,6 +567,7 @@ async fn accept_loop(
     max_message: usize,
 ) {
     let slots = Arc::new(Semaphore::new(max_connections));
+    let refusing = Arc::new(Semaphore::new(REFUSING));
     let rate = Arc::new(RateLimiter::default());
     let agent_name: Arc<str> = Arc::from(l.agent.as_str());
     let role: Arc<str> = Arc::from(agent.role.as_str());
@@ -561,7 +576,7 @@ async fn accept_loop(
             r = l.listener.accept() => r,
             _ = shared.shutdown.cancelled() => return,
         };
-        let mut stream = match accepted {
+        let stream = match accepted {
             Ok((stream, _)) => stream,
             Err(e) => {
                 // EMFILE and friends: keep serving the connections we have.
@@ -581,7 +596,6 @@ async fn accept_loop(
         // Every refusal is recorded, logged and answered the same way.
         let refusal = if cred.uid() != l.expected_uid {
             Err((
-                codes::CONNECTION_REFUSED.0,
                 "peer uid does not match the agent's uid".to_string(),
                 format!("connection refused: peer credentials do not match agent {agent_name}"),
             ))
@@ -589,9 +603,7 @@ async fn accept_loop(
             match roots.check(&agent_name, cred.pid()) {
                 // Under `cordon up`: the peer must be the agent's process or
                 // descend from it; its session ends with the agent's run.
-                Err(reason) => Err((
-                    codes::CONNECTION_REFUSED.0,
-                    reason.to_string(),
+                Err(reason) => Err((reason.to_string(),
                     format!(
                         "connection refused: peer process is not agent {agent_name}'s ({reason})"
                     ),
@@ -601,9 +613,7 @@ async fn accept_loop(
                     .try_acquire_owned()
                     .map(|slot| (slot, token))
                     .map_err(|_| {
-                        (
-                            codes::CONNECTION_REFUSED.0,
-                            "too many connections on this agent's socket".to_string(),
+                        ("too many connections on this agent's socket".to_string(),
                             format!("connection refused: agent {agent_name} already has {max_connections} connections (the limit)"),
                         )
                     }),
@@ -611,13 +621,24 @@ async fn accept_loop(
         };
         let (slot, token) = match refusal {
             Ok(accepted) => accepted,
-            Err((code, reason, message)) => {
+            Err((reason, message)) => {
                 refused(&shared, &agent_name, &role, cred.uid(), cred.pid(), &reason);
                 tracing::warn!(
                     agent = %agent_name, conn, peer_uid = cred.uid(), peer_pid = cred.pid(),
                     expected_uid = l.expected_uid, "connection refused: {reason}"
                 );
-                transport::refuse(&mut stream, i64::from(code), &message).await;
+                // Answered in a task of its own (it waits for the peer's first
+                // request), at most REFUSING at a time per agent: past that, a
+                // flood of refused peers just gets closed.
+                match refusing.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        tokio::spawn(async move {
+                            conn::refuse(stream, message, max_message).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => drop(stream),
+                }
                 continue;
             }
         };

@@ -1,18 +1,14 @@
-//! One MCP session: the rmcp handler for one accepted connection. Its identity
-//! is fixed at accept from the socket and the peer's credentials; nothing the
-//! client sends can change it.
+//! One MCP session: what one accepted connection may do, and its tool calls.
+//! Its identity is fixed at accept from the socket and the peer's
+//! credentials; nothing the client sends can change it. The protocol is
+//! `conn`'s.
 
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use rmcp::model::{
-    CallToolRequestParams, CallToolResponse, ErrorCode, Implementation, ListToolsResult,
-    PaginatedRequestParams, ProtocolVersion, ServerCapabilities, ServerConfig, Tool,
-};
-use rmcp::service::RequestContext;
-use rmcp::{ErrorData, RoleServer, ServerHandler};
+use rmcp::model::{CallToolRequestParams, CallToolResponse, ErrorCode};
+use rmcp::ErrorData;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -37,7 +33,6 @@ pub struct Identity {
 /// What every session of the gateway shares.
 pub struct Shared {
     pub store: Store,
-    pub tools: Arc<Vec<Tool>>,
     /// The policy in force. A reload swaps it whole; a call decides under the
     /// snapshot it loaded first and finishes under it.
     pub policy: ArcSwap<Policy>,
@@ -51,8 +46,12 @@ pub struct Shared {
     pub max_calls_per_connection: usize,
     /// `[audit] record_values`: keep written values in the records.
     pub record_values: bool,
-    /// `[gateway] fast_path`: see `conn`.
-    pub fast_path: bool,
+    /// Each tool's definition as JSON, serialised once, in list order.
+    pub tool_json: Arc<Vec<(&'static str, Vec<u8>)>>,
+    /// Bumped by every policy swap; connections compare their role's tools.
+    pub policy_changes: tokio::sync::watch::Sender<u64>,
+    /// How often a waiting `kv_watch` with a progress token reports progress.
+    pub progress_every: std::time::Duration,
 }
 
 #[derive(Clone)]
@@ -68,47 +67,52 @@ fn narrow(gateway: u64, role: &Option<Bound>) -> u64 {
     role.as_ref().map_or(gateway, |b| b.max.min(gateway))
 }
 
-impl ServerHandler for Session {
-    fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
-            .with_server_info(Implementation::new("cordon", env!("CARGO_PKG_VERSION")))
-            .with_protocol_version(ProtocolVersion::V_2025_11_25)
-    }
-
-    fn supported_protocol_versions(&self) -> Cow<'static, [ProtocolVersion]> {
-        Cow::Borrowed(ProtocolVersion::known_up_to(&ProtocolVersion::V_2025_11_25))
-    }
-
-    /// Only the tools the role may call.
-    async fn list_tools(
-        &self,
-        _request: Option<PaginatedRequestParams>,
-        _context: RequestContext<RoleServer>,
-    ) -> Result<ListToolsResult, ErrorData> {
+impl Session {
+    /// The tools this session's role may call, in list order.
+    pub fn allowed_tools(&self) -> Vec<&'static str> {
         let policy = self.shared.policy.load();
-        let tools = match policy.role(&self.id.role) {
+        match policy.role(&self.id.role) {
             Some(role) => self
                 .shared
-                .tools
+                .tool_json
                 .iter()
-                .filter(|t| role.tool_allowed(&t.name))
-                .cloned()
+                .map(|(name, _)| *name)
+                .filter(|name| role.tool_allowed(name))
                 .collect(),
             None => Vec::new(),
-        };
-        Ok(ListToolsResult::with_all_items(tools))
+        }
     }
 
-    async fn call_tool(
-        &self,
-        request: CallToolRequestParams,
-        context: RequestContext<RoleServer>,
-    ) -> Result<CallToolResponse, ErrorData> {
-        self.call(request, context.ct).await
+    /// `tools/list`'s array, built from each tool's JSON serialised once at
+    /// start, and the names it holds.
+    pub fn tools_json(&self) -> (Vec<&'static str>, Vec<u8>) {
+        let names = self.allowed_tools();
+        let mut out = Vec::with_capacity(4096);
+        out.push(b'[');
+        for (_, json) in self
+            .shared
+            .tool_json
+            .iter()
+            .filter(|(n, _)| names.contains(n))
+        {
+            if out.len() > 1 {
+                out.push(b',');
+            }
+            out.extend_from_slice(json);
+        }
+        out.push(b']');
+        (names, out)
     }
-}
 
-impl Session {
+    /// What `initialize` and `server/discover` tell the agent about itself.
+    pub fn instructions(&self) -> String {
+        // Replaced by the catalog's text (role and key scopes) when it lands.
+        format!(
+            "cordon gateway: a shared key-value store. You are agent {} with role {}; the policy decides which keys you may read and write.",
+            self.id.agent, self.id.role
+        )
+    }
+
     /// One tool call, decided, run and audited. Both ways in share it: rmcp's
     /// dispatch (`call_tool`) and the connection's own fast path (see `conn`).
     /// `cancel` ends a waiting call (a watch) early.

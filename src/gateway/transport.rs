@@ -1,31 +1,19 @@
 //! Newline-delimited JSON-RPC over a Unix stream, with a hard bound on message
-//! size: the connection's line reader, its shared writer, and the channel
-//! through which rmcp gets the messages the connection does not answer itself
-//! (see `conn`).
+//! size: the connection's line reader and its shared writer (see `conn` for
+//! what is done with the lines).
 //!
-//! rmcp's own stream transport drops an oversized line without a reply (the
-//! client then waits forever) and answers invalid requests without their id;
-//! framing here lets the gateway answer both, and answer methods it does not
-//! serve with -32601 at any point of the session (rmcp answers a pre-initialize
-//! `server/discover` with -32602, which Claude Code and the Python SDK treat
-//! differently).
+//! An oversized line is reported once (so the client gets an answer instead
+//! of waiting forever) and the rest of it discarded without being buffered.
 
-use std::future::Future;
 use std::io;
 use std::sync::Arc;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use futures::StreamExt;
-use rmcp::model::{JsonRpcMessage, ProtocolVersion, ServerResult};
-use rmcp::service::{RxJsonRpcMessage, TxJsonRpcMessage};
-use rmcp::transport::Transport;
-use rmcp::RoleServer;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::Mutex;
 use tokio_util::bytes::{Buf, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, FramedRead};
 
@@ -98,8 +86,9 @@ impl Decoder for BoundedLines {
     }
 }
 
-/// The write half of a connection, shared by rmcp's sends and the fast path's
-/// replies; a line is written whole under the lock, so replies never interleave.
+/// The write half of a connection, shared by the reader's replies and the
+/// calls' tasks; a line is written whole under the lock, so replies never
+/// interleave.
 pub type Writer = Arc<Mutex<Option<OwnedWriteHalf>>>;
 
 /// What the connection's reader yields.
@@ -161,73 +150,6 @@ pub async fn write_line(writer: &Writer, mut line: Vec<u8>) -> io::Result<()> {
             "connection closed",
         )),
     }
-}
-
-/// A JSON-RPC error reply that rmcp never sees.
-pub async fn write_error(writer: &Writer, id: Value, code: i64, message: String) {
-    let _ = write_line(writer, error_line(id, code, &message)).await;
-}
-
-/// A JSON-RPC error response, without its newline.
-fn error_line(id: Value, code: i64, message: &str) -> Vec<u8> {
-    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
-        .to_string()
-        .into_bytes()
-}
-
-/// rmcp's side of a connection: the messages the connection's reader hands
-/// it, and the shared writer. Marks the session ready once the initialize
-/// reply is on the wire, from when the reader may answer tool calls itself.
-pub struct ChannelTransport {
-    pub rx: mpsc::Receiver<RxJsonRpcMessage<RoleServer>>,
-    pub writer: Writer,
-    pub ready: Arc<AtomicBool>,
-}
-
-impl Transport<RoleServer> for ChannelTransport {
-    type Error = io::Error;
-
-    fn send(
-        &mut self,
-        item: TxJsonRpcMessage<RoleServer>,
-    ) -> impl Future<Output = Result<(), Self::Error>> + Send + 'static {
-        // The fast path renders replies the way rmcp does for peers before
-        // 2026-07-28 (see conn::answer); a newer negotiated version keeps
-        // every call on rmcp's path.
-        let initialized = matches!(
-            &item,
-            JsonRpcMessage::Response(r) if matches!(&r.result, ServerResult::InitializeResult(i)
-                if i.protocol_version.as_str() < ProtocolVersion::V_2026_07_28.as_str())
-        );
-        let line = serde_json::to_vec(&item);
-        let writer = self.writer.clone();
-        let ready = self.ready.clone();
-        async move {
-            write_line(&writer, line?).await?;
-            if initialized {
-                ready.store(true, Ordering::Release);
-            }
-            Ok(())
-        }
-    }
-
-    async fn receive(&mut self) -> Option<RxJsonRpcMessage<RoleServer>> {
-        self.rx.recv().await
-    }
-
-    async fn close(&mut self) -> Result<(), Self::Error> {
-        self.rx.close();
-        Ok(())
-    }
-}
-
-/// Writes one JSON-RPC error line on a connection that never reached rmcp (a
-/// refused peer, a full socket).
-pub async fn refuse(stream: &mut UnixStream, code: i64, message: &str) {
-    let mut line = error_line(Value::Null, code, message);
-    line.push(b'\n');
-    let _ = stream.write_all(&line).await;
-    let _ = stream.shutdown().await;
 }
 
 pub fn usable_id(line: &[u8]) -> Value {

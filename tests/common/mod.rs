@@ -229,6 +229,19 @@ impl Client {
         r
     }
 
+    /// On a connection the gateway refused: sends a first request and returns
+    /// the refusal that answers it (with that request's id).
+    pub fn refusal(&mut self) -> Value {
+        self.try_send(&json!({"jsonrpc": "2.0", "id": "probe", "method": "initialize",
+            "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "cordon-tests", "version": "0"}}}));
+        let r = self.recv().expect("a refusal line");
+        assert_eq!(
+            r["id"], "probe",
+            "the refusal answers the first request: {r}"
+        );
+        r
+    }
+
     /// `tools/call`: the whole result object (structuredContent, isError, content).
     pub fn call(&mut self, tool: &str, args: Value) -> Value {
         let r = self.request("tools/call", json!({"name": tool, "arguments": args}));
