@@ -1,0 +1,462 @@
+//! The gateway's MCP dispatcher over the real socket: both protocol eras,
+//! the replies of every tool, cancellation, progress, list changes after a
+//! reload, and batches.
+
+mod common;
+
+use common::{Client, Gateway, Signal, CODER};
+use serde_json::{json, Value};
+
+const V2026: &str = "2026-07-28";
+
+fn meta() -> Value {
+    json!({
+        "io.modelcontextprotocol/protocolVersion": V2026,
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "cordon-tests", "version": "0"},
+    })
+}
+
+/// A 2026-07-28 `tools/call` (no handshake; `_meta` on the request).
+fn call26(c: &mut Client, tool: &str, args: Value) -> Value {
+    c.request(
+        "tools/call",
+        json!({"name": tool, "arguments": args, "_meta": meta()}),
+    )
+}
+
+/// Every reply's shape, as clients of each era read it: one path serves
+/// both, so this replaces the old fast-path-vs-rmcp comparison.
+#[test]
+fn replies_of_every_tool_in_the_legacy_era() {
+    let policy = "[roles.coder]\ntools = [\"kv_*\"]\ndeny_tools = [\"kv_delete\"]\nread = [\"/**\"]\nwrite = [\"/**\"]\ndeny_write = [\"/locked/**\"]\n";
+    let g = Gateway::start_with_policy("", CODER, policy);
+    let mut c = g.client();
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            json!({"name": "kv_put", "arguments": {"key": "/a/1", "value": {"n": 1, "s": "é\u{1}\"x"}}}),
+            "ok",
+        ),
+        (
+            json!({"name": "kv_put", "arguments": {"key": "/a/2", "value": [1, 2.5, null, true]}}),
+            "ok",
+        ),
+        (
+            json!({"name": "kv_get", "arguments": {"key": "/a/1"}}),
+            "ok",
+        ),
+        (
+            json!({"name": "kv_get", "arguments": {"key": "/a/missing"}}),
+            "not_found",
+        ),
+        (
+            json!({"name": "kv_get", "arguments": {"key": "no-slash"}}),
+            "invalid_key",
+        ),
+        (
+            json!({"name": "kv_get", "arguments": {"key": "/a/1", "extra": 1}}),
+            "invalid_arguments",
+        ),
+        (json!({"name": "kv_get"}), "invalid_arguments"),
+        (
+            json!({"name": "kv_put", "arguments": {"key": "/a/1", "value": 2, "if_revision": 99}}),
+            "conflict",
+        ),
+        (
+            json!({"name": "kv_put", "arguments": {"key": "/locked/x", "value": 1}}),
+            "denied",
+        ),
+        (
+            json!({"name": "kv_delete", "arguments": {"key": "/a/1"}}),
+            "-32010",
+        ),
+        (
+            json!({"name": "kv_list", "arguments": {"prefix": "/a", "limit": 1}}),
+            "ok",
+        ),
+        (
+            json!({"name": "kv_scan", "arguments": {"prefix": "/"}}),
+            "ok",
+        ),
+        (
+            json!({"name": "kv_txn", "arguments": {"checks": [{"key": "/a/2", "revision": 2}],
+            "ops": [{"op": "put", "key": "/a/3", "value": "v"}, {"op": "get", "key": "/a/1"}]}}),
+            "ok",
+        ),
+        (
+            json!({"name": "kv_watch", "arguments": {"prefix": "/a", "since_revision": 0, "timeout_ms": 0}}),
+            "ok",
+        ),
+        (json!({"name": "no_such_tool", "arguments": {}}), "-32602"),
+    ];
+    for (i, (params, want)) in cases.iter().enumerate() {
+        // Number and string ids both come back as sent.
+        let id = if i % 2 == 0 {
+            json!(i)
+        } else {
+            json!(format!("r{i}"))
+        };
+        c.send(&json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params}));
+        let r = c.recv().expect("connection closed");
+        assert_eq!(r["jsonrpc"], "2.0");
+        assert_eq!(r["id"], id, "{r}");
+        if let Some(code) = want.strip_prefix('-') {
+            assert_eq!(
+                r["error"]["code"],
+                -code.parse::<i64>().unwrap(),
+                "{params}: {r}"
+            );
+            continue;
+        }
+        let res = &r["result"];
+        // Legacy peers never see 2026-07-28's resultType.
+        assert!(res.get("resultType").is_none(), "{r}");
+        let text = res["content"][0]["text"].as_str().unwrap();
+        if *want == "ok" {
+            assert_eq!(res["isError"], false, "{params}: {r}");
+            // The text block carries the same JSON, for text-only clients.
+            assert_eq!(
+                serde_json::from_str::<Value>(text).unwrap(),
+                res["structuredContent"]
+            );
+        } else {
+            assert_eq!(res["isError"], true, "{params}: {r}");
+            assert_eq!(
+                res["structuredContent"]["error"]["code"], *want,
+                "{params}: {r}"
+            );
+        }
+    }
+    // A denial by tool names the rule; malformed params are -32602.
+    let r = c.request(
+        "tools/call",
+        json!({"name": "kv_delete", "arguments": {"key": "/a/2"}}),
+    );
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("kv_delete"),
+        "{r}"
+    );
+    assert!(
+        r["error"]["data"]["rule"]["line"].as_u64().unwrap() > 0,
+        "{r}"
+    );
+    let r = c.request("tools/call", json!({"arguments": {}}));
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+    let r = c.request("tools/call", json!("not an object"));
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+}
+
+#[test]
+fn the_2026_era_is_served_without_a_handshake_beside_initialize() {
+    let g = Gateway::start();
+    let mut c = Client::connect_raw(&g.socket("coder")).unwrap();
+    // Discovery, with and without _meta.
+    for params in [json!({}), json!({"_meta": meta()})] {
+        let r = c.request("server/discover", params);
+        let d = &r["result"];
+        assert_eq!(d["supportedVersions"][0], V2026, "{r}");
+        assert!(d["supportedVersions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("2025-11-25")));
+        assert_eq!(d["capabilities"]["tools"]["listChanged"], true);
+        assert_eq!(d["cacheScope"], "private");
+        assert_eq!(d["resultType"], "complete");
+        assert!(d["ttlMs"].as_u64().is_some());
+        assert_eq!(
+            d["_meta"]["io.modelcontextprotocol/serverInfo"]["name"],
+            "cordon"
+        );
+        assert!(d["instructions"].as_str().unwrap().contains("coder"));
+    }
+    // Negative: no _meta and no initialize is -32602; so is a _meta without
+    // client capabilities; an unknown version is -32022 naming ours.
+    let r = c.request("tools/list", json!({}));
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+    let mut partial = meta();
+    partial
+        .as_object_mut()
+        .unwrap()
+        .remove("io.modelcontextprotocol/clientCapabilities");
+    let r = c.request("tools/list", json!({"_meta": partial}));
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+    assert!(r["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("clientCapabilities"));
+    let mut future = meta();
+    future["io.modelcontextprotocol/protocolVersion"] = json!("2099-01-01");
+    let r = c.request("tools/list", json!({"_meta": future}));
+    assert_eq!(r["error"]["code"], -32022, "{r}");
+    assert_eq!(r["error"]["data"]["supported"][0], V2026, "{r}");
+    // Control: with the full _meta, list and calls are served, with
+    // resultType, and the list with its cache hints.
+    let r = c.request("tools/list", json!({"_meta": meta()}));
+    let list = &r["result"];
+    assert_eq!(list["tools"].as_array().unwrap().len(), 7, "{r}");
+    assert_eq!(list["resultType"], "complete");
+    assert_eq!(list["cacheScope"], "private");
+    assert!(list["ttlMs"].as_u64().is_some());
+    let r = call26(&mut c, "kv_put", json!({"key": "/e/1", "value": "x"}));
+    assert_eq!(r["result"]["resultType"], "complete", "{r}");
+    assert_eq!(r["result"]["isError"], false, "{r}");
+    let r = call26(&mut c, "kv_get", json!({"key": "/e/1"}));
+    assert_eq!(r["result"]["structuredContent"]["value"], "x", "{r}");
+    // A later initialize on the same connection still works (Claude Code may
+    // send both), and legacy requests then get legacy replies.
+    let r = c.request(
+        "initialize",
+        json!({"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}),
+    );
+    assert_eq!(r["result"]["protocolVersion"], "2025-11-25", "{r}");
+    assert_eq!(r["result"]["capabilities"]["tools"]["listChanged"], true);
+    c.notify("notifications/initialized", json!({}));
+    let r = c.request(
+        "tools/call",
+        json!({"name": "kv_get", "arguments": {"key": "/e/1"}}),
+    );
+    assert!(r["result"].get("resultType").is_none(), "{r}");
+    // A client asking for 2026-07-28 (or anything unknown) over initialize
+    // gets the newest handshake version.
+    let mut d = Client::connect_raw(&g.socket("coder")).unwrap();
+    let r = d.request(
+        "initialize",
+        json!({"protocolVersion": V2026, "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}),
+    );
+    assert_eq!(r["result"]["protocolVersion"], "2025-11-25", "{r}");
+}
+
+/// Identity is the socket's: a clientInfo or _meta naming another agent
+/// changes nothing.
+#[test]
+fn what_a_client_claims_does_not_change_who_it_is() {
+    let agents = "[agents.coder]\nrole = \"coder\"\n[agents.viewer]\nrole = \"viewer\"\n";
+    let policy = "[roles.coder]\ntools = [\"kv_*\"]\nread = [\"/**\"]\nwrite = [\"/**\"]\n[roles.viewer]\ntools = [\"kv_get\"]\nread = [\"/pub/**\"]\n";
+    let g = Gateway::start_with_policy("", agents, policy);
+    g.client()
+        .ok("kv_put", json!({"key": "/secret", "value": 1}));
+    let mut v = Client::connect_raw(&g.socket("viewer")).unwrap();
+    let mut m = meta();
+    m["io.modelcontextprotocol/clientInfo"] = json!({"name": "coder", "version": "0"});
+    m["agent"] = json!("coder");
+    m["role"] = json!("coder");
+    let r = v.request(
+        "tools/call",
+        json!({"name": "kv_get", "arguments": {"key": "/secret"}, "_meta": m}),
+    );
+    assert_eq!(
+        r["result"]["structuredContent"]["error"]["code"], "denied",
+        "{r}"
+    );
+    let r = v.request(
+        "tools/call",
+        json!({"name": "kv_put", "arguments": {"key": "/pub/x", "value": 1}, "_meta": m}),
+    );
+    assert_eq!(r["error"]["code"], -32010, "{r}");
+    let r = v.request("tools/list", json!({"_meta": m}));
+    assert_eq!(r["result"]["tools"].as_array().unwrap().len(), 1, "{r}");
+}
+
+#[test]
+fn a_cancelled_watch_ends_without_a_reply_and_the_session_goes_on() {
+    let g = Gateway::start();
+    let mut c = g.client();
+    let id = c.start(
+        "tools/call",
+        json!({"name": "kv_watch", "arguments": {"prefix": "/w", "since_revision": 1_000_000, "timeout_ms": 300000}}),
+    );
+    let mut rounds = 0;
+    while g.status()["watching"] != 1 {
+        rounds += 1;
+        assert!(rounds < 100_000, "the watch never started waiting");
+        assert!(c.request("ping", json!({})).get("result").is_some());
+    }
+    c.notify(
+        "notifications/cancelled",
+        json!({"requestId": id, "reason": "test"}),
+    );
+    let mut rounds = 0;
+    while g.status()["watching"] != 0 {
+        rounds += 1;
+        assert!(rounds < 100_000, "the cancelled watch kept waiting");
+        std::thread::yield_now();
+    }
+    // The next line on the connection is the ping's reply, not the watch's.
+    let r = c.request("ping", json!({}));
+    assert_eq!(r["result"], json!({}), "{r}");
+    // Control: an uncancelled watch is answered when a change comes.
+    let id = c.start(
+        "tools/call",
+        json!({"name": "kv_watch", "arguments": {"prefix": "/w", "since_revision": 0, "timeout_ms": 300000}}),
+    );
+    g.client().ok("kv_put", json!({"key": "/w/x", "value": 1}));
+    let r = c.recv().unwrap();
+    assert_eq!(r["id"], id, "{r}");
+    assert_eq!(r["result"]["structuredContent"]["events"][0]["key"], "/w/x");
+}
+
+#[test]
+fn a_waiting_watch_with_a_progress_token_reports_progress_until_it_is_answered() {
+    let g = Gateway::start_with("watch_progress_ms = 100\n", CODER);
+    let mut c = g.client();
+    let id = c.start(
+        "tools/call",
+        json!({"name": "kv_watch", "arguments": {"prefix": "/p", "since_revision": 1_000_000, "timeout_ms": 300000},
+               "_meta": {"progressToken": "tok-1"}}),
+    );
+    let mut last = 0.0;
+    for _ in 0..3 {
+        let n = c.recv().unwrap();
+        assert_eq!(n["method"], "notifications/progress", "{n}");
+        assert_eq!(n["params"]["progressToken"], "tok-1");
+        let p = n["params"]["progress"].as_f64().unwrap();
+        assert!(p > last, "progress increases: {n}");
+        last = p;
+    }
+    // End it: the watch's reply follows its progress.
+    c.notify("notifications/cancelled", json!({"requestId": id}));
+    // Control: without a token, no progress arrives before the reply.
+    let id = c.start(
+        "tools/call",
+        json!({"name": "kv_watch", "arguments": {"prefix": "/q", "since_revision": 0, "timeout_ms": 300000}}),
+    );
+    g.client().ok("kv_put", json!({"key": "/q/x", "value": 1}));
+    loop {
+        let r = c.recv().unwrap();
+        // Progress of the cancelled watch may still be in flight before its end.
+        if r["method"] == "notifications/progress" {
+            assert_eq!(r["params"]["progressToken"], "tok-1", "{r}");
+            continue;
+        }
+        assert_eq!(r["id"], id, "{r}");
+        break;
+    }
+}
+
+#[test]
+fn a_reload_that_changes_a_roles_tools_notifies_its_sessions_only() {
+    let agents = "[agents.coder]\nrole = \"coder\"\n[agents.viewer]\nrole = \"viewer\"\n";
+    let policy = "[roles.coder]\ntools = [\"kv_*\"]\nread = [\"/**\"]\nwrite = [\"/**\"]\n[roles.viewer]\ntools = [\"kv_get\"]\nread = [\"/pub/**\"]\n";
+    let g = Gateway::start_with_policy("", agents, policy);
+    let mut coder = g.client();
+    let mut viewer = Client::connect(&g.socket("viewer"));
+    let tools = |c: &mut Client| -> Vec<String> {
+        c.request("tools/list", json!({}))["result"]["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(tools(&mut coder).contains(&"kv_delete".to_string()));
+    std::fs::write(
+        g.dir.join("policy.toml"),
+        policy.replace(
+            "tools = [\"kv_*\"]",
+            "tools = [\"kv_*\"]\ndeny_tools = [\"kv_delete\"]",
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .args(["policy", "reload", "--config"])
+        .arg(&g.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let n = coder.recv().unwrap();
+    assert_eq!(n["method"], "notifications/tools/list_changed", "{n}");
+    assert!(!tools(&mut coder).contains(&"kv_delete".to_string()));
+    // The viewer's tools did not change: its next line is its own reply.
+    let r = viewer.request("ping", json!({}));
+    assert_eq!(r["result"], json!({}), "{r}");
+    // A revoked tool is refused, whatever the client cached.
+    let r = coder.request(
+        "tools/call",
+        json!({"name": "kv_delete", "arguments": {"key": "/x"}}),
+    );
+    assert_eq!(r["error"]["code"], -32010, "{r}");
+}
+
+#[test]
+fn batches_are_served_under_2025_03_26_only() {
+    let g = Gateway::start();
+    let mut c = Client::connect_raw(&g.socket("coder")).unwrap();
+    let r = c.request(
+        "initialize",
+        json!({"protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}),
+    );
+    assert_eq!(r["result"]["protocolVersion"], "2025-03-26");
+    let batch = json!([
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {"jsonrpc": "2.0", "id": 10, "method": "tools/call", "params": {"name": "kv_put", "arguments": {"key": "/b/1", "value": 1}}},
+        {"jsonrpc": "2.0", "id": "s", "method": "tools/call", "params": {"name": "kv_put", "arguments": {"key": "/b/2", "value": 2}}},
+        {"jsonrpc": "2.0", "id": 12, "method": "ping"},
+        {"jsonrpc": "2.0", "id": 13, "method": "no/such"},
+    ]);
+    c.send(&batch);
+    let r = c.recv().unwrap();
+    let replies = r.as_array().expect("one array answers a batch");
+    let mut ids: Vec<String> = replies.iter().map(|x| x["id"].to_string()).collect();
+    ids.sort();
+    assert_eq!(ids, ["\"s\"", "10", "12", "13"], "{r}");
+    assert!(replies
+        .iter()
+        .any(|x| x["id"] == 13 && x["error"]["code"] == -32601));
+    let scan = c.request(
+        "tools/call",
+        json!({"name": "kv_scan", "arguments": {"prefix": "/b"}}),
+    );
+    assert_eq!(
+        scan["result"]["structuredContent"]["entries"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    // An empty batch, and a batch of only notifications.
+    c.send(&json!([]));
+    assert_eq!(c.recv().unwrap()["error"]["code"], -32600);
+    c.send(&json!([{"jsonrpc": "2.0", "method": "notifications/initialized"}]));
+    assert_eq!(
+        c.request("ping", json!({}))["result"],
+        json!({}),
+        "no reply to notifications"
+    );
+    // Negative: a 2025-11-25 session gets -32600 for any batch.
+    let mut d = g.client();
+    d.send(&json!([{"jsonrpc": "2.0", "id": 1, "method": "ping"}]));
+    let r = d.recv().unwrap();
+    assert_eq!(r["error"]["code"], -32600, "{r}");
+    assert!(r["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("2025-03-26"));
+}
+
+#[test]
+fn sigterm_ends_sessions_of_both_eras_with_their_replies() {
+    let mut g = Gateway::start();
+    let mut c = Client::connect_raw(&g.socket("coder")).unwrap();
+    let id = c.start(
+        "tools/call",
+        json!({"name": "kv_watch", "arguments": {"prefix": "/", "since_revision": 1_000_000, "timeout_ms": 300000},
+               "_meta": meta()}),
+    );
+    let mut rounds = 0;
+    while g.status()["watching"] != 1 {
+        rounds += 1;
+        assert!(rounds < 100_000, "the watch never started waiting");
+        std::thread::yield_now();
+    }
+    g.signal(Signal::TERM);
+    let r = c
+        .recv()
+        .expect("the watch is answered before the connection closes");
+    assert_eq!(r["id"], id);
+    assert_eq!(r["result"]["resultType"], "complete", "{r}");
+    assert!(c.recv().is_none());
+    assert!(g.child.take().unwrap().wait().unwrap().success());
+}
