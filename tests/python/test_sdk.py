@@ -222,22 +222,25 @@ async def test_every_tool(gateway, kind, mode):
 async def test_protocol_version(gateway, mode):
     trace = Trace()
     async with gateway.client("socket", mode, trace=trace) as client:
-        assert client.protocol_version == PROTOCOL_VERSION
+        # auto: server/discover is answered, so the SDK speaks 2026-07-28 (no handshake).
+        want = "2026-07-28" if mode == "auto" else PROTOCOL_VERSION
+        assert client.protocol_version == want
         assert client.server_info.name == "cordon"
+        ok(await client.call_tool("kv_put", {"key": f"/pv/{mode}", "value": 1}))
 
     sent = trace.methods("send")
     if mode == "auto":
-        # server/discover is probed first; the gateway answers Method not found, the SDK falls back.
-        assert sent[:3] == ["server/discover", "initialize", "notifications/initialized"], sent
+        assert sent[0] == "server/discover", sent
+        assert "initialize" not in sent, sent
         discover_id = next(m["id"] for m in trace.messages("send") if m.get("method") == "server/discover")
         reply = next(m for m in trace.messages("recv") if m.get("id") == discover_id)
-        assert reply.get("error", {}).get("code") == -32601, reply
+        assert "2026-07-28" in reply["result"]["supportedVersions"], reply
     else:
         assert sent[:2] == ["initialize", "notifications/initialized"], sent
         assert "server/discover" not in sent
-    init_id = next(m["id"] for m in trace.messages("send") if m.get("method") == "initialize")
-    init_reply = next(m for m in trace.messages("recv") if m.get("id") == init_id)
-    assert init_reply["result"]["protocolVersion"] == PROTOCOL_VERSION
+        init_id = next(m["id"] for m in trace.messages("send") if m.get("method") == "initialize")
+        init_reply = next(m for m in trace.messages("recv") if m.get("id") == init_id)
+        assert init_reply["result"]["protocolVersion"] == PROTOCOL_VERSION
 
 
 # --------------------------------------------------------------------------------------
