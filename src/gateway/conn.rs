@@ -559,10 +559,16 @@ impl Conn {
                     None => call.await,
                     Some(token) => with_progress(call, &writer, &token, every).await,
                 };
-                pending
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&key);
+                {
+                    // Only this call's entry: a later request may reuse the id.
+                    let mut pending = pending.lock().unwrap_or_else(PoisonError::into_inner);
+                    if pending
+                        .get(&key)
+                        .is_some_and(|c| Arc::ptr_eq(&c.by_client, &cancel.by_client))
+                    {
+                        pending.remove(&key);
+                    }
+                }
                 if cancel.by_client.load(Ordering::Acquire) {
                     return None;
                 }
