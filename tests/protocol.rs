@@ -352,6 +352,32 @@ fn a_reload_that_changes_a_roles_tools_notifies_its_sessions_only() {
             .collect()
     };
     assert!(tools(&mut coder).contains(&"kv_delete".to_string()));
+    // A 2026-07-28 client of the same role listens for list changes.
+    let mut modern = Client::connect_raw(&g.socket("coder")).unwrap();
+    let listen = modern.start(
+        "subscriptions/listen",
+        json!({"_meta": meta(), "notifications": {"toolsListChanged": true, "promptsListChanged": true}}),
+    );
+    let ack = modern.recv().unwrap();
+    assert_eq!(
+        ack["method"], "notifications/subscriptions/acknowledged",
+        "{ack}"
+    );
+    assert_eq!(
+        ack["params"]["notifications"],
+        json!({"toolsListChanged": true}),
+        "only what exists is accepted"
+    );
+    assert_eq!(
+        ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"],
+        listen
+    );
+    // Negative: a legacy session has no subscriptions/listen (it is notified directly).
+    let r = viewer.request(
+        "subscriptions/listen",
+        json!({"notifications": {"toolsListChanged": true}}),
+    );
+    assert_eq!(r["error"]["code"], -32601, "{r}");
     std::fs::write(
         g.dir.join("policy.toml"),
         policy.replace(
@@ -369,6 +395,12 @@ fn a_reload_that_changes_a_roles_tools_notifies_its_sessions_only() {
     let n = coder.recv().unwrap();
     assert_eq!(n["method"], "notifications/tools/list_changed", "{n}");
     assert!(!tools(&mut coder).contains(&"kv_delete".to_string()));
+    let n = modern.recv().unwrap();
+    assert_eq!(n["method"], "notifications/tools/list_changed", "{n}");
+    assert_eq!(
+        n["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"],
+        listen
+    );
     // The viewer's tools did not change: its next line is its own reply.
     let r = viewer.request("ping", json!({}));
     assert_eq!(r["result"], json!({}), "{r}");

@@ -73,6 +73,9 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
 const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
 const META_SERVER_INFO: &str = "io.modelcontextprotocol/serverInfo";
+const META_SUBSCRIPTION: &str = "io.modelcontextprotocol/subscriptionId";
+/// Open `subscriptions/listen` streams per connection.
+const MAX_SUBSCRIPTIONS: usize = 8;
 
 /// One JSON-RPC message as it arrives: the envelope is parsed, `params` is
 /// kept as raw bytes until the method says what type they are.
@@ -147,6 +150,9 @@ struct Conn {
     /// The tools this connection was last shown (or would be): a reload that
     /// changes them sends `notifications/tools/list_changed`.
     advertised: Vec<&'static str>,
+    /// Open 2026-07-28 `subscriptions/listen` requests that accepted
+    /// `toolsListChanged`, by request id.
+    subscriptions: Vec<Value>,
 }
 
 pub async fn serve(session: Session, stream: UnixStream, token: CancellationToken, max: usize) {
@@ -161,6 +167,7 @@ pub async fn serve(session: Session, stream: UnixStream, token: CancellationToke
         legacy: None,
         initialized: false,
         stateless: false,
+        subscriptions: Vec::new(),
         pending: Arc::default(),
     };
     let calls = TaskTracker::new();
@@ -273,6 +280,11 @@ impl Conn {
                 tracing::info!(agent = %self.session.id.agent, conn = self.session.id.conn, "tools changed by a reload: notifying");
                 let line = br#"{"jsonrpc":"2.0","method":"notifications/tools/list_changed"}"#;
                 self.write(line.to_vec()).await;
+            }
+            for id in &self.subscriptions {
+                let note = json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed",
+                    "params": {"_meta": {META_SUBSCRIPTION: id}}});
+                write(&self.writer, to_vec(&note)).await;
             }
         }
     }
@@ -408,6 +420,7 @@ impl Conn {
             "ping" => Ok(Reply::Now(result_line(&id, &json!({})))),
             "tools/list" => self.list(&id, params),
             "tools/call" => return self.call(id, params),
+            "subscriptions/listen" => self.listen(&id, params),
             other => Err(ErrorData::new(
                 ErrorCode::METHOD_NOT_FOUND,
                 format!("Method not found: {other}"),
@@ -578,11 +591,69 @@ impl Conn {
         )
     }
 
-    fn cancelled(&self, params: Option<&RawValue>) {
+    /// A 2026-07-28 notification stream: acknowledged at once, then open
+    /// until the client cancels it or the session ends. Only tool-list
+    /// changes are offered (the gateway has no prompts or resources).
+    fn listen(&mut self, id: &Value, params: Option<&RawValue>) -> Result<Reply, ErrorData> {
+        #[derive(Deserialize)]
+        struct Listen {
+            #[serde(rename = "_meta")]
+            meta: Option<RequestMetaObject>,
+            #[serde(default)]
+            notifications: Filter,
+        }
+        #[derive(Deserialize, Default)]
+        #[serde(rename_all = "camelCase")]
+        struct Filter {
+            #[serde(default)]
+            tools_list_changed: bool,
+        }
+        let p: Listen = required_params(params)?;
+        if self.era(p.meta.as_ref())? != Era::Stateless {
+            return Err(ErrorData::new(
+                ErrorCode::METHOD_NOT_FOUND,
+                "Method not found: subscriptions/listen is a 2026-07-28 method; this session gets notifications/tools/list_changed directly",
+                None,
+            ));
+        }
+        if self.subscriptions.len() >= MAX_SUBSCRIPTIONS {
+            return Err(ErrorData::new(
+                super::codes::RATE_LIMITED,
+                format!(
+                    "too many open subscriptions on this connection (limit {MAX_SUBSCRIPTIONS})"
+                ),
+                None,
+            ));
+        }
+        let tools = p.notifications.tools_list_changed;
+        if tools {
+            self.subscriptions.push(id.clone());
+        }
+        let mut accepted = json!({});
+        if tools {
+            accepted["toolsListChanged"] = json!(true);
+        }
+        let ack = json!({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
+            "params": {"notifications": accepted, "_meta": {META_SUBSCRIPTION: id}}});
+        if !tools {
+            // Nothing to send, ever: acknowledge and end it.
+            let mut out = to_vec(&ack);
+            out.push(b'\n');
+            out.extend_from_slice(&result_line(
+                id,
+                &json!({"resultType": "complete", "_meta": {META_SUBSCRIPTION: id}}),
+            ));
+            return Ok(Reply::Now(out));
+        }
+        Ok(Reply::Now(to_vec(&ack)))
+    }
+
+    fn cancelled(&mut self, params: Option<&RawValue>) {
         let Some(p) = params.and_then(|p| serde_json::from_str::<CancelledParams>(p.get()).ok())
         else {
             return;
         };
+        self.subscriptions.retain(|id| *id != p.request_id);
         let key = p.request_id.to_string();
         let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(c) = pending.get(&key) {
