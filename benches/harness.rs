@@ -893,6 +893,13 @@ enum W {
     Mix,
     List,
     Txn,
+    /// `tools/list` on an open session.
+    Tools,
+    /// `initialize` again on an open session (the handshake's cost).
+    Init,
+    /// `kv_watch` with `timeout_ms: 0` on a quiet prefix (the watch path
+    /// without the wait).
+    Watch0,
 }
 
 impl W {
@@ -907,6 +914,9 @@ impl W {
             W::Mix => "mix",
             W::List => "list",
             W::Txn => "txn",
+            W::Tools => "tools",
+            W::Init => "init",
+            W::Watch0 => "watch0",
         }
     }
 
@@ -920,6 +930,9 @@ impl W {
             W::Mix => "cordon 90% get / 10% put",
             W::List => "cordon `kv_list` 100 keys",
             W::Txn => "cordon `kv_txn` 10 puts",
+            W::Tools => "cordon `tools/list`",
+            W::Init => "cordon `initialize`",
+            W::Watch0 => "cordon `kv_watch` timeout 0",
         }
     }
 }
@@ -968,6 +981,12 @@ fn run_point(o: &Opts, w: W, n: usize, v4k: &str) -> Point {
                 }
             }
             W::List => tool_call("kv_list", "{\"prefix\":\"/l\",\"limit\":100}"),
+            W::Tools => "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/list\",\"params\":{}}\n".to_string(),
+            W::Init => "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"initialize\",\"params\":{\"protocolVersion\":\"2025-11-25\",\"capabilities\":{},\"clientInfo\":{\"name\":\"bench\",\"version\":\"0\"}}}\n".to_string(),
+            W::Watch0 => tool_call(
+                "kv_watch",
+                "{\"prefix\":\"/quiet\",\"since_revision\":1000000000,\"timeout_ms\":0}",
+            ),
             W::Txn => {
                 let base = rng.next() % 100;
                 let ops: Vec<String> = (0..10)
@@ -1366,6 +1385,9 @@ fn main() {
         W::Mix,
         W::List,
         W::Txn,
+        W::Tools,
+        W::Init,
+        W::Watch0,
     ];
     let mut res: HashMap<(W, usize), Point> = HashMap::new();
     let quick = only_w.is_some() || only_n.is_some();

@@ -763,6 +763,11 @@ impl Store {
                 more: false,
                 timed_out,
             };
+            // A deadline already reached (timeout_ms 0, a poll) returns now:
+            // tokio's timer would round it up to its next 1 ms tick.
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(idle(true));
+            }
             tokio::select! {
                 changed = rev.changed() => {
                     if changed.is_err() {
