@@ -3,6 +3,7 @@
 //! peer credentials must match the agent's uid before a single byte is served.
 
 pub mod admin;
+pub mod catalog;
 pub mod codes;
 mod conn;
 pub mod request;
@@ -186,7 +187,7 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
     let shared = Arc::new(Shared {
         store: store.clone(),
         tool_json: Arc::new(
-            tools::definitions()
+            catalog::definitions()
                 .iter()
                 .filter_map(|t| {
                     let name = crate::policy::GATEWAY_TOOLS

@@ -106,11 +106,8 @@ impl Session {
 
     /// What `initialize` and `server/discover` tell the agent about itself.
     pub fn instructions(&self) -> String {
-        // Replaced by the catalog's text (role and key scopes) when it lands.
-        format!(
-            "cordon gateway: a shared key-value store. You are agent {} with role {}; the policy decides which keys you may read and write.",
-            self.id.agent, self.id.role
-        )
+        let policy = self.shared.policy.load();
+        super::catalog::instructions(&policy, &self.id.role)
     }
 
     /// One tool call, decided, run and audited. Both ways in share it: rmcp's

@@ -6,15 +6,13 @@
 //! `{"error": {"code", "message"}}` the agent can read and act on; it is never a
 //! JSON-RPC protocol error.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use rmcp::model::{CallToolResult, ContentBlock, JsonObject, Tool};
+use rmcp::model::{CallToolResult, ContentBlock};
 use serde_json::{json, Value};
 
 use super::request::{Request, RequestError};
 use crate::audit::Record;
-use crate::policy::GATEWAY_TOOLS;
 use crate::store::{Mutation, Outcome, ReplyBounds, Store, StoreError};
 
 /// Bounds for one call: the gateway's, narrowed by the caller's role.
@@ -52,83 +50,6 @@ impl ToolError {
             ToolError::Store(e) => e.code(),
         }
     }
-}
-
-fn schema(v: Value) -> Arc<JsonObject> {
-    match v {
-        Value::Object(map) => Arc::new(map),
-        // The schemas below are literals: all objects.
-        _ => Arc::new(JsonObject::new()),
-    }
-}
-
-const KEY_DOC: &str = "Key path: '/'-separated segments starting with '/', e.g. /projects/p1/tasks/t7 (no empty, '.' or '..' segments; at most 1024 bytes)";
-const PREFIX_DOC: &str =
-    "Path prefix: '/' for everything, or a key path; '/a' covers '/a' and '/a/...', never '/ab'";
-
-/// Every tool the gateway serves, in GATEWAY_TOOLS order.
-pub fn definitions() -> Vec<Tool> {
-    let key = json!({"type": "string", "description": KEY_DOC});
-    let prefix = json!({"type": "string", "description": PREFIX_DOC});
-    let revision = json!({"type": "integer", "minimum": 0});
-    let if_revision = json!({"type": "integer", "minimum": 0,
-        "description": "Compare-and-swap: only if the key's current revision is this; 0 = only if the key does not exist"});
-    let limit = json!({"type": "integer", "minimum": 1, "description": "Most items to return (default 100)"});
-    let cursor = json!({"type": "string", "description": "next_cursor from the previous page"});
-    let tools = vec![
-        Tool::new(
-            "kv_get",
-            "Read one key: its JSON value, revision and create revision.",
-            schema(json!({"type": "object", "properties": {"key": key}, "required": ["key"], "additionalProperties": false})),
-        ),
-        Tool::new(
-            "kv_put",
-            "Write a JSON value to a key; returns the new revision. With if_revision it is a compare-and-swap (0 = create only).",
-            schema(json!({"type": "object", "properties": {"key": key, "value": {"description": "Any JSON value"}, "if_revision": if_revision},
-                "required": ["key", "value"], "additionalProperties": false})),
-        ),
-        Tool::new(
-            "kv_delete",
-            "Delete a key (deleted=false when it did not exist). With if_revision only if the key is at that revision.",
-            schema(json!({"type": "object", "properties": {"key": key, "if_revision": if_revision},
-                "required": ["key"], "additionalProperties": false})),
-        ),
-        Tool::new(
-            "kv_list",
-            "List the keys under a prefix (no values), in key order, a page at a time. Only keys you may read are listed.",
-            schema(json!({"type": "object", "properties": {"prefix": prefix, "limit": limit, "cursor": cursor},
-                "required": ["prefix"], "additionalProperties": false})),
-        ),
-        Tool::new(
-            "kv_scan",
-            "List the entries (keys with values) under a prefix, in key order, a page at a time. Only keys you may read are listed.",
-            schema(json!({"type": "object", "properties": {"prefix": prefix, "limit": limit, "cursor": cursor},
-                "required": ["prefix"], "additionalProperties": false})),
-        ),
-        Tool::new(
-            "kv_txn",
-            "Atomic transaction: if every check holds, apply every op at one revision; otherwise change nothing.",
-            schema(json!({"type": "object", "properties": {
-                "checks": {"type": "array", "items": {"type": "object", "properties": {
-                    "key": key, "revision": {"type": "integer", "minimum": 0, "description": "Expected revision; 0 = key must not exist"},
-                    "value": {"description": "Expected JSON value"}}, "required": ["key"], "additionalProperties": false}},
-                "ops": {"type": "array", "items": {"type": "object", "properties": {
-                    "op": {"type": "string", "enum": ["put", "delete", "get"]}, "key": key,
-                    "value": {"description": "JSON value (put)"}, "if_revision": if_revision},
-                    "required": ["op", "key"], "additionalProperties": false}}},
-                "required": ["ops"], "additionalProperties": false})),
-        ),
-        Tool::new(
-            "kv_watch",
-            "Wait for changes under a prefix after since_revision; returns them in order, or empty after timeout_ms. Pass the returned revision as the next since_revision.",
-            schema(json!({"type": "object", "properties": {"prefix": prefix, "since_revision": revision,
-                "timeout_ms": {"type": "integer", "minimum": 0, "description": "How long to wait for a change (default 30000)"},
-                "limit": {"type": "integer", "minimum": 1, "description": "Most events to return (default 100)"}},
-                "required": ["prefix", "since_revision"], "additionalProperties": false})),
-        ),
-    ];
-    debug_assert!(tools.iter().map(|t| t.name.as_ref()).eq(GATEWAY_TOOLS));
-    tools
 }
 
 fn bounded(what: &'static str, got: Option<u64>, default: u64, max: u64) -> Result<u64, ToolError> {
