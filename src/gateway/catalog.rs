@@ -270,17 +270,28 @@ pub fn definitions() -> Vec<Tool> {
     tools
 }
 
-/// The tools of `all` that `role` may call, in the order of `all`; none for a
-/// role the policy does not have.
-pub fn tools_for(policy: &Policy, role: &str, all: &[Tool]) -> Vec<Tool> {
+/// The tools `role` may call, in list order; none for a role the policy does
+/// not have. `tools/list` and the list-changed check both use it.
+pub fn tools_for(policy: &Policy, role: &str) -> Vec<&'static str> {
     match policy.role(role) {
-        Some(r) => all
-            .iter()
-            .filter(|t| r.tool_allowed(&t.name))
-            .cloned()
+        Some(r) => GATEWAY_TOOLS
+            .into_iter()
+            .filter(|t| r.tool_allowed(t))
             .collect(),
         None => Vec::new(),
     }
+}
+
+/// Each tool's definition serialised once (at start), beside its name, in
+/// list order: `tools/list` is then a concatenation.
+pub fn definitions_json() -> Vec<(&'static str, Vec<u8>)> {
+    GATEWAY_TOOLS
+        .into_iter()
+        .zip(definitions())
+        // A Tool holds only strings, booleans and JSON maps: serialising
+        // it cannot fail.
+        .filter_map(|(name, t)| Some((name, serde_json::to_vec(&t).ok()?)))
+        .collect()
 }
 
 /// Most bytes one list of patterns takes in `instructions`; past it the rest
@@ -505,7 +516,7 @@ delete = ["/a/**"]
         assert!(text.contains("You may write no keys."), "{text}");
         assert!(text.contains("You may delete no keys."), "{text}");
         // Positive control: kv_txn alone makes write and delete usable.
-        let p = policy(&"[roles.r]\ntools = [\"kv_txn\"]\nread = [\"/a/**\"]\nwrite = [\"/a/**\"]\ndelete = [\"/a/**\"]\n");
+        let p = policy("[roles.r]\ntools = [\"kv_txn\"]\nread = [\"/a/**\"]\nwrite = [\"/a/**\"]\ndelete = [\"/a/**\"]\n");
         let text = instructions(&p, "r");
         assert!(
             text.contains("You may write keys matching \"/a/**\"."),
@@ -609,14 +620,8 @@ delete = ["/a/**"]
 
     #[test]
     fn tools_for_keeps_catalog_order_and_only_allowed_tools() {
-        let all = definitions();
         let p = policy(APEX);
-        let names = |role: &str| -> Vec<String> {
-            tools_for(&p, role, &all)
-                .iter()
-                .map(|t| t.name.to_string())
-                .collect()
-        };
+        let names = |role: &str| tools_for(&p, role);
         assert_eq!(
             names("adversary"),
             ["kv_get", "kv_put", "kv_list", "kv_scan", "kv_watch"]

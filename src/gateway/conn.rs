@@ -371,8 +371,7 @@ impl Conn {
     fn handle(&mut self, env: Envelope<'_>) -> Reply {
         let id = match &env.id {
             None => None,
-            Some(id @ Value::String(_)) => Some(id.clone()),
-            Some(id @ Value::Number(n)) if n.is_i64() || n.is_u64() => Some(id.clone()),
+            Some(id) if transport::is_id(id) => Some(id.clone()),
             Some(other) => {
                 let message =
                     format!("Invalid Request: id must be a string or an integer, not {other}");
@@ -419,7 +418,7 @@ impl Conn {
                 .map(|r| Reply::Now(result_line(&id, &r))),
             "ping" => Ok(Reply::Now(result_line(&id, &json!({})))),
             "tools/list" => self.list(&id, params),
-            "tools/call" => return self.call(id, params),
+            "tools/call" => self.call(&id, params),
             "subscriptions/listen" => self.listen(&id, params),
             other => Err(ErrorData::new(
                 ErrorCode::METHOD_NOT_FOUND,
@@ -523,28 +522,20 @@ impl Conn {
         Ok(Reply::Now(out))
     }
 
-    fn call(&mut self, id: Value, params: Option<&RawValue>) -> Reply {
-        let fail = |id: &Value, e: ErrorData| {
-            Reply::Now(error_line(Some(id), e.code, &e.message, e.data.as_ref()))
-        };
-        let p: CallToolRequestParams = match required_params(params) {
-            Ok(p) => p,
-            Err(e) => return fail(&id, e),
-        };
-        let era = match self.era(p.meta.as_ref()) {
-            Ok(era) => era,
-            Err(e) => return fail(&id, e),
-        };
+    fn call(&mut self, id: &Value, params: Option<&RawValue>) -> Result<Reply, ErrorData> {
+        let p: CallToolRequestParams = required_params(params)?;
+        let era = self.era(p.meta.as_ref())?;
+        let id = id.clone();
         let session = self.session.clone();
         let lane = Lane::of(&p.name);
         if let Lane::Inline = lane {
-            return Reply::Inline(
+            return Ok(Reply::Inline(
                 async move {
                     let r = session.call(p, CancellationToken::new()).await;
                     Some(call_line(&id, r, era))
                 }
                 .boxed(),
-            );
+            ));
         }
         // Cancellable by the client; a cancelled request gets no reply.
         let cancel = Cancel::default();
@@ -559,13 +550,13 @@ impl Conn {
                 .meta
                 .as_ref()
                 .and_then(|m| m.0 .0.get("progressToken"))
-                .filter(|t| t.is_string() || t.is_i64() || t.is_u64())
+                .filter(|t| transport::is_id(t))
                 .cloned(),
             _ => None,
         };
         let writer = self.writer.clone();
         let every = session.shared.progress_every;
-        Reply::Task(
+        Ok(Reply::Task(
             async move {
                 let call = session.call(p, cancel.token.clone());
                 let r = match progress {
@@ -588,7 +579,7 @@ impl Conn {
                 Some(call_line(&id, r, era))
             }
             .boxed(),
-        )
+        ))
     }
 
     /// A 2026-07-28 notification stream: acknowledged at once, then open
@@ -847,9 +838,7 @@ pub async fn refuse(stream: UnixStream, message: String, max: usize) {
             };
             let id = match serde_json::from_slice::<Envelope>(&line) {
                 Ok(env) if env.id.is_none() => continue,
-                Ok(env) => env
-                    .id
-                    .filter(|id| id.is_string() || id.is_i64() || id.is_u64()),
+                Ok(env) => env.id.filter(transport::is_id),
                 Err(_) => None,
             };
             write(&writer, error_line(id.as_ref(), code, &message, None)).await;

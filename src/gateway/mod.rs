@@ -186,17 +186,7 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
     let max_message = usize::try_from(g.max_message_bytes.0).unwrap_or(usize::MAX);
     let shared = Arc::new(Shared {
         store: store.clone(),
-        tool_json: Arc::new(
-            catalog::definitions()
-                .iter()
-                .filter_map(|t| {
-                    let name = crate::policy::GATEWAY_TOOLS
-                        .iter()
-                        .find(|n| **n == t.name.as_ref())?;
-                    Some((*name, serde_json::to_vec(t).ok()?))
-                })
-                .collect(),
-        ),
+        tool_json: Arc::new(catalog::definitions_json()),
         policy_changes: tokio::sync::watch::Sender::new(0),
         progress_every: Duration::from_millis(g.watch_progress_ms),
         policy: ArcSwap::from_pointee(policy),

@@ -70,17 +70,7 @@ fn narrow(gateway: u64, role: &Option<Bound>) -> u64 {
 impl Session {
     /// The tools this session's role may call, in list order.
     pub fn allowed_tools(&self) -> Vec<&'static str> {
-        let policy = self.shared.policy.load();
-        match policy.role(&self.id.role) {
-            Some(role) => self
-                .shared
-                .tool_json
-                .iter()
-                .map(|(name, _)| *name)
-                .filter(|name| role.tool_allowed(name))
-                .collect(),
-            None => Vec::new(),
-        }
+        super::catalog::tools_for(&self.shared.policy.load(), &self.id.role)
     }
 
     /// `tools/list`'s array, built from each tool's JSON serialised once at

@@ -152,11 +152,16 @@ pub async fn write_line(writer: &Writer, mut line: Vec<u8>) -> io::Result<()> {
     }
 }
 
+/// A JSON-RPC request id cordon accepts (and echoes): a string or an integer.
+pub fn is_id(id: &Value) -> bool {
+    id.is_string() || id.is_i64() || id.is_u64()
+}
+
 pub fn usable_id(line: &[u8]) -> Value {
     serde_json::from_slice::<Value>(line)
         .ok()
         .and_then(|v| v.get("id").cloned())
-        .filter(|id| id.is_string() || id.is_i64() || id.is_u64())
+        .filter(is_id)
         .unwrap_or(Value::Null)
 }
 
