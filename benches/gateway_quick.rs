@@ -7,6 +7,8 @@
 //! Prints kv_get and durable kv_put calls/s on 1 and 32 connections, with the
 //! audit log on and, as the baseline in the same run, off; and the group
 //! commit gain (32 connections vs one fsync per call on one connection).
+// A test or benchmark program: a panic is its failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;

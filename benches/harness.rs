@@ -23,6 +23,8 @@
 //! server that sends each request line back) and `serve-rmcp` (a bare rmcp
 //! server with one echo tool) are this same binary, re-executed; the APEX-style
 //! Python server is scripts/bench-apex/server.py; LMDB runs in-process (heed).
+// A test or benchmark program: a panic is its failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
 use std::fmt::Write as _;

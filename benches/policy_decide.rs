@@ -5,13 +5,15 @@
 //!
 //! Baseline in the same run: the same number of bare GlobSet matches, the floor
 //! any glob-based decision pays.
+// A test or benchmark program: a panic is its failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::hint::black_box;
 use std::path::Path;
 use std::time::Instant;
 
-use cordon::gateway::request::Request;
-use cordon::policy::{Policy, GATEWAY_TOOLS};
+use cordon::call::{Request, Tool};
+use cordon::policy::Policy;
 use serde_json::json;
 
 const ROLES: usize = 50;
@@ -65,7 +67,7 @@ fn main() {
             let serde_json::Value::Object(m) = args else {
                 unreachable!()
             };
-            Request::parse("kv_put", m).expect("parses")
+            Request::parse(Tool::Put, m).expect("parses")
         })
         .collect();
     let role_names: Vec<String> = (0..ROLES).map(|r| format!("r{r}")).collect();
@@ -82,14 +84,14 @@ fn main() {
         let role = policy
             .role(&role_names[(i % ROLES as u64) as usize])
             .unwrap();
-        black_box(role.tool(GATEWAY_TOOLS[(i % 7) as usize]));
+        black_box(role.tool(Tool::ALL[(i % 7) as usize]));
     });
     let decide = per_op("tool + limits + key decision on a parsed kv_put", n, |i| {
         let role = policy
             .role(&role_names[(i % ROLES as u64) as usize])
             .unwrap();
         let req = &requests[(i % 64) as usize];
-        black_box(role.tool("kv_put"));
+        black_box(role.tool(Tool::Put));
         let _ = black_box(role.check(req, &policy.default_deny));
     });
     per_op("listing filter (role.can_read)", n, |i| {

@@ -4,9 +4,11 @@
 
 pub mod audit;
 pub mod bridge;
+pub mod call;
 pub mod config;
 pub mod gateway;
 pub mod orchestrator;
 pub mod policy;
 pub mod sandbox;
 pub mod store;
+pub mod units;

@@ -1,6 +1,8 @@
 //! The audit log end to end: the real gateway writes it, the real CLI reads
 //! and verifies it, raw LMDB edits are caught, and a kill -9 loses nothing
 //! that was acknowledged.
+// A test or benchmark program: a panic is its failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

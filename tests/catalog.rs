@@ -2,6 +2,8 @@
 //! schemas, and an outputSchema that every result's structuredContent
 //! validates against (checked with a real JSON Schema validator), errors
 //! included; plus the instructions that name the role's scopes.
+// A test or benchmark program: a panic is its failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,5 +1,7 @@
 //! The gateway end to end: the real binary, real sockets, a real LMDB store in
 //! a temp dir, and a raw JSON-RPC client.
+// A test or benchmark program: a panic is its failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,6 +1,8 @@
 //! `cordon up` end to end: the real binary runs a real gateway and real agents
 //! in their sandboxes; tests talk to it through its control socket
 //! (`cordon status`, `cordon agent`) and read its event logs and the audit log.
+// A test or benchmark program: a panic is its failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,4 +1,6 @@
 //! Policy enforcement end to end: the real gateway, real sockets, real store.
+// A test or benchmark program: a panic is its failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

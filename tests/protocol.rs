@@ -1,6 +1,8 @@
 //! The gateway's MCP dispatcher over the real socket: both protocol eras,
 //! the replies of every tool, cancellation, progress, list changes after a
 //! reload, and batches.
+// A test or benchmark program: a panic is its failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

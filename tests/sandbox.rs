@@ -5,6 +5,8 @@
 //!
 //! Attempts are small python3 programs that print `OK` or `ERR <errno name>`.
 //! Tests that need root say so on stderr and skip when not root (CI runs as root).
+// A test or benchmark program: a panic is its failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -3,6 +3,8 @@
 //! against a mock of the Anthropic Messages API: inside the sandbox it starts,
 //! talks to the API on the one allowed port, starts `cordon bridge`, and makes a
 //! real MCP call through the gateway.
+// A test or benchmark program: a panic is its failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -5,6 +5,8 @@
 //! `mcp__cordon__kv_put` twice: on a key in the coder's write scope, then on
 //! one outside it. The first is in the store; the gateway refuses the second;
 //! both are in the audit.
+// A test or benchmark program: a panic is its failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

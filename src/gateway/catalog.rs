@@ -15,7 +15,8 @@ use std::sync::Arc;
 use rmcp::model::{JsonObject, Tool, ToolAnnotations};
 use serde_json::{json, Value};
 
-use crate::policy::{Access, Policy, Rule, GATEWAY_TOOLS};
+use crate::call::{Access, Tool as Kv};
+use crate::policy::{Policy, Rule};
 
 const KEY_DOC: &str = "Key path: '/'-separated segments starting with '/', e.g. /projects/p1/tasks/t7 (no empty, '.' or '..' segments; at most 1024 bytes)";
 const PREFIX_DOC: &str =
@@ -196,7 +197,7 @@ enum Effect {
     Txn,
 }
 
-/// Every tool the gateway serves, in GATEWAY_TOOLS order (the order
+/// Every tool the gateway serves, in `call::Tool::ALL` order (the order
 /// `tools/list` shows).
 pub fn definitions() -> Vec<Tool> {
     let key = json!({"type": "string", "description": KEY_DOC});
@@ -266,7 +267,7 @@ pub fn definitions() -> Vec<Tool> {
             watch_result(),
         ),
     ];
-    debug_assert!(tools.iter().map(|t| t.name.as_ref()).eq(GATEWAY_TOOLS));
+    debug_assert!(tools.iter().map(|t| t.name.as_ref()).eq(Kv::NAMES));
     tools
 }
 
@@ -274,9 +275,10 @@ pub fn definitions() -> Vec<Tool> {
 /// not have. `tools/list` and the list-changed check both use it.
 pub fn tools_for(policy: &Policy, role: &str) -> Vec<&'static str> {
     match policy.role(role) {
-        Some(r) => GATEWAY_TOOLS
+        Some(r) => Kv::ALL
             .into_iter()
-            .filter(|t| r.tool_allowed(t))
+            .filter(|t| r.tool_allowed(*t))
+            .map(Kv::name)
             .collect(),
         None => Vec::new(),
     }
@@ -285,7 +287,7 @@ pub fn tools_for(policy: &Policy, role: &str) -> Vec<&'static str> {
 /// Each tool's definition serialised once (at start), beside its name, in
 /// list order: `tools/list` is then a concatenation.
 pub fn definitions_json() -> Vec<(&'static str, Vec<u8>)> {
-    GATEWAY_TOOLS
+    Kv::NAMES
         .into_iter()
         .zip(definitions())
         // A Tool holds only strings, booleans and JSON maps: serialising
@@ -303,11 +305,11 @@ pub const MAX_INSTRUCTIONS_BYTES: usize = 4096;
 
 /// Which tools can exercise an access: a scope no allowed tool can use is
 /// not offered to the agent.
-fn tools_for_access(access: Access) -> &'static [&'static str] {
+fn tools_for_access(access: Access) -> &'static [Kv] {
     match access {
-        Access::Read => &["kv_get", "kv_list", "kv_scan", "kv_watch", "kv_txn"],
-        Access::Write => &["kv_put", "kv_txn"],
-        Access::Delete => &["kv_delete", "kv_txn"],
+        Access::Read => &[Kv::Get, Kv::List, Kv::Scan, Kv::Watch, Kv::Txn],
+        Access::Write => &[Kv::Put, Kv::Txn],
+        Access::Delete => &[Kv::Delete, Kv::Txn],
     }
 }
 
@@ -368,7 +370,7 @@ pub fn instructions(policy: &Policy, role: &str) -> String {
     };
     let mut denials = Vec::new();
     for access in Access::ALL {
-        let usable = tools_for_access(access).iter().any(|t| r.tool_allowed(t));
+        let usable = tools_for_access(access).iter().any(|t| r.tool_allowed(*t));
         let (allow, deny) = r.key_rules(access);
         if !usable || allow.is_empty() {
             let _ = writeln!(out, "You may {} no keys.", access.name());
@@ -626,7 +628,7 @@ delete = ["/a/**"]
             names("adversary"),
             ["kv_get", "kv_put", "kv_list", "kv_scan", "kv_watch"]
         );
-        assert_eq!(names("supervisor"), GATEWAY_TOOLS);
+        assert_eq!(names("supervisor"), Kv::NAMES);
         assert!(names("nobody").is_empty());
     }
 

@@ -6,7 +6,6 @@ pub mod admin;
 pub mod catalog;
 pub mod codes;
 mod conn;
-pub mod request;
 pub mod roots;
 mod session;
 pub mod tools;

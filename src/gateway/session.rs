@@ -14,10 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::codes;
-use super::request::Request;
 use super::tools::{self, ToolError, ToolLimits};
 use crate::audit::{self, Record};
-use crate::policy::{Bound, Policy, RateLimiter, GATEWAY_TOOLS};
+use crate::policy::{Bound, Policy, RateLimiter, Refusal};
 use crate::store::Store;
 
 /// Who is on the other end of a connection, as the kernel and the socket say.
@@ -100,9 +99,10 @@ impl Session {
         super::catalog::instructions(&policy, &self.id.role)
     }
 
-    /// One tool call, decided, run and audited. Both ways in share it: rmcp's
-    /// dispatch (`call_tool`) and the connection's own fast path (see `conn`).
-    /// `cancel` ends a waiting call (a watch) early.
+    /// One tool call: identity (this session's), the policy's decision
+    /// (`Policy::decide`: tool, rate, arguments, limits, keys), the store,
+    /// the audit record, the result. `cancel` ends a waiting call (a watch)
+    /// early.
     pub async fn call(
         &self,
         request: CallToolRequestParams,
@@ -136,46 +136,8 @@ impl Session {
                 None,
             );
         }
-        if !GATEWAY_TOOLS.contains(&name.as_str()) {
-            rec.decision = Some("deny".into());
-            return audit.refuse(
-                rec,
-                ErrorCode::INVALID_PARAMS,
-                format!("unknown tool: {name}"),
-                None,
-            );
-        }
-        let Some(role) = policy.role(&id.role) else {
-            // Load and reload refuse a policy that lacks a configured agent's
-            // role, so this cannot happen; refuse rather than serve.
-            rec.decision = Some("deny".into());
-            let message = format!("denied by policy: role {} is not in the policy", id.role);
-            return audit.refuse(rec, codes::DENIED, message, None);
-        };
-        // The tool first: a role that may not call it learns nothing more, and
-        // its arguments are never looked at.
-        if let Some(decision) = role.tool(&name).filter(|d| !d.allowed) {
-            tracing::info!(agent = %id.agent, role = %id.role, tool = %name, rule = %decision.rule, "denied: tool");
-            rec.decision = Some("deny".into());
-            rec.rule = Some(decision.rule.to_ref());
-            let message = format!(
-                "denied by policy: role {} may not call {name} ({})",
-                id.role, decision.rule
-            );
-            let data = serde_json::json!({"rule": decision.rule.to_json()});
-            return audit.refuse(rec, codes::DENIED, message, Some(data));
-        }
-        if let Some(bound) = &role.limits.calls_per_minute {
-            if !self.rate.try_acquire(bound.max) {
-                rec.decision = Some("deny".into());
-                rec.rule = Some(bound.rule.to_ref());
-                let message = format!(
-                    "rate limited: agent {} may make {} calls per minute ({})",
-                    id.agent, bound.max, bound.rule
-                );
-                return audit.tool_error(rec, "rate_limited", message, Some(bound.rule.to_json()));
-            }
-        }
+        // A transport bound, before the policy: a busy connection's calls
+        // take no rate token.
         let Ok(_permit) = self.inflight.try_acquire() else {
             rec.decision = Some("deny".into());
             let message = format!(
@@ -184,35 +146,61 @@ impl Session {
             );
             return audit.refuse(rec, codes::RATE_LIMITED, message, None);
         };
-        let parsed = match Request::parse(&name, args) {
-            Ok(r) => r,
-            Err(e) => {
-                let e = ToolError::from(e);
-                rec.decision = Some("invalid".into());
-                return audit.tool_error(rec, e.code(), e.to_string(), None);
+        let decided = policy.decide(&id.role, &name, args, |bound| {
+            self.rate.try_acquire(bound.max)
+        });
+        let allowed = match decided {
+            Ok(allowed) => allowed,
+            Err(refusal) => {
+                rec.decision = Some(match refusal {
+                    Refusal::Invalid(_) => "invalid".into(),
+                    _ => "deny".into(),
+                });
+                rec.rule = refusal.rule().map(|r| r.to_ref());
+                let message = refusal.message(&id.role, &name);
+                let rule = refusal.rule().map(|r| r.to_json());
+                if let Some(r) = refusal.rule() {
+                    tracing::info!(agent = %id.agent, role = %id.role, tool = %name, rule = %r, "denied: {message}");
+                }
+                return match refusal {
+                    Refusal::UnknownTool => {
+                        audit.refuse(rec, ErrorCode::INVALID_PARAMS, message, None)
+                    }
+                    Refusal::NoRole => audit.refuse(rec, codes::DENIED, message, None),
+                    Refusal::Tool { rule: r } => {
+                        let message = format!("{message} ({r})");
+                        let data = serde_json::json!({ "rule": r.to_json() });
+                        audit.refuse(rec, codes::DENIED, message, Some(data))
+                    }
+                    Refusal::Rate(b) => {
+                        let message = format!(
+                            "rate limited: agent {} may make {} calls per minute ({})",
+                            id.agent, b.max, b.rule
+                        );
+                        audit.tool_error(rec, "rate_limited", message, rule)
+                    }
+                    Refusal::Invalid(e) => {
+                        let e = ToolError::from(e);
+                        audit.tool_error(rec, e.code(), e.to_string(), None)
+                    }
+                    Refusal::Denied(d, request) => {
+                        rec.keys = request.audit_keys();
+                        let message = format!("{} ({})", d.message, d.rule);
+                        audit.tool_error(rec, d.kind.code(), message, rule)
+                    }
+                };
             }
         };
-        rec.keys = parsed.audit_keys();
-        match role.check(&parsed, &policy.default_deny) {
-            Err(denial) => {
-                tracing::info!(agent = %id.agent, role = %id.role, tool = %name, rule = %denial.rule, "denied: {}", denial.message);
-                rec.decision = Some("deny".into());
-                rec.rule = Some(denial.rule.to_ref());
-                let message = format!("{} ({})", denial.message, denial.rule);
-                let rule = Some(denial.rule.to_json());
-                return audit.tool_error(rec, denial.kind.code(), message, rule);
-            }
-            Ok(rules) => {
-                rec.decision = Some("allow".into());
-                let deciding = rules.last().or(role.tool(&name).map(|d| &d.rule));
-                rec.rule = deciding.map(|r| r.to_ref());
-            }
-        }
-        if let Some((bytes, digest, values)) = parsed.written_values() {
+        let role = allowed.role;
+        rec.keys = allowed.request.audit_keys();
+        rec.decision = Some("allow".into());
+        rec.rule = allowed.deciding_rule().map(|r| r.to_ref());
+        let parsed = allowed.request;
+        if let Some((bytes, digest)) = parsed.written_digest() {
             rec.value_bytes = Some(bytes);
             rec.value_sha256 = Some(digest);
             if shared.record_values {
-                rec.values = Some(values);
+                rec.values = parsed.written_values();
             }
         }
         let limits = ToolLimits {

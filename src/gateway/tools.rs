@@ -11,8 +11,8 @@ use std::time::Duration;
 use rmcp::model::{CallToolResult, ContentBlock};
 use serde_json::{json, Value};
 
-use super::request::{Request, RequestError};
 use crate::audit::Record;
+use crate::call::{Request, RequestError};
 use crate::store::{Mutation, Outcome, ReplyBounds, Store, StoreError};
 
 /// Bounds for one call: the gateway's, narrowed by the caller's role.
@@ -88,17 +88,9 @@ pub async fn execute(
     record: Option<Record>,
 ) -> (Result<Value, ToolError>, Option<Record>) {
     let mutation = match request {
-        Request::Put {
-            key,
-            value,
-            if_revision,
-        } => Mutation::Put {
-            key,
-            value,
-            if_revision,
-        },
-        Request::Delete { key, if_revision } => Mutation::Delete { key, if_revision },
-        Request::Txn { checks, ops } => Mutation::Txn { checks, ops },
+        Request::Put(p) => Mutation::Put(p),
+        Request::Delete(d) => Mutation::Delete(d),
+        Request::Txn(t) => Mutation::Txn(t),
         read => return (read_only(store, limits, read, visible, stop).await, record),
     };
     let result = store.mutate(mutation, record).await;
@@ -172,7 +164,7 @@ async fn read_only(
             Ok(to_json(&result))
         }
         // `execute` routes mutations to the store's writer; never here.
-        Request::Put { .. } | Request::Delete { .. } | Request::Txn { .. } => {
+        Request::Put(_) | Request::Delete(_) | Request::Txn(_) => {
             Err(ToolError::Store(StoreError::Closed))
         }
     }

@@ -12,8 +12,9 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::OrchestratorError;
+use crate::call::Tool;
 use crate::config::{AgentConfig, AgentKind, Config, RestartPolicy};
-use crate::policy::{Policy, GATEWAY_TOOLS};
+use crate::policy::Policy;
 use crate::sandbox::exec::find_on_path;
 use crate::sandbox::plan::{Ids, Plan, PlanInput};
 use crate::sandbox::profile::{Placeholders, Profile};
@@ -160,9 +161,9 @@ pub fn allowed_tools(policy: &Policy, role: &str) -> Vec<String> {
     let Some(r) = policy.role(role) else {
         return Vec::new();
     };
-    GATEWAY_TOOLS
+    Tool::ALL
         .iter()
-        .filter(|t| r.tool_allowed(t))
+        .filter(|t| r.tool_allowed(**t))
         .map(|t| format!("mcp__{MCP_SERVER}__{t}"))
         .chain(r.agent_tools.iter().map(|(t, _)| t.clone()))
         .collect()

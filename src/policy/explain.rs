@@ -106,7 +106,7 @@ pub fn show_text(policy: &Policy, role: &Role) -> String {
     ]];
     for (tool, d) in role.tool_decisions() {
         rows.push(vec![
-            tool.into(),
+            tool.name().into(),
             if d.allowed { "allow" } else { "deny" }.into(),
             loc(&d.rule),
             d.rule.text.clone(),

@@ -22,20 +22,10 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-use crate::gateway::request::Request;
+pub use crate::call::Access;
+use crate::call::{Request, RequestError, Tool};
 pub use diag::{Diagnostic, Severity};
 pub use rate::RateLimiter;
-
-/// The gateway's tools, in the order `tools/list` shows them.
-pub const GATEWAY_TOOLS: [&str; 7] = [
-    "kv_get",
-    "kv_put",
-    "kv_delete",
-    "kv_list",
-    "kv_scan",
-    "kv_txn",
-    "kv_watch",
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
@@ -71,30 +61,6 @@ fn render(diagnostics: &[Diagnostic]) -> String {
         if errors == 1 { "" } else { "s" }
     ));
     out.join("\n")
-}
-
-/// How a request touches a key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    Read,
-    Write,
-    Delete,
-}
-
-impl Access {
-    pub const ALL: [Access; 3] = [Access::Read, Access::Write, Access::Delete];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Access::Read => "read",
-            Access::Write => "write",
-            Access::Delete => "delete",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
 }
 
 /// Where a decision came from: file, line and the rule as written.
@@ -220,7 +186,7 @@ fn first_match(set: &GlobSet, key: &str) -> usize {
 pub struct Role {
     pub name: String,
     pub inherits: Vec<String>,
-    /// One decision per entry of GATEWAY_TOOLS.
+    /// One decision per tool, in `Tool::ALL` order.
     tools: Vec<Decision>,
     pub agent_tools: Vec<(String, Arc<Rule>)>,
     scopes: [Scope; 3],
@@ -228,15 +194,12 @@ pub struct Role {
 }
 
 impl Role {
-    pub fn tool(&self, tool: &str) -> Option<&Decision> {
-        GATEWAY_TOOLS
-            .iter()
-            .position(|t| *t == tool)
-            .map(|i| &self.tools[i])
+    pub fn tool(&self, tool: Tool) -> &Decision {
+        &self.tools[tool.index()]
     }
 
-    pub fn tool_allowed(&self, tool: &str) -> bool {
-        self.tool(tool).is_some_and(|d| d.allowed)
+    pub fn tool_allowed(&self, tool: Tool) -> bool {
+        self.tool(tool).allowed
     }
 
     pub fn key(&self, access: Access, key: &str, default: &Arc<Rule>) -> Decision {
@@ -296,11 +259,11 @@ impl Role {
                 over(&l.max_watch_ms, "timeout_ms", timeout_ms.unwrap_or(0))?;
                 over(&l.max_scan_items, "limit", limit.unwrap_or(0))
             }
-            Request::Txn { checks, ops } => {
+            Request::Txn(t) => {
                 over(
                     &l.max_txn_ops,
                     "checks + ops",
-                    (checks.len() + ops.len()) as u64,
+                    (t.checks.len() + t.ops.len()) as u64,
                 )?;
                 over(
                     &l.max_value_bytes,
@@ -308,12 +271,12 @@ impl Role {
                     request.largest_value() as u64,
                 )
             }
-            Request::Put { .. } => over(
+            Request::Put(_) => over(
                 &l.max_value_bytes,
                 "value size",
                 request.largest_value() as u64,
             ),
-            Request::Get { .. } | Request::Delete { .. } => Ok(()),
+            Request::Get { .. } | Request::Delete(_) => Ok(()),
         }
     }
 
@@ -323,8 +286,8 @@ impl Role {
         (&s.allow_rules, &s.deny_rules)
     }
 
-    pub fn tool_decisions(&self) -> impl Iterator<Item = (&'static str, &Decision)> {
-        GATEWAY_TOOLS.iter().copied().zip(self.tools.iter())
+    pub fn tool_decisions(&self) -> impl Iterator<Item = (Tool, &Decision)> {
+        Tool::ALL.iter().copied().zip(self.tools.iter())
     }
 }
 
@@ -457,27 +420,54 @@ impl Policy {
         Ok(())
     }
 
-    /// Decides a call exactly as the gateway does: the tool, then the arguments,
-    /// then the role's limits and key scopes.
-    pub fn evaluate(&self, role: &str, tool: &str, args: &Value) -> Verdict {
+    /// The decision sequence of one tool call, in the order the gateway
+    /// applies it: the tool (a role that may not call it learns nothing more,
+    /// and its arguments are never looked at), the agent's rate (`rate` is
+    /// asked only when the role has a `calls_per_minute`, and takes a token),
+    /// the arguments parsed into the typed request, the role's limits, then
+    /// every key the request touches. The gateway, `cordon policy explain`,
+    /// the policy file's `[[tests]]` and the proptests all decide here.
+    pub fn decide(
+        &self,
+        role: &str,
+        tool: &str,
+        args: serde_json::Map<String, Value>,
+        rate: impl FnOnce(&Bound) -> bool,
+    ) -> Result<Allowed<'_>, Refusal> {
+        let Some(tool) = Tool::from_name(tool) else {
+            return Err(Refusal::UnknownTool);
+        };
         let Some(r) = self.role(role) else {
-            return Verdict::Deny {
-                rule: self.default_deny.clone(),
-                message: format!("no role {role:?} in this policy"),
-            };
+            return Err(Refusal::NoRole);
         };
-        let Some(tool_decision) = r.tool(tool) else {
-            return Verdict::Deny {
-                rule: self.default_deny.clone(),
-                message: format!("{tool} is not a gateway tool"),
-            };
-        };
+        let tool_decision = r.tool(tool);
         if !tool_decision.allowed {
-            return Verdict::Deny {
+            return Err(Refusal::Tool {
                 rule: tool_decision.rule.clone(),
-                message: format!("denied by policy: role {role} may not call {tool}"),
-            };
+            });
         }
+        if let Some(bound) = &r.limits.calls_per_minute {
+            if !rate(bound) {
+                return Err(Refusal::Rate(bound.clone()));
+            }
+        }
+        let request = Request::parse(tool, args).map_err(Refusal::Invalid)?;
+        let mut rules = match r.check(&request, &self.default_deny) {
+            Ok(rules) => rules,
+            Err(denial) => return Err(Refusal::Denied(denial, Box::new(request))),
+        };
+        rules.insert(0, tool_decision.rule.clone());
+        Ok(Allowed {
+            tool,
+            role: r,
+            request,
+            rules,
+        })
+    }
+
+    /// Decides a call as the gateway does (without a rate limit), for
+    /// `cordon policy explain` and the policy's tests.
+    pub fn evaluate(&self, role: &str, tool: &str, args: &Value) -> Verdict {
         let obj = match args {
             Value::Object(m) => m.clone(),
             Value::Null => Default::default(),
@@ -487,23 +477,79 @@ impl Policy {
                 }
             }
         };
-        let request = match Request::parse(tool, obj) {
-            Ok(r) => r,
-            Err(e) => {
-                return Verdict::Invalid {
-                    message: e.to_string(),
-                }
-            }
-        };
-        match r.check(&request, &self.default_deny) {
-            Ok(mut rules) => {
-                rules.insert(0, tool_decision.rule.clone());
-                Verdict::Allow { rules }
-            }
-            Err(d) => Verdict::Deny {
-                rule: d.rule,
-                message: d.message,
+        match self.decide(role, tool, obj, |_| true) {
+            Ok(allowed) => Verdict::Allow {
+                rules: allowed.rules,
             },
+            Err(Refusal::Invalid(e)) => Verdict::Invalid {
+                message: e.to_string(),
+            },
+            Err(refusal) => Verdict::Deny {
+                rule: refusal.rule().unwrap_or(&self.default_deny).clone(),
+                message: refusal.message(role, tool),
+            },
+        }
+    }
+}
+
+/// A call the policy allowed: its tool, the typed request the store will
+/// execute, the caller's role, and the rules that allowed it (the tool's
+/// first, then each key's).
+pub struct Allowed<'p> {
+    pub tool: Tool,
+    pub role: &'p Role,
+    pub request: Request,
+    pub rules: Vec<Arc<Rule>>,
+}
+
+impl Allowed<'_> {
+    /// The rule an audit record names: the last that had to allow it.
+    pub fn deciding_rule(&self) -> Option<&Arc<Rule>> {
+        self.rules.last()
+    }
+}
+
+/// Why a call was refused before the store, by the stage that refused it.
+#[derive(Debug)]
+pub enum Refusal {
+    /// Not one of the gateway's tools.
+    UnknownTool,
+    /// The caller's role is not in the policy. Load and reload refuse a
+    /// policy that lacks a configured agent's role, so the gateway never sees
+    /// this; it refuses rather than serves.
+    NoRole,
+    /// The role may not call the tool.
+    Tool { rule: Arc<Rule> },
+    /// Over the agent's `calls_per_minute`.
+    Rate(Bound),
+    /// The arguments do not parse into a request.
+    Invalid(RequestError),
+    /// A key outside the role's scopes, or a size or count over its limits;
+    /// with the request, whose keys the audit record names.
+    Denied(Denial, Box<Request>),
+}
+
+impl Refusal {
+    /// The rule that refused, where one did (not for an unknown tool or role,
+    /// nor for invalid arguments).
+    pub fn rule(&self) -> Option<&Arc<Rule>> {
+        match self {
+            Refusal::Tool { rule } => Some(rule),
+            Refusal::Rate(b) => Some(&b.rule),
+            Refusal::Denied(d, _) => Some(&d.rule),
+            Refusal::UnknownTool | Refusal::NoRole | Refusal::Invalid(_) => None,
+        }
+    }
+
+    /// What the caller is told, without the rule (callers add it).
+    pub fn message(&self, role: &str, tool: &str) -> String {
+        match self {
+            Refusal::UnknownTool => format!("unknown tool: {tool}"),
+            Refusal::NoRole => format!("denied by policy: role {role} is not in the policy"),
+            Refusal::Tool { .. } => format!("denied by policy: role {role} may not call {tool}"),
+            Refusal::Rate(b) => format!("rate limited: {} calls per minute", b.max),
+            Refusal::Invalid(e) => e.to_string(),
+            Refusal::Denied(d, _) => d.message.clone(),
         }
     }
 }
@@ -764,13 +810,13 @@ impl Builder<'_> {
     fn check_tool_pattern(&mut self, p: &Spanned<String>) {
         match glob::tool_glob(p.get_ref()) {
             Ok(m) => {
-                if !GATEWAY_TOOLS.iter().any(|t| m.is_match(t)) {
+                if !Tool::NAMES.iter().any(|t| m.is_match(t)) {
                     self.error(
                         p.span(),
                         format!(
                             "tool pattern {:?} matches no gateway tool (tools: {})",
                             p.get_ref(),
-                            GATEWAY_TOOLS.join(", ")
+                            Tool::NAMES.join(", ")
                         ),
                     );
                 }
@@ -787,8 +833,8 @@ impl Builder<'_> {
     ) -> Role {
         let text = |role: &str, field: &str, p: &str| format!("roles.{role}.{field} = {p:?}");
 
-        let mut tools = Vec::with_capacity(GATEWAY_TOOLS.len());
-        for tool in GATEWAY_TOOLS {
+        let mut tools = Vec::with_capacity(Tool::ALL.len());
+        for tool in Tool::NAMES {
             let mut decision = Decision {
                 allowed: false,
                 rule: default_deny.clone(),
@@ -942,12 +988,12 @@ impl Builder<'_> {
                 continue;
             }
             let tool = test.tool.get_ref();
-            if !GATEWAY_TOOLS.contains(&tool.as_str()) {
+            if Tool::from_name(tool).is_none() {
                 self.error(
                     test.tool.span(),
                     format!(
                         "test names unknown tool {tool:?} (tools: {})",
-                        GATEWAY_TOOLS.join(", ")
+                        Tool::NAMES.join(", ")
                     ),
                 );
                 continue;

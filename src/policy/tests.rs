@@ -47,16 +47,16 @@ fn allow(p: &Policy, role: &str, tool: &str, args: Value) -> bool {
 fn tools_allow_deny_and_default() {
     let p = policy(BASIC);
     let coder = p.role("coder").unwrap();
-    assert!(coder.tool_allowed("kv_put"));
+    assert!(coder.tool_allowed(Tool::Put));
     assert!(
-        !coder.tool_allowed("kv_delete"),
+        !coder.tool_allowed(Tool::Delete),
         "deny_tools beats the kv_* allow"
     );
-    let d = coder.tool("kv_delete").unwrap();
+    let d = coder.tool(Tool::Delete);
     assert_eq!(d.rule.text, "roles.coder.deny_tools = \"kv_delete\"");
     assert_eq!(d.rule.line, 10);
     let base = p.role("base").unwrap();
-    let d = base.tool("kv_put").unwrap();
+    let d = base.tool(Tool::Put);
     assert!(!d.allowed);
     assert_eq!(d.rule.line, 0, "default deny is a rule too: {}", d.rule);
     assert!(d.rule.to_string().contains("deny by default"));

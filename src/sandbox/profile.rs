@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ByteSize;
+use crate::units::ByteSize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {

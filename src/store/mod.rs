@@ -215,37 +215,75 @@ pub struct Check {
     pub value: Option<Value>,
 }
 
+/// A value on its way into the store: the JSON the caller sent and its
+/// canonical bytes (what is stored), computed once and used for its size
+/// bound, the audit digest, the stored record and the change event.
 #[derive(Debug, Clone)]
-pub enum Op {
-    Put {
-        key: Key,
-        value: Value,
-        if_revision: Option<u64>,
-    },
-    Delete {
-        key: Key,
-        if_revision: Option<u64>,
-    },
-    Get {
-        key: Key,
-    },
+pub struct Written {
+    value: Value,
+    json: Box<[u8]>,
 }
 
+impl Written {
+    pub fn new(value: Value) -> Written {
+        let json = audit::canonical(&value).into_boxed_slice();
+        Written { value, json }
+    }
+
+    pub fn value(&self) -> &Value {
+        &self.value
+    }
+
+    /// The canonical JSON, as stored.
+    pub fn json(&self) -> &[u8] {
+        &self.json
+    }
+
+    /// Its size as stored, in bytes.
+    pub fn len(&self) -> usize {
+        self.json.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.json.is_empty()
+    }
+}
+
+/// A put, alone (`kv_put`) or as one op of a transaction.
+#[derive(Debug, Clone)]
+pub struct Put {
+    pub key: Key,
+    pub value: Written,
+    pub if_revision: Option<u64>,
+}
+
+/// A delete, alone (`kv_delete`) or as one op of a transaction.
+#[derive(Debug, Clone)]
+pub struct Delete {
+    pub key: Key,
+    pub if_revision: Option<u64>,
+}
+
+/// A transaction: every check holds, then every op runs, or nothing does.
+#[derive(Debug, Clone)]
+pub struct Txn {
+    pub checks: Vec<Check>,
+    pub ops: Vec<Op>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Op {
+    Put(Put),
+    Delete(Delete),
+    Get { key: Key },
+}
+
+/// What the writer executes.
 #[derive(Debug)]
 pub enum Mutation {
-    Put {
-        key: Key,
-        value: Value,
-        if_revision: Option<u64>,
-    },
-    Delete {
-        key: Key,
-        if_revision: Option<u64>,
-    },
-    Txn {
-        checks: Vec<Check>,
-        ops: Vec<Op>,
-    },
+    Put(Put),
+    Delete(Delete),
+    Txn(Txn),
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -697,8 +735,8 @@ impl Store {
 
     fn check_mutation(&self, mutation: &Mutation) -> Result<(), StoreError> {
         let max = self.inner.opts.max_value_bytes;
-        let check_value = |v: &Value| {
-            let size = json_size(v);
+        let check_value = |v: &Written| {
+            let size = v.len();
             if size > max {
                 Err(StoreError::ValueTooLarge { size, max })
             } else {
@@ -706,9 +744,9 @@ impl Store {
             }
         };
         match mutation {
-            Mutation::Put { value, .. } => check_value(value),
-            Mutation::Delete { .. } => Ok(()),
-            Mutation::Txn { checks, ops } => {
+            Mutation::Put(p) => check_value(&p.value),
+            Mutation::Delete(_) => Ok(()),
+            Mutation::Txn(Txn { checks, ops }) => {
                 let count = checks.len() + ops.len();
                 if count > self.inner.opts.max_txn_ops {
                     return Err(StoreError::TooManyOps {
@@ -717,8 +755,8 @@ impl Store {
                     });
                 }
                 for op in ops {
-                    if let Op::Put { value, .. } = op {
-                        check_value(value)?;
+                    if let Op::Put(p) = op {
+                        check_value(&p.value)?;
                     }
                 }
                 Ok(())
@@ -974,24 +1012,6 @@ fn get_entry(
         Some(raw) => decode_entry(key_str, raw).map(Some),
         None => Ok(None),
     }
-}
-
-/// Size of a value as stored (compact JSON).
-pub fn json_size(v: &Value) -> usize {
-    struct Counter(usize);
-    impl std::io::Write for Counter {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0 += buf.len();
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut c = Counter(0);
-    // Writing a Value into a counter cannot fail: Value has only string keys.
-    let _ = serde_json::to_writer(&mut c, v);
-    c.0
 }
 
 #[cfg(test)]

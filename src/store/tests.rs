@@ -18,11 +18,11 @@ fn key(s: &str) -> Key {
 }
 
 fn put(k: &str, v: Value) -> Mutation {
-    Mutation::Put {
+    Mutation::Put(Put {
         key: key(k),
-        value: v,
+        value: Written::new(v),
         if_revision: None,
-    }
+    })
 }
 
 #[tokio::test]
@@ -53,10 +53,12 @@ async fn put_get_revisions() {
 async fn cas_conflicts() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    let create = |rev| Mutation::Put {
-        key: key("/c"),
-        value: json!("x"),
-        if_revision: Some(rev),
+    let create = |rev| {
+        Mutation::Put(Put {
+            key: key("/c"),
+            value: Written::new(json!("x")),
+            if_revision: Some(rev),
+        })
     };
     s.mutate(create(0), None).await.unwrap();
     let err = s.mutate(create(0), None).await.unwrap_err();
@@ -82,9 +84,11 @@ async fn cas_conflicts() {
 async fn delete_missing_and_present() {
     let dir = tempfile::tempdir().unwrap();
     let s = open(dir.path());
-    let del = || Mutation::Delete {
-        key: key("/d"),
-        if_revision: None,
+    let del = || {
+        Mutation::Delete(Delete {
+            key: key("/d"),
+            if_revision: None,
+        })
     };
     let Outcome::Delete(d) = s.mutate(del(), None).await.unwrap() else {
         panic!()
@@ -106,69 +110,69 @@ async fn txn_is_all_or_nothing() {
     let s = open(dir.path());
     s.mutate(put("/t/x", json!(1)), None).await.unwrap();
     let ops = vec![
-        Op::Put {
+        Op::Put(Put {
             key: key("/t/a"),
-            value: json!(1),
+            value: Written::new(json!(1)),
             if_revision: None,
-        },
-        Op::Put {
+        }),
+        Op::Put(Put {
             key: key("/t/b"),
-            value: json!(2),
+            value: Written::new(json!(2)),
             if_revision: None,
-        },
+        }),
     ];
-    let bad = Mutation::Txn {
+    let bad = Mutation::Txn(Txn {
         checks: vec![Check {
             key: key("/t/x"),
             revision: Some(9),
             value: None,
         }],
         ops: ops.clone(),
-    };
+    });
     let err = s.mutate(bad, None).await.unwrap_err();
     assert_eq!(err.code(), "check_failed");
     assert!(s.get(&key("/t/a")).unwrap().is_none());
     // A conflict in the second op undoes the first.
-    let bad_op = Mutation::Txn {
+    let bad_op = Mutation::Txn(Txn {
         checks: vec![],
         ops: vec![
-            Op::Put {
+            Op::Put(Put {
                 key: key("/t/a"),
-                value: json!(1),
+                value: Written::new(json!(1)),
                 if_revision: None,
-            },
-            Op::Put {
+            }),
+            Op::Put(Put {
                 key: key("/t/x"),
-                value: json!(1),
+                value: Written::new(json!(1)),
                 if_revision: Some(0),
-            },
+            }),
         ],
-    };
+    });
     assert_eq!(s.mutate(bad_op, None).await.unwrap_err().code(), "conflict");
     assert!(s.get(&key("/t/a")).unwrap().is_none());
     assert_eq!(s.revision(), 1);
 
-    let good = Mutation::Txn {
+    let good = Mutation::Txn(Txn {
         checks: vec![Check {
             key: key("/t/x"),
             revision: Some(1),
             value: Some(json!(1)),
         }],
         ops,
-    };
+    });
     let Outcome::Txn(t) = s.mutate(good, None).await.unwrap() else {
         panic!()
     };
     assert_eq!(t.revision, 2);
     assert_eq!(s.get(&key("/t/b")).unwrap().unwrap().revision, 2);
-    let too_many = Mutation::Txn {
+    let too_many = Mutation::Txn(Txn {
         checks: vec![],
         ops: (0..17)
             .map(|i| Op::Get {
                 key: key(&format!("/k{i}")),
             })
             .collect(),
-    };
+    });
     assert_eq!(
         s.mutate(too_many, None).await.unwrap_err().code(),
         "too_large"
@@ -220,10 +224,10 @@ async fn watch_replays_and_wakes() {
     s.mutate(put("/w/1", json!(1)), None).await.unwrap();
     s.mutate(put("/other", json!(1)), None).await.unwrap();
     s.mutate(
-        Mutation::Delete {
+        Mutation::Delete(Delete {
             key: key("/w/1"),
             if_revision: None,
-        },
+        }),
         None,
     )
     .await

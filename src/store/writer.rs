@@ -8,15 +8,15 @@
 
 use heed::types::Bytes;
 use heed::{Database, Env, PutFlags, RwTxn, WithoutTls};
-use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    decode_u64, get_entry, AuditOptions, Check, Dbs, DeleteOutcome, Event, EventKind, Job, Key,
-    Mutation, Op, OpResult, Outcome, PutOutcome, StoreError, TxnOutcome, Work, META_COMPACTED,
+    decode_u64, get_entry, AuditOptions, Check, Dbs, Delete, DeleteOutcome, Job, Key, Mutation, Op,
+    OpResult, Outcome, Put, PutOutcome, StoreError, Txn, TxnOutcome, Work, META_COMPACTED,
     META_JOURNAL_SEALED, META_REVISION,
 };
 use crate::audit::{AuditError, Chain, Drafts, Journal, Record};
@@ -393,38 +393,70 @@ struct Ctx<'a> {
     dbs: Dbs,
     /// The revision this mutation commits at, if it changes anything.
     next: u64,
-    events: &'a mut Vec<Event>,
+    events: &'a mut Changes,
 }
 
-fn put(
-    txn: &mut RwTxn,
-    ctx: &mut Ctx<'_>,
-    key: &Key,
-    value: &Value,
-    if_revision: Option<u64>,
-) -> Result<PutOutcome, StoreError> {
+/// The `changes` record of one revision, written as it happens: the JSON
+/// array of its events (`[Event]`'s serde form), with each put's value spliced
+/// in from the bytes computed at parse rather than serialised again.
+#[derive(Default)]
+struct Changes {
+    json: Vec<u8>,
+    count: usize,
+}
+
+impl Changes {
+    fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    fn open(&mut self, revision: u64, key: &Key) {
+        self.json.push(if self.count == 0 { b'[' } else { b',' });
+        self.count += 1;
+        // Writing into a Vec cannot fail.
+        let _ = write!(self.json, "{{\"revision\":{revision},\"key\":");
+        // Serialising a string into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut self.json, key.as_str());
+    }
+
+    fn put(&mut self, revision: u64, key: &Key, value: &[u8], create_revision: u64) {
+        self.open(revision, key);
+        self.json.extend_from_slice(b",\"type\":\"put\",\"value\":");
+        self.json.extend_from_slice(value);
+        let _ = write!(self.json, ",\"create_revision\":{create_revision}}}");
+    }
+
+    fn delete(&mut self, revision: u64, key: &Key) {
+        self.open(revision, key);
+        self.json.extend_from_slice(b",\"type\":\"delete\"}");
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        self.json.push(b']');
+        self.json
+    }
+}
+
+fn put(txn: &mut RwTxn, ctx: &mut Ctx<'_>, op: &Put) -> Result<PutOutcome, StoreError> {
+    let Put {
+        key,
+        value,
+        if_revision,
+    } = op;
+    let if_revision = *if_revision;
     let existing = get_entry(txn, ctx.dbs.kv, key.as_bytes())?;
     let previous = existing.as_ref().map(|e| e.revision);
     expect_revision(key, if_revision, previous.unwrap_or(0))?;
     let create_revision = existing.map_or(ctx.next, |e| e.create_revision);
-    let mut record = Vec::with_capacity(16 + 64);
+    let mut record = Vec::with_capacity(16 + value.len());
     record.extend_from_slice(&create_revision.to_be_bytes());
     record.extend_from_slice(&ctx.next.to_be_bytes());
-    serde_json::to_writer(&mut record, value).map_err(|e| StoreError::Corrupt {
-        what: format!("value does not serialise: {e}"),
-    })?;
+    record.extend_from_slice(value.json());
     ctx.dbs
         .kv
         .put(txn, key.as_bytes(), &record)
         .map_err(write_err)?;
-    ctx.events.push(Event {
-        revision: ctx.next,
-        key: key.to_string(),
-        kind: EventKind::Put {
-            value: value.clone(),
-            create_revision,
-        },
-    });
+    ctx.events.put(ctx.next, key, value.json(), create_revision);
     Ok(PutOutcome {
         key: key.to_string(),
         revision: ctx.next,
@@ -433,12 +465,9 @@ fn put(
     })
 }
 
-fn delete(
-    txn: &mut RwTxn,
-    ctx: &mut Ctx<'_>,
-    key: &Key,
-    if_revision: Option<u64>,
-) -> Result<DeleteOutcome, StoreError> {
+fn delete(txn: &mut RwTxn, ctx: &mut Ctx<'_>, op: &Delete) -> Result<DeleteOutcome, StoreError> {
+    let Delete { key, if_revision } = op;
+    let if_revision = *if_revision;
     let actual = current_revision(txn, ctx.dbs.kv, key)?;
     expect_revision(key, if_revision, actual)?;
     if actual == 0 {
@@ -449,11 +478,7 @@ fn delete(
         });
     }
     ctx.dbs.kv.delete(txn, key.as_bytes()).map_err(write_err)?;
-    ctx.events.push(Event {
-        revision: ctx.next,
-        key: key.to_string(),
-        kind: EventKind::Delete,
-    });
+    ctx.events.delete(ctx.next, key);
     Ok(DeleteOutcome {
         key: key.to_string(),
         deleted: true,
@@ -498,36 +523,24 @@ fn apply(
     mutation: &Mutation,
     current: u64,
 ) -> Result<(Outcome, bool), StoreError> {
-    let mut events = Vec::new();
+    let mut events = Changes::default();
     let mut ctx = Ctx {
         dbs,
         next: current + 1,
         events: &mut events,
     };
     let outcome = match mutation {
-        Mutation::Put {
-            key,
-            value,
-            if_revision,
-        } => Outcome::Put(put(txn, &mut ctx, key, value, *if_revision)?),
-        Mutation::Delete { key, if_revision } => {
-            Outcome::Delete(delete(txn, &mut ctx, key, *if_revision)?)
-        }
-        Mutation::Txn { checks, ops } => {
+        Mutation::Put(p) => Outcome::Put(put(txn, &mut ctx, p)?),
+        Mutation::Delete(d) => Outcome::Delete(delete(txn, &mut ctx, d)?),
+        Mutation::Txn(Txn { checks, ops }) => {
             for (index, c) in checks.iter().enumerate() {
                 check(txn, dbs, index, c)?;
             }
             let mut results = Vec::with_capacity(ops.len());
             for op in ops {
                 results.push(match op {
-                    Op::Put {
-                        key,
-                        value,
-                        if_revision,
-                    } => OpResult::Put(put(txn, &mut ctx, key, value, *if_revision)?),
-                    Op::Delete { key, if_revision } => {
-                        OpResult::Delete(delete(txn, &mut ctx, key, *if_revision)?)
-                    }
+                    Op::Put(p) => OpResult::Put(put(txn, &mut ctx, p)?),
+                    Op::Delete(d) => OpResult::Delete(delete(txn, &mut ctx, d)?),
                     Op::Get { key } => {
                         let entry = get_entry(txn, dbs.kv, key.as_bytes())?;
                         OpResult::Get {
@@ -548,9 +561,7 @@ fn apply(
     };
     let changed = !events.is_empty();
     if changed {
-        let record = serde_json::to_vec(&events).map_err(|e| StoreError::Corrupt {
-            what: format!("change record does not serialise: {e}"),
-        })?;
+        let record = events.finish();
         dbs.changes
             .put(txn, &(current + 1).to_be_bytes(), &record)
             .map_err(write_err)?;
@@ -578,5 +589,45 @@ mod gather_tests {
         let g = Gather::after(MAX_BATCH, MAX_BATCH, Duration::from_secs(1));
         assert_eq!(g.expect, MAX_BATCH);
         assert_eq!(g.window, MAX_GATHER);
+    }
+}
+
+#[cfg(test)]
+mod changes_tests {
+    use super::super::{Event, EventKind, Key};
+    use super::Changes;
+    use serde_json::json;
+
+    #[test]
+    fn a_change_record_written_by_hand_reads_back_as_its_events() {
+        let value = json!({"b": [1, "\u{1F600}\"\\"], "a": null});
+        let mut c = Changes::default();
+        assert!(c.is_empty());
+        c.put(
+            7,
+            &Key::parse("/a/\"q\"").unwrap(),
+            &crate::audit::canonical(&value),
+            3,
+        );
+        c.delete(7, &Key::parse("/b").unwrap());
+        let events: Vec<Event> = serde_json::from_slice(&c.finish()).unwrap();
+        assert_eq!(
+            events,
+            vec![
+                Event {
+                    revision: 7,
+                    key: "/a/\"q\"".into(),
+                    kind: EventKind::Put {
+                        value,
+                        create_revision: 3
+                    },
+                },
+                Event {
+                    revision: 7,
+                    key: "/b".into(),
+                    kind: EventKind::Delete,
+                },
+            ]
+        );
     }
 }
