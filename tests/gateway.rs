@@ -359,8 +359,13 @@ fn peer_with_the_wrong_uid_is_refused() {
         .as_str()
         .unwrap()
         .contains("do not match"));
-    // Nothing else is served: the connection is closed.
-    c.try_send(&json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}));
+    // Nothing else is served: a second request gets the refusal too, and the
+    // connection closes when the peer does.
+    c.send(&json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}));
+    let again = c.recv().expect("a second refusal");
+    assert_eq!(again["id"], 2, "{again}");
+    assert_eq!(again["error"]["code"], -32014, "{again}");
+    c.close_write();
     assert!(c.recv().is_none(), "connection closed, nothing served");
     assert!(
         g.log().contains("peer uid does not match"),
@@ -627,6 +632,13 @@ fn connections_per_agent_are_bounded() {
         r["error"]["message"].as_str().unwrap().contains("limit"),
         "{r}"
     );
+    // Every request gets the refusal (an SDK in auto mode retries its
+    // refused server/discover with initialize), and nothing is served.
+    let again = c.request("tools/list", json!({}));
+    assert_eq!(again["error"]["code"], -32014, "{again}");
+    assert!(again.get("result").is_none(), "{again}");
+    // The peer closes: so does the gateway.
+    c.close_write();
     assert!(c.recv().is_none());
     a.ok("kv_put", json!({"key": "/x", "value": 1}));
 }

@@ -817,24 +817,29 @@ fn unparsed(line: &[u8], e: &serde_json::Error) -> Vec<u8> {
     )
 }
 
-/// How long a refused connection is kept open waiting for its first request,
-/// so the refusal can be that request's answer (SDKs drop errors whose id is
-/// null, and then show only "connection closed").
+/// How long a refused connection is kept open answering its requests, so the
+/// refusal can be a request's answer (SDKs drop errors whose id is null, and
+/// then show only "connection closed").
 const REFUSAL_WAIT: Duration = Duration::from_secs(5);
-/// Messages read from a refused connection before giving up on a request.
+/// Messages read from a refused connection before it is closed.
 const REFUSAL_LINES: usize = 8;
 
-/// Answers a refused connection: its first request gets a -32014 error with
-/// its id and the reason; then the connection is closed. Nothing is served,
-/// nothing the peer sends is acted on. A peer that sends no request within
-/// `REFUSAL_WAIT` gets the error with a null id.
+/// Answers a refused connection: each request among its first
+/// `REFUSAL_LINES` messages (within `REFUSAL_WAIT`, until the peer closes) gets
+/// a -32014 error with its id and the reason; then the connection is closed.
+/// Every request, not just the first: an SDK in "auto" mode takes the error to
+/// its `server/discover` probe as "a legacy server" and retries with
+/// `initialize`, which must get the reason too. Nothing is served, nothing the
+/// peer sends is acted on. A peer that sends no request gets the error with a
+/// null id.
 pub async fn refuse(stream: UnixStream, message: String, max: usize) {
     let (mut reader, writer) = transport::split(stream, max);
     let code = super::codes::CONNECTION_REFUSED;
-    let answered = tokio::time::timeout(REFUSAL_WAIT, async {
+    let mut answered = false;
+    let _ = tokio::time::timeout(REFUSAL_WAIT, async {
         for _ in 0..REFUSAL_LINES {
             let Some(Incoming::Line(line)) = reader.next().await else {
-                return false;
+                return;
             };
             let id = match serde_json::from_slice::<Envelope>(&line) {
                 Ok(env) if env.id.is_none() => continue,
@@ -842,12 +847,10 @@ pub async fn refuse(stream: UnixStream, message: String, max: usize) {
                 Err(_) => None,
             };
             write(&writer, error_line(id.as_ref(), code, &message, None)).await;
-            return true;
+            answered = true;
         }
-        false
     })
-    .await
-    .unwrap_or(false);
+    .await;
     if !answered {
         write(&writer, error_line(None, code, &message, None)).await;
     }

@@ -183,6 +183,11 @@ impl Client {
         self.writer.write_all(b"\n").unwrap();
     }
 
+    /// Closes the sending half: the peer reads EOF.
+    pub fn close_write(&mut self) {
+        let _ = self.writer.shutdown(std::net::Shutdown::Write);
+    }
+
     /// Sends, ignoring a peer that already closed.
     pub fn try_send(&mut self, msg: &Value) {
         let _ = self.writer.write_all(format!("{msg}\n").as_bytes());

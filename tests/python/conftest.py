@@ -12,7 +12,7 @@ import signal
 import subprocess
 import threading
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,19 +139,19 @@ def _stop(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
     return proc.returncode, note
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory: pytest.TempPathFactory, cordon_bin: Path) -> Iterator[Gateway]:
-    """One gateway per test module; SIGTERMed and reaped at teardown, which asserts a clean exit."""
-    root = tmp_path_factory.mktemp("gateway")
-    config = root / "cordon.toml"
-    config.write_text(CONFIG, encoding="utf-8")
-    (root / "policy.toml").write_text(POLICY, encoding="utf-8")
+@contextmanager
+def _running(root: Path, cordon_bin: Path, config: str, policy: str) -> Iterator[Gateway]:
+    """A gateway on `config` and `policy` in `root`; SIGTERMed and reaped at the end, which
+    asserts a clean exit."""
+    config_path = root / "cordon.toml"
+    config_path.write_text(config, encoding="utf-8")
+    (root / "policy.toml").write_text(policy, encoding="utf-8")
     stderr_log = root / "gateway-stderr.log"
     expected_socket = root / "state" / "run" / "agents" / AGENT / "mcp.sock"
 
     with open(stderr_log, "wb") as errf:
         proc = subprocess.Popen(
-            [str(cordon_bin), "gateway", "--config", str(config)],
+            [str(cordon_bin), "gateway", "--config", str(config_path)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=errf,
@@ -189,3 +189,29 @@ def gateway(tmp_path_factory: pytest.TempPathFactory, cordon_bin: Path) -> Itera
     assert code == 0, f"gateway exit code {code} after SIGTERM ({note})\n--- stderr ---\n{gw.stderr_tail()}"
     assert not note, note
     assert not expected_socket.exists(), f"socket {expected_socket} not removed on shutdown"
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, cordon_bin: Path) -> Iterator[Gateway]:
+    """One gateway per test module, on CONFIG and POLICY."""
+    with _running(tmp_path_factory.mktemp("gateway"), cordon_bin, CONFIG, POLICY) as gw:
+        yield gw
+
+
+LIMITED_CONFIG = CONFIG.replace('map_size = "64MiB"\n', 'map_size = "64MiB"\nmax_connections_per_agent = 1\n')
+
+# A narrow role: reads under /pub only, no kv_delete.
+LIMITED_POLICY = """\
+[roles.coder]
+tools = ["kv_get", "kv_put"]
+read = ["/pub/**"]
+write = ["/pub/**"]
+"""
+
+
+@pytest.fixture(scope="module")
+def limited_gateway(tmp_path_factory: pytest.TempPathFactory, cordon_bin: Path) -> Iterator[Gateway]:
+    """A gateway that serves one connection per agent, to a narrow role."""
+    assert "max_connections_per_agent = 1" in LIMITED_CONFIG
+    with _running(tmp_path_factory.mktemp("limited"), cordon_bin, LIMITED_CONFIG, LIMITED_POLICY) as gw:
+        yield gw

@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 Kind = Literal["socket", "stdio"]
-Mode = Literal["auto", "legacy"]
+Mode = Literal["auto", "legacy", "2026-07-28"]
 
 DEFAULT_READ_TIMEOUT = 10.0
 """Per-request timeout (seconds). Without one, a request the gateway never answers hangs forever."""
@@ -272,7 +272,8 @@ async def connect(
 
     Args:
         kind: "socket" (target = Unix socket path) or "stdio" (target = command list).
-        mode: "auto" (server/discover probe, fallback to initialize) or "legacy" (initialize only).
+        mode: "auto" (server/discover probe, fallback to initialize), "legacy" (initialize only)
+            or "2026-07-28" (pinned: no probe, no handshake; every request carries that version).
         read_timeout: per-request timeout in seconds (MCPError code -32001 on expiry); None = wait forever.
         env: stdio only. Extra environment for the child, merged over the SDK default, which passes
             through ONLY HOME, LOGNAME, PATH, SHELL, TERM, USER (so e.g. RUST_LOG must be given here).
@@ -285,8 +286,8 @@ async def connect(
         mcp.Client (already handshaken). Useful members: list_tools(), call_tool(name, args),
         protocol_version, server_info, server_capabilities, session (the raw ClientSession).
     """
-    if mode not in ("auto", "legacy"):
-        raise ValueError(f"mode must be 'auto' or 'legacy', got {mode!r}")
+    if mode not in ("auto", "legacy", "2026-07-28"):
+        raise ValueError(f"mode must be 'auto', 'legacy' or '2026-07-28', got {mode!r}")
 
     owned_errlog: TextIO | None = None
     if kind == "socket":

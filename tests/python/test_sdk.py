@@ -17,7 +17,7 @@ PROTOCOL_VERSION = "2025-11-25"
 
 ALL_TRANSPORTS = pytest.mark.parametrize(
     ("kind", "mode"),
-    [(k, m) for k in ("socket", "stdio") for m in ("auto", "legacy")],
+    [(k, m) for k in ("socket", "stdio") for m in ("auto", "legacy", "2026-07-28")],
 )
 
 NESTED = {
@@ -218,18 +218,27 @@ async def test_every_tool(gateway, kind, mode):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["auto", "legacy"])
+@pytest.mark.parametrize("mode", ["auto", "legacy", "2026-07-28"])
 async def test_protocol_version(gateway, mode):
     trace = Trace()
     async with gateway.client("socket", mode, trace=trace) as client:
         # auto: server/discover is answered, so the SDK speaks 2026-07-28 (no handshake).
-        want = "2026-07-28" if mode == "auto" else PROTOCOL_VERSION
+        want = PROTOCOL_VERSION if mode == "legacy" else "2026-07-28"
         assert client.protocol_version == want
-        assert client.server_info.name == "cordon"
+        if mode != "2026-07-28":  # pinned: the SDK synthesises a discover result of its own
+            assert client.server_info.name == "cordon"
         ok(await client.call_tool("kv_put", {"key": f"/pv/{mode}", "value": 1}))
 
     sent = trace.methods("send")
-    if mode == "auto":
+    if mode == "2026-07-28":
+        # Pinned: no probe, no handshake; every request names the version in _meta and the
+        # gateway serves it (a 2025-only server would answer -32022 or -32602).
+        assert "initialize" not in sent and "server/discover" not in sent, sent
+        call = next(m for m in trace.messages("send") if m.get("method") == "tools/call")
+        assert call["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] == "2026-07-28", call
+        reply = next(m for m in trace.messages("recv") if m.get("id") == call["id"])
+        assert reply["result"]["resultType"] == "complete", reply
+    elif mode == "auto":
         assert sent[0] == "server/discover", sent
         assert "initialize" not in sent, sent
         discover_id = next(m["id"] for m in trace.messages("send") if m.get("method") == "server/discover")
@@ -275,3 +284,49 @@ async def test_unknown_tool_is_invalid_params(gateway, kind):
         assert info.value.error.code == -32602, info.value.error
         # the session is still usable afterwards
         assert len((await client.list_tools()).tools) == len(TOOLS)
+
+
+# --------------------------------------------------------------------------------------
+# 6. what a narrow role and a refused connection look like through the SDK
+# --------------------------------------------------------------------------------------
+
+MODES = pytest.mark.parametrize("mode", ["auto", "legacy", "2026-07-28"])
+
+
+@MODES
+async def test_denied_tool_and_denied_key(limited_gateway, mode):
+    from mcp.shared.exceptions import MCPError
+
+    async with limited_gateway.client("socket", mode) as client:
+        # Control: what the role may do works.
+        ok(await client.call_tool("kv_put", {"key": f"/pub/{mode}", "value": 1}))
+        assert {t.name for t in (await client.list_tools()).tools} == {"kv_get", "kv_put"}
+        # A tool the role may not call: a JSON-RPC error with cordon's "denied" code, which no
+        # SDK uses for its own errors (-32001 is the SDKs' request timeout).
+        with pytest.raises(MCPError) as denied:
+            await client.call_tool("kv_delete", {"key": f"/pub/{mode}"})
+        assert denied.value.error.code == -32010, denied.value.error
+        assert "may not call kv_delete" in denied.value.error.message
+        # A key outside the role's scopes: a tool error the model can read.
+        e = err(await client.call_tool("kv_get", {"key": "/private/x"}), "denied")
+        assert "may not read /private/x" in e["message"], e
+        # The connection still serves after both.
+        ok(await client.call_tool("kv_get", {"key": f"/pub/{mode}"}))
+
+
+@MODES
+async def test_refused_connection_names_its_reason(limited_gateway, mode):
+    """The second connection of an agent limited to one is refused, and the SDK shows why.
+    In `auto` mode the SDK takes the refusal of its server/discover probe for "a legacy
+    server" and retries with initialize: the gateway answers that with the reason too."""
+    from mcp.shared.exceptions import MCPError
+
+    async with limited_gateway.client("socket", "legacy") as holder:
+        ok(await holder.call_tool("kv_put", {"key": "/pub/held", "value": 1}))
+        with pytest.raises(MCPError) as refused:
+            async with limited_gateway.client("socket", mode) as second:
+                await second.call_tool("kv_get", {"key": "/pub/held"})
+        assert refused.value.error.code == -32014, refused.value.error
+        assert "already has 1 connections" in refused.value.error.message, refused.value.error
+        # Control: the held connection was never disturbed.
+        ok(await holder.call_tool("kv_get", {"key": "/pub/held"}))
