@@ -440,6 +440,10 @@ impl Conn {
                 if !meta.and_then(|m| m.get(META_CAPABILITIES)).is_some_and(Value::is_object) {
                     return Err(missing_meta(&[META_CAPABILITIES]));
                 }
+                if !self.stateless {
+                    // Once per connection: which protocol each agent speaks.
+                    tracing::info!(agent = %self.session.id.agent, conn = self.session.id.conn, version = STATELESS, "session: protocol {STATELESS}");
+                }
                 self.stateless = true;
                 Ok(Era::Stateless)
             }
@@ -469,7 +473,7 @@ impl Conn {
             .copied()
             .unwrap_or(HANDSHAKE[0]);
         self.legacy = Some(version);
-        tracing::debug!(agent = %self.session.id.agent, conn = self.session.id.conn, requested, version, client = %p.client_info.name, "initialize");
+        tracing::info!(agent = %self.session.id.agent, conn = self.session.id.conn, requested, version, client = %p.client_info.name, "session: protocol {version} (initialize)");
         let result = json!({
             "protocolVersion": version,
             "capabilities": capabilities(),
