@@ -587,11 +587,17 @@ fn oversized_message_gets_an_error_and_others_keep_being_served() {
 fn discover_is_answered_unknown_methods_get_32601_and_the_connection_stays_open() {
     let g = Gateway::start();
     let mut c = Client::connect_raw(&g.socket("coder")).unwrap();
-    // What Claude Code and the Python SDK send first.
-    c.send(&json!({"jsonrpc": "2.0", "id": "d1", "method": "server/discover", "params": {}}));
+    // What SDKs in auto mode send first (the Python SDK's probe, with the
+    // _meta of a 2026-07-28 request).
+    c.send(&json!({"jsonrpc": "2.0", "id": "d1", "method": "server/discover", "params": {"_meta": {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {}}}}));
     let r = c.recv().unwrap();
     assert_eq!(r["id"], "d1");
     assert_eq!(r["result"]["supportedVersions"][0], "2026-07-28", "{r}");
+    // A probe without _meta is an error, which clients take as "legacy".
+    let r = c.request("server/discover", json!({}));
+    assert_eq!(r["error"]["code"], -32602, "{r}");
     let r = c.request(
         "initialize",
         json!({"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}),

@@ -155,9 +155,40 @@ fn replies_of_every_tool_in_the_legacy_era() {
 fn the_2026_era_is_served_without_a_handshake_beside_initialize() {
     let g = Gateway::start();
     let mut c = Client::connect_raw(&g.socket("coder")).unwrap();
-    // Discovery, with and without _meta.
-    for params in [json!({}), json!({"_meta": meta()})] {
-        let r = c.request("server/discover", params);
+    // Discovery needs the _meta of any 2026-07-28 request: without it, or
+    // without either key, it is -32602 (a client then falls back to
+    // initialize); an unknown version is -32022.
+    let mut no_caps = meta();
+    no_caps
+        .as_object_mut()
+        .unwrap()
+        .remove("io.modelcontextprotocol/clientCapabilities");
+    let mut no_version = meta();
+    no_version
+        .as_object_mut()
+        .unwrap()
+        .remove("io.modelcontextprotocol/protocolVersion");
+    for params in [
+        json!({}),
+        json!({"_meta": no_caps}),
+        json!({"_meta": no_version}),
+    ] {
+        let r = c.request("server/discover", params.clone());
+        assert_eq!(r["error"]["code"], -32602, "{params}: {r}");
+    }
+    let mut unknown = meta();
+    unknown["io.modelcontextprotocol/protocolVersion"] = json!("2099-01-01");
+    let r = c.request("server/discover", json!({ "_meta": unknown }));
+    assert_eq!(r["error"]["code"], -32022, "{r}");
+    // Methods 2026-07-28 removed are unknown to a request that names it;
+    // the same methods without it are the 2025 era's (below).
+    for method in ["ping", "initialize"] {
+        let r = c.request(method, json!({ "_meta": meta() }));
+        assert_eq!(r["error"]["code"], -32601, "{method}: {r}");
+    }
+    // Control: with the full _meta, discovery is answered.
+    {
+        let r = c.request("server/discover", json!({"_meta": meta()}));
         let d = &r["result"];
         assert_eq!(d["supportedVersions"][0], V2026, "{r}");
         assert!(d["supportedVersions"]

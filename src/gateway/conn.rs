@@ -410,6 +410,13 @@ impl Conn {
             return Reply::None;
         };
         let reply = match method {
+            // Removed in 2026-07-28: a request that says it speaks that
+            // revision gets what a 2026-only server would answer.
+            "initialize" | "ping" if names_stateless(params) => Err(ErrorData::new(
+                ErrorCode::METHOD_NOT_FOUND,
+                format!("Method not found: {method} is not part of protocol {STATELESS}"),
+                None,
+            )),
             "initialize" => self
                 .initialize(params)
                 .map(|r| Reply::Now(result_line(&id, &r))),
@@ -484,15 +491,29 @@ impl Conn {
     }
 
     fn discover(&mut self, params: Option<&RawValue>) -> Result<Value, ErrorData> {
-        // Discovery is a probe: it is answered with or without `_meta`, but a
-        // version it names must be one we serve.
+        // A 2026-07-28 request like any other: its `_meta` names a version we
+        // serve and the client's capabilities (clients that get an error
+        // here fall back to `initialize`).
         let p: PaginatedRequestParams = parse_params(params)?;
-        if let Some(v) = p.meta.as_ref().and_then(|m| m.0 .0.get(META_VERSION)) {
-            match v.as_str() {
-                Some(v) if SUPPORTED.contains(&v) => {}
-                Some(v) => return Err(unsupported(v)),
-                None => return Err(missing_meta(&[META_VERSION])),
-            }
+        let meta = p.meta.as_ref().map(|m| &m.0 .0);
+        let version = meta
+            .and_then(|m| m.get(META_VERSION))
+            .and_then(Value::as_str);
+        if let Some(v) = version.filter(|v| !SUPPORTED.contains(v)) {
+            return Err(unsupported(v));
+        }
+        let capabilities_ok = meta
+            .and_then(|m| m.get(META_CAPABILITIES))
+            .is_some_and(Value::is_object);
+        let missing: Vec<&str> = [
+            (version.is_none(), META_VERSION),
+            (!capabilities_ok, META_CAPABILITIES),
+        ]
+        .into_iter()
+        .filter_map(|(missing, key)| missing.then_some(key))
+        .collect();
+        if !missing.is_empty() {
+            return Err(missing_meta(&missing));
         }
         let result = json!({
             "resultType": "complete",
@@ -737,6 +758,19 @@ fn required_params<T: serde::de::DeserializeOwned>(
     let raw = params.ok_or_else(|| ErrorData::invalid_params("Invalid params: missing", None))?;
     serde_json::from_str(raw.get())
         .map_err(|e| ErrorData::invalid_params(format!("Invalid params: {e}"), None))
+}
+
+/// Whether a request's `_meta` names protocol 2026-07-28.
+fn names_stateless(params: Option<&RawValue>) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Params {
+        #[serde(rename = "_meta")]
+        meta: Option<serde_json::Map<String, Value>>,
+    }
+    params
+        .and_then(|p| serde_json::from_str::<Params>(p.get()).ok())
+        .and_then(|p| p.meta)
+        .is_some_and(|m| m.get(META_VERSION).and_then(Value::as_str) == Some(STATELESS))
 }
 
 fn missing_meta(keys: &[&str]) -> ErrorData {
