@@ -589,9 +589,11 @@ fn discover_is_answered_unknown_methods_get_32601_and_the_connection_stays_open(
     let mut c = Client::connect_raw(&g.socket("coder")).unwrap();
     // What SDKs in auto mode send first (the Python SDK's probe, with the
     // _meta of a 2026-07-28 request).
-    c.send(&json!({"jsonrpc": "2.0", "id": "d1", "method": "server/discover", "params": {"_meta": {
+    c.send(
+        &json!({"jsonrpc": "2.0", "id": "d1", "method": "server/discover", "params": {"_meta": {
         "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-        "io.modelcontextprotocol/clientCapabilities": {}}}}));
+        "io.modelcontextprotocol/clientCapabilities": {}}}}),
+    );
     let r = c.recv().unwrap();
     assert_eq!(r["id"], "d1");
     assert_eq!(r["result"]["supportedVersions"][0], "2026-07-28", "{r}");

@@ -19,10 +19,52 @@ use serde_json::{json, Value};
 
 #[test]
 fn claude_code_under_cordon_up_writes_in_scope_and_is_refused_outside() {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let Some(node_bin) = common::claude_node_bin("claude_code_under_cordon_up") else {
+    // Claude Code 2.1.332's default: it probes server/discover and, answered,
+    // speaks 2026-07-28 over stdio too.
+    let Some(gateway_log) = run(None) else {
         return;
     };
+    assert!(
+        gateway_log.contains("session: protocol 2026-07-28"),
+        "{gateway_log}"
+    );
+}
+
+/// Forced to the handshake era: the same run over `initialize` (2025-11-25).
+#[test]
+fn claude_code_with_protocol_negotiation_legacy() {
+    let Some(gateway_log) = run(Some("legacy")) else {
+        return;
+    };
+    assert!(
+        gateway_log.contains("session: protocol 2025-11-25 (initialize)"),
+        "{gateway_log}"
+    );
+    assert!(
+        !gateway_log.contains("session: protocol 2026-07-28"),
+        "{gateway_log}"
+    );
+}
+
+/// The same run with Claude Code's MCP protocol negotiation in `auto` mode,
+/// where it probes `server/discover` first and speaks 2026-07-28 to a server
+/// that answers it.
+#[test]
+fn claude_code_with_protocol_negotiation_auto() {
+    let Some(gateway_log) = run(Some("auto")) else {
+        return;
+    };
+    assert!(
+        gateway_log.contains("session: protocol 2026-07-28"),
+        "Claude Code in auto mode did not speak 2026-07-28: {gateway_log}"
+    );
+}
+
+/// Runs the scenario, checks what both tests check, and returns the
+/// gateway's log; None when Claude Code is not installed (and may be skipped).
+fn run(negotiation: Option<&str>) -> Option<String> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let node_bin = common::claude_node_bin("claude_code_under_cordon_up")?;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     std::fs::set_permissions(dir, PermissionsExt::from_mode(0o755)).unwrap();
@@ -48,13 +90,20 @@ fn claude_code_under_cordon_up_writes_in_scope_and_is_refused_outside() {
     std::fs::write(dir.join("claude-code.toml"), profile).unwrap();
     std::fs::copy(repo.join("policies/apex.toml"), dir.join("policy.toml")).unwrap();
     let config = dir.join("cordon.toml");
+    // The sandbox passes only the profile's variables: the agent's own `env`
+    // is how a deployment sets Claude Code's negotiation.
+    let env = negotiation.map_or(String::new(), |m| {
+        format!("env = {{ MCP_PROTOCOL_NEGOTIATION = \"{m}\" }}\n")
+    });
     std::fs::write(
         &config,
-        "[gateway]\nstore = \"state/store\"\nruntime_dir = \"state/run\"\npolicy = \"policy.toml\"\nmap_size = \"64MiB\"\n\n\
-         [agents.coder]\nrole = \"coder\"\n\
-         command = [\"claude\", \"-p\", \"{prompt}\", \"--output-format\", \"stream-json\", \"--verbose\"]\n\
-         prompt = \"Store hello.py, then update the plan.\"\n\
-         sandbox = \"claude-code.toml\"\nrestart = \"never\"\n",
+        String::from(
+            "[gateway]\nstore = \"state/store\"\nruntime_dir = \"state/run\"\npolicy = \"policy.toml\"\nmap_size = \"64MiB\"\n\n\
+             [agents.coder]\nrole = \"coder\"\n\
+             command = [\"claude\", \"-p\", \"{prompt}\", \"--output-format\", \"stream-json\", \"--verbose\"]\n\
+             prompt = \"Store hello.py, then update the plan.\"\n\
+             sandbox = \"claude-code.toml\"\nrestart = \"never\"\n",
+        ) + &env,
     )
     .unwrap();
 
@@ -125,4 +174,5 @@ fn claude_code_under_cordon_up_writes_in_scope_and_is_refused_outside() {
     assert_eq!(put("/projects/p1/code/hello.py")["decision"], "allow");
     assert_eq!(put("/projects/p1/plan/overview")["decision"], "deny");
     drop(mock);
+    Some(read("state/run/up/gateway.log"))
 }
