@@ -525,3 +525,224 @@ fn sigterm_ends_sessions_of_both_eras_with_their_replies() {
     assert!(c.recv().is_none());
     assert!(g.child.take().unwrap().wait().unwrap().success());
 }
+
+/// Starts a 2025-03-26 session (the one version that may batch).
+fn batching(g: &Gateway) -> Client {
+    let mut c = Client::connect_raw(&g.socket("coder")).unwrap();
+    let r = c.request(
+        "initialize",
+        json!({"protocolVersion": "2025-03-26", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}),
+    );
+    assert_eq!(r["result"]["protocolVersion"], "2025-03-26", "{r}");
+    c.notify("notifications/initialized", json!({}));
+    c
+}
+
+#[test]
+fn a_batch_holds_json_rpc_objects_of_its_own_era_only() {
+    let g = Gateway::start();
+    let mut c = batching(&g);
+    let ping = |id: u64| json!({"jsonrpc": "2.0", "id": id, "method": "ping"});
+    // A positional array is not a request (serde alone would read one), a
+    // 2026-07-28 request and its subscription stream never ride in a batch;
+    // the pings around them are answered in the same, well-formed array.
+    c.send(&json!([
+        ping(1),
+        ["2.0", 78, "tools/call", {"name": "kv_put", "arguments": {"key": "/positional", "value": 1}}],
+        {"jsonrpc": "2.0", "id": 3, "method": "subscriptions/listen",
+            "params": {"_meta": meta(), "notifications": {"toolsListChanged": true}}},
+        {"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+            "params": {"_meta": meta(), "name": "kv_put", "arguments": {"key": "/in-batch", "value": 1}}},
+        ping(5),
+    ]));
+    let r = c.recv().expect("one array");
+    let items = r.as_array().unwrap_or_else(|| panic!("not an array: {r}"));
+    assert_eq!(items.len(), 5, "{r}");
+    let by_id = |id: u64| items.iter().find(|i| i["id"] == id).cloned();
+    assert_eq!(by_id(1).unwrap()["result"], json!({}), "{r}");
+    assert_eq!(by_id(5).unwrap()["result"], json!({}), "{r}");
+    for id in [3, 4] {
+        assert_eq!(by_id(id).unwrap()["error"]["code"], -32600, "{r}");
+    }
+    let positional = items.iter().find(|i| i["id"].is_null()).unwrap();
+    assert_eq!(positional["error"]["code"], -32600, "{r}");
+    // Nothing was written by either.
+    for key in ["/positional", "/in-batch"] {
+        let got = c.call("kv_get", json!({ "key": key }));
+        assert_eq!(got["isError"], true, "{key}: {got}");
+    }
+}
+
+#[test]
+fn initialize_is_once_per_connection_and_ids_in_flight_are_unique() {
+    let g = Gateway::start();
+    let mut c = batching(&g);
+    // A second initialize would switch the session's version (and batches).
+    let r = c.request(
+        "initialize",
+        json!({"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "0"}}),
+    );
+    assert_eq!(r["error"]["code"], -32600, "{r}");
+    c.send(&json!([{"jsonrpc": "2.0", "id": 9, "method": "ping"}]));
+    assert!(
+        c.recv().unwrap().is_array(),
+        "still 2025-03-26: batches served"
+    );
+
+    // A waiting watch holds its id: a second request with it is refused.
+    c.send(&json!({"jsonrpc": "2.0", "id": "w", "method": "tools/call",
+        "params": {"name": "kv_watch", "arguments": {"prefix": "/w", "since_revision": 0, "timeout_ms": 60000}}}));
+    while g.status()["watching"] != 1 {
+        std::thread::yield_now();
+    }
+    c.send(&json!({"jsonrpc": "2.0", "id": "w", "method": "tools/call",
+        "params": {"name": "kv_get", "arguments": {"key": "/w"}}}));
+    let r = c.recv().unwrap();
+    assert_eq!(r["id"], "w", "{r}");
+    assert_eq!(r["error"]["code"], -32600, "{r}");
+    // Control: a write wakes the watch, which answers its own id; then the
+    // id is free again.
+    g.client().ok("kv_put", json!({"key": "/w/1", "value": 1}));
+    let r = c.recv().unwrap();
+    assert_eq!(r["id"], "w", "{r}");
+    assert_eq!(
+        r["result"]["structuredContent"]["events"][0]["key"], "/w/1",
+        "{r}"
+    );
+    c.send(&json!({"jsonrpc": "2.0", "id": "w", "method": "tools/call",
+        "params": {"name": "kv_get", "arguments": {"key": "/w/1"}}}));
+    let r = c.recv().unwrap();
+    assert_eq!(r["result"]["isError"], false, "{r}");
+
+    // A handshake version in _meta before initialize says what to do.
+    let mut fresh = Client::connect_raw(&g.socket("coder")).unwrap();
+    let mut m = meta();
+    m["io.modelcontextprotocol/protocolVersion"] = json!("2025-11-25");
+    let r = fresh.request("tools/list", json!({ "_meta": m }));
+    assert_eq!(r["error"]["code"], -32602, "{r}");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("initialize"),
+        "{r}"
+    );
+}
+
+#[test]
+fn a_reload_that_revokes_a_read_scope_stops_a_waiting_watch_from_showing_it() {
+    let policy = "[roles.coder]\ntools = [\"kv_*\"]\nread = [\"/**\"]\nwrite = [\"/**\"]\ndelete = [\"/**\"]\n";
+    let g = Gateway::start_with_policy("", CODER, policy);
+    let mut watcher = g.client();
+    let mut writer = g.client();
+    let watch = |c: &mut Client, id: &str, since: u64, timeout: u64| {
+        c.send(&json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": "kv_watch", "arguments": {"prefix": "/pub", "since_revision": since, "timeout_ms": timeout}}}));
+    };
+    // Control: a waiting watch shows a write under its prefix.
+    watch(&mut watcher, "before", 0, 60_000);
+    while g.status()["watching"] != 1 {
+        std::thread::yield_now();
+    }
+    let rev = writer.ok("kv_put", json!({"key": "/pub/before", "value": 1}))["revision"]
+        .as_u64()
+        .unwrap();
+    let r = watcher.recv().unwrap();
+    assert_eq!(
+        r["result"]["structuredContent"]["events"][0]["key"], "/pub/before",
+        "{r}"
+    );
+
+    // A watch waiting when a reload takes the read scope away.
+    watch(&mut watcher, "after", rev, 3_000);
+    while g.status()["watching"] != 1 {
+        std::thread::yield_now();
+    }
+    std::fs::write(
+        g.dir.join("policy.toml"),
+        policy.replace("read = [\"/**\"]", "read = [\"/nothing/**\"]"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .args(["policy", "reload", "--config"])
+        .arg(&g.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    writer.ok(
+        "kv_put",
+        json!({"key": "/pub/after-revoke", "value": "secret"}),
+    );
+    // The watch ends at its timeout with nothing shown.
+    let r = watcher.recv().unwrap();
+    assert_eq!(r["id"], "after", "{r}");
+    let result = &r["result"]["structuredContent"];
+    assert_eq!(result["events"], json!([]), "{r}");
+    assert_eq!(result["timed_out"], true, "{r}");
+    assert!(!r.to_string().contains("secret"), "{r}");
+}
+
+#[test]
+fn every_tools_call_leaves_an_audit_record_even_a_malformed_one() {
+    let mut g = Gateway::start();
+    let mut c = g.client();
+    let mut unknown = meta();
+    unknown["io.modelcontextprotocol/protocolVersion"] = json!("2099-01-01");
+    let malformed = [
+        (json!(null), -32602),
+        (json!({"name": 7, "arguments": {}}), -32602),
+        (json!({"name": "kv_get", "arguments": [1]}), -32602),
+        (
+            json!({"name": "kv_put", "arguments": {"key": "/m", "value": 1}, "_meta": unknown}),
+            -32022,
+        ),
+    ];
+    for (params, code) in &malformed {
+        let mut msg = json!({"jsonrpc": "2.0", "id": "m", "method": "tools/call"});
+        if !params.is_null() {
+            msg["params"] = params.clone();
+        }
+        c.send(&msg);
+        let r = c.recv().unwrap();
+        assert_eq!(r["error"]["code"], *code, "{params}: {r}");
+    }
+    // Control: a well-formed call.
+    c.ok("kv_put", json!({"key": "/ok", "value": 1}));
+    drop(c);
+    assert!(g.stop().success());
+    let out = std::process::Command::new(common::BIN)
+        .args(["audit", "export", "--config"])
+        .arg(&g.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let calls: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["event"] == "call")
+        .collect();
+    let invalid: Vec<&Value> = calls
+        .iter()
+        .filter(|r| r["decision"] == "invalid")
+        .collect();
+    assert_eq!(invalid.len(), malformed.len(), "{calls:?}");
+    assert!(
+        invalid
+            .iter()
+            .all(|r| r["agent"] == "coder" && r["outcome"]["status"] != "ok"),
+        "{invalid:?}"
+    );
+    assert!(
+        invalid
+            .iter()
+            .any(|r| r["tool"] == "kv_put" && r["outcome"]["code"] == "-32022"),
+        "{invalid:?}"
+    );
+    assert!(
+        calls
+            .iter()
+            .any(|r| r["decision"] == "allow" && r["tool"] == "kv_put"),
+        "{calls:?}"
+    );
+}

@@ -43,6 +43,7 @@ use tokio_util::task::TaskTracker;
 use super::session::Session;
 use super::transport::{self, Incoming, Writer};
 use super::HANDSHAKE_TIMEOUT;
+use crate::call::Tool;
 
 /// The stateless revision: no handshake, `_meta` on every request.
 pub const STATELESS: &str = "2026-07-28";
@@ -153,6 +154,8 @@ struct Conn {
     /// Open 2026-07-28 `subscriptions/listen` requests that accepted
     /// `toolsListChanged`, by request id.
     subscriptions: Vec<Value>,
+    /// The messages being handled are the items of a batch (2025-03-26).
+    in_batch: bool,
 }
 
 pub async fn serve(session: Session, stream: UnixStream, token: CancellationToken, max: usize) {
@@ -169,6 +172,7 @@ pub async fn serve(session: Session, stream: UnixStream, token: CancellationToke
         stateless: false,
         subscriptions: Vec::new(),
         pending: Arc::default(),
+        in_batch: false,
     };
     let calls = TaskTracker::new();
     // A connection must make itself useful (initialize, or a 2026-07-28
@@ -334,13 +338,26 @@ impl Conn {
         }
         let mut now = Vec::new();
         let mut later = Vec::new();
+        self.in_batch = true;
         for item in items {
+            // A request is an object: serde would also read a struct from
+            // a positional array, which JSON-RPC does not allow.
+            if !item.get().starts_with('{') {
+                now.push(error_line(
+                    None,
+                    ErrorCode::INVALID_REQUEST,
+                    "Invalid Request: a batch item must be a JSON-RPC object",
+                    None,
+                ));
+                continue;
+            }
             match self.one(item.get().as_bytes()) {
                 Reply::None => {}
                 Reply::Now(line) => now.push(line),
                 Reply::Inline(fut) | Reply::Task(fut) => later.push(fut),
             }
         }
+        self.in_batch = false;
         if now.is_empty() && later.is_empty() {
             return Reply::None;
         }
@@ -444,6 +461,15 @@ impl Conn {
         let meta = meta.map(|m| &m.0 .0);
         match meta.and_then(|m| m.get(META_VERSION)) {
             Some(Value::String(v)) if v == STATELESS => {
+                if self.in_batch {
+                    // Batches are 2025-03-26's; a 2026-07-28 request (and its
+                    // subscription streams) never rides in one.
+                    return Err(ErrorData::new(
+                        ErrorCode::INVALID_REQUEST,
+                        format!("Invalid Request: a {STATELESS} request cannot be part of a batch"),
+                        None,
+                    ));
+                }
                 if !meta.and_then(|m| m.get(META_CAPABILITIES)).is_some_and(Value::is_object) {
                     return Err(missing_meta(&[META_CAPABILITIES]));
                 }
@@ -456,6 +482,20 @@ impl Conn {
             }
             Some(Value::String(v)) if self.legacy == Some(v.as_str()) => {
                 Ok(Era::Legacy(self.legacy.unwrap_or(HANDSHAKE[0])))
+            }
+            // A version we serve, but not in this session's way.
+            Some(Value::String(v)) if HANDSHAKE.contains(&v.as_str()) => {
+                Err(ErrorData::invalid_params(
+                    match self.legacy {
+                        None => format!(
+                            "protocol {v} starts with initialize: send it first, or use {STATELESS} _meta"
+                        ),
+                        Some(have) => format!(
+                            "this session negotiated protocol {have} with initialize, not {v}"
+                        ),
+                    },
+                    None,
+                ))
             }
             Some(Value::String(v)) => Err(unsupported(v)),
             Some(_) => Err(missing_meta(&[META_VERSION])),
@@ -472,6 +512,15 @@ impl Conn {
     }
 
     fn initialize(&mut self, params: Option<&RawValue>) -> Result<Value, ErrorData> {
+        if let Some(have) = self.legacy {
+            // Once per connection: a second one would switch the session's
+            // version (and with it batches) under calls already made.
+            return Err(ErrorData::new(
+                ErrorCode::INVALID_REQUEST,
+                format!("Invalid Request: this session is already initialized (protocol {have})"),
+                None,
+            ));
+        }
         let p: InitializeRequestParams = required_params(params)?;
         let requested = p.protocol_version.as_str();
         let version = HANDSHAKE
@@ -548,8 +597,24 @@ impl Conn {
     }
 
     fn call(&mut self, id: &Value, params: Option<&RawValue>) -> Result<Reply, ErrorData> {
-        let p: CallToolRequestParams = required_params(params)?;
-        let era = self.era(p.meta.as_ref())?;
+        // A call refused before its tool runs is audited like any other
+        // (SECURITY.md: every tools/call has a record).
+        let p: CallToolRequestParams = match required_params(params) {
+            Ok(p) => p,
+            Err(e) => return Err(self.session.refused_call(tool_name(params).as_deref(), e)),
+        };
+        let era = match self.era(p.meta.as_ref()) {
+            Ok(era) => era,
+            Err(e) => return Err(self.session.refused_call(Some(&p.name), e)),
+        };
+        if self.in_flight(id) {
+            let e = ErrorData::new(
+                ErrorCode::INVALID_REQUEST,
+                format!("Invalid Request: id {id} is already in use by a request in flight"),
+                None,
+            );
+            return Err(self.session.refused_call(Some(&p.name), e));
+        }
         let id = id.clone();
         let session = self.session.clone();
         let lane = Lane::of(&p.name);
@@ -641,6 +706,13 @@ impl Conn {
                 None,
             ));
         }
+        if self.in_flight(id) {
+            return Err(ErrorData::new(
+                ErrorCode::INVALID_REQUEST,
+                format!("Invalid Request: id {id} is already in use by a request in flight"),
+                None,
+            ));
+        }
         let tools = p.notifications.tools_list_changed;
         if tools {
             self.subscriptions.push(id.clone());
@@ -662,6 +734,18 @@ impl Conn {
             return Ok(Reply::Now(out));
         }
         Ok(Reply::Now(to_vec(&ack)))
+    }
+
+    /// Whether a request with this id is still waiting for its reply (a
+    /// call in a task, or an open subscription): a second one would make
+    /// the replies, and a cancellation, ambiguous.
+    fn in_flight(&self, id: &Value) -> bool {
+        self.subscriptions.contains(id)
+            || self
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key(&id.to_string())
     }
 
     fn cancelled(&mut self, params: Option<&RawValue>) {
@@ -692,11 +776,25 @@ enum Lane {
 
 impl Lane {
     fn of(tool: &str) -> Lane {
-        match tool {
-            "kv_get" | "kv_list" | "kv_scan" => Lane::Inline,
-            "kv_watch" => Lane::Watch,
-            _ => Lane::Task,
+        match Tool::from_name(tool) {
+            Some(Tool::Get | Tool::List | Tool::Scan) => Lane::Inline,
+            Some(Tool::Watch) => Lane::Watch,
+            Some(Tool::Put | Tool::Delete | Tool::Txn) | None => Lane::Task,
         }
+    }
+}
+
+/// The tool a malformed `tools/call` names, where it names one, for its
+/// audit record.
+fn tool_name(params: Option<&RawValue>) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Named {
+        name: Option<Value>,
+    }
+    let named: Named = serde_json::from_str(params?.get()).ok()?;
+    match named.name? {
+        Value::String(s) => Some(s),
+        _ => None,
     }
 }
 

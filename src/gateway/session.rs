@@ -218,7 +218,17 @@ impl Session {
                 }
             }
         };
-        let visible = |key: &str| role.can_read(key);
+        // Under the policy the call started with and under the one in force
+        // now: a reload that revokes a read scope stops a waiting watch (or
+        // a long listing) from showing what the role may no longer read.
+        let visible = |key: &str| {
+            role.can_read(key)
+                && shared
+                    .policy
+                    .load()
+                    .role(&id.role)
+                    .is_some_and(|r| r.can_read(key))
+        };
         rec.latency_us = Some(started.elapsed().as_micros() as u64);
         let audited = shared.store.audit_enabled().then_some(rec);
         let (result, unsealed) = shared
@@ -254,6 +264,32 @@ impl Session {
             Err(err) => {
                 tracing::debug!(agent = %id.agent, conn = id.conn, tool = %name, error = %err, "call failed");
                 Ok(tools::failure(err.code(), &err.to_string(), None).into())
+            }
+        }
+    }
+}
+
+impl Session {
+    /// Records a `tools/call` refused before it could be decided (malformed
+    /// params, a protocol version this session does not speak, a reused id)
+    /// and returns the error to answer it with, or, when the record cannot
+    /// be written, the error that says so.
+    pub fn refused_call(&self, tool: Option<&str>, error: ErrorData) -> ErrorData {
+        let id = &self.id;
+        let mut rec = Record::new("call");
+        rec.agent = Some(id.agent.to_string());
+        rec.role = Some(id.role.to_string());
+        rec.uid = Some(id.uid);
+        rec.pid = id.pid;
+        rec.tool = tool.map(str::to_string);
+        rec.policy_sha256 = Some(self.shared.policy.load().hash.clone());
+        rec.decision = Some("invalid".into());
+        rec.error(&error.code.0.to_string(), &error.message);
+        match self.shared.store.audit(rec) {
+            Ok(()) => error,
+            Err(e) => {
+                tracing::error!(error = %e, "audit write failed; call refused");
+                ErrorData::new(codes::AUDIT_UNAVAILABLE, e.to_string(), None)
             }
         }
     }
