@@ -897,7 +897,9 @@ enum W {
     Txn,
     /// `tools/list` on an open session.
     Tools,
-    /// `initialize` again on an open session (the handshake's cost).
+    /// `server/discover` on an open session: the 2026-07-28 handshake
+    /// (what Claude Code sends first), repeatable where `initialize` is once
+    /// per connection; it answers what `initialize` does.
     Init,
     /// `kv_watch` with `timeout_ms: 0` on a quiet prefix (the watch path
     /// without the wait).
@@ -933,7 +935,7 @@ impl W {
             W::List => "cordon `kv_list` 100 keys",
             W::Txn => "cordon `kv_txn` 10 puts",
             W::Tools => "cordon `tools/list`",
-            W::Init => "cordon `initialize`",
+            W::Init => "cordon `server/discover` (handshake)",
             W::Watch0 => "cordon `kv_watch` timeout 0",
         }
     }
@@ -984,7 +986,7 @@ fn run_point(o: &Opts, w: W, n: usize, v4k: &str) -> Point {
             }
             W::List => tool_call("kv_list", "{\"prefix\":\"/l\",\"limit\":100}"),
             W::Tools => "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/list\",\"params\":{}}\n".to_string(),
-            W::Init => "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"initialize\",\"params\":{\"protocolVersion\":\"2025-11-25\",\"capabilities\":{},\"clientInfo\":{\"name\":\"bench\",\"version\":\"0\"}}}\n".to_string(),
+            W::Init => "{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"server/discover\",\"params\":{\"_meta\":{\"io.modelcontextprotocol/protocolVersion\":\"2026-07-28\",\"io.modelcontextprotocol/clientCapabilities\":{}}}}\n".to_string(),
             W::Watch0 => tool_call(
                 "kv_watch",
                 "{\"prefix\":\"/quiet\",\"since_revision\":1000000000,\"timeout_ms\":0}",
