@@ -740,12 +740,12 @@ impl Conn {
     /// call in a task, or an open subscription): a second one would make
     /// the replies, and a cancellation, ambiguous.
     fn in_flight(&self, id: &Value) -> bool {
-        self.subscriptions.contains(id)
-            || self
-                .pending
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .contains_key(&id.to_string())
+        if self.subscriptions.contains(id) {
+            return true;
+        }
+        let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        // Most calls find nothing waiting: no key to build then.
+        !pending.is_empty() && pending.contains_key(&id.to_string())
     }
 
     fn cancelled(&mut self, params: Option<&RawValue>) {
