@@ -137,14 +137,22 @@ fn initialize_and_discover_tell_the_agent_its_role_and_scopes() {
     assert!(text.contains("role \"viewer\""), "{text}");
     assert!(text.contains("\"/pub/**\""), "{text}");
     assert!(text.contains("You may write no keys."), "{text}");
-    let d = v.request("server/discover", json!({}));
+    let d = v.request("server/discover", discover_params());
     assert_eq!(d["result"]["instructions"], text.as_str());
     // Control: the coder's text names its own scopes and denial.
     let mut c = Client::connect_raw(&g.socket("coder")).unwrap();
-    let r = c.request("server/discover", json!({}));
+    let r = c.request("server/discover", discover_params());
     let text = r["result"]["instructions"].as_str().unwrap();
     assert!(
         text.contains("role \"coder\"") && text.contains("/locked/**"),
         "{text}"
     );
+}
+
+/// A `server/discover`'s params: the `_meta` every 2026-07-28 request carries.
+fn discover_params() -> serde_json::Value {
+    json!({"_meta": {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }})
 }
