@@ -411,20 +411,13 @@ fn a_reload_that_changes_a_roles_tools_notifies_its_sessions_only() {
         json!({"notifications": {"toolsListChanged": true}}),
     );
     assert_eq!(r["error"]["code"], -32601, "{r}");
-    std::fs::write(
-        g.dir.join("policy.toml"),
-        policy.replace(
+    reload(
+        &g,
+        &policy.replace(
             "tools = [\"kv_*\"]",
             "tools = [\"kv_*\"]\ndeny_tools = [\"kv_delete\"]",
         ),
-    )
-    .unwrap();
-    let out = std::process::Command::new(common::BIN)
-        .args(["policy", "reload", "--config"])
-        .arg(&g.config)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    );
     let n = coder.recv().unwrap();
     assert_eq!(n["method"], "notifications/tools/list_changed", "{n}");
     assert!(!tools(&mut coder).contains(&"kv_delete".to_string()));
@@ -524,6 +517,17 @@ fn sigterm_ends_sessions_of_both_eras_with_their_replies() {
     assert_eq!(r["result"]["resultType"], "complete", "{r}");
     assert!(c.recv().is_none());
     assert!(g.child.take().unwrap().wait().unwrap().success());
+}
+
+/// Rewrites the gateway's policy file and reloads it (`cordon policy reload`).
+fn reload(g: &Gateway, policy: &str) {
+    std::fs::write(g.dir.join("policy.toml"), policy).unwrap();
+    let out = std::process::Command::new(common::BIN)
+        .args(["policy", "reload", "--config"])
+        .arg(&g.config)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
 }
 
 /// Starts a 2025-03-26 session (the one version that may batch).
@@ -658,17 +662,10 @@ fn a_reload_that_revokes_a_read_scope_stops_a_waiting_watch_from_showing_it() {
     while g.status()["watching"] != 1 {
         std::thread::yield_now();
     }
-    std::fs::write(
-        g.dir.join("policy.toml"),
-        policy.replace("read = [\"/**\"]", "read = [\"/nothing/**\"]"),
-    )
-    .unwrap();
-    let out = std::process::Command::new(common::BIN)
-        .args(["policy", "reload", "--config"])
-        .arg(&g.config)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    reload(
+        &g,
+        &policy.replace("read = [\"/**\"]", "read = [\"/nothing/**\"]"),
+    );
     writer.ok(
         "kv_put",
         json!({"key": "/pub/after-revoke", "value": "secret"}),
