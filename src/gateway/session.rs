@@ -114,14 +114,8 @@ impl Session {
         let name = request.name.to_string();
         let args = request.arguments.unwrap_or_default();
         let policy = shared.policy.load_full();
-        let mut rec = Record::new("call");
-        rec.agent = Some(id.agent.to_string());
-        rec.role = Some(id.role.to_string());
-        rec.uid = Some(id.uid);
-        rec.pid = id.pid;
-        rec.tool = Some(name.clone());
+        let mut rec = self.call_record(Some(&name), &policy);
         rec.args_sha256 = Some(audit::args_digest(&args));
-        rec.policy_sha256 = Some(policy.hash.clone());
         let audit = Audit {
             store: &shared.store,
             started,
@@ -270,11 +264,9 @@ impl Session {
 }
 
 impl Session {
-    /// Records a `tools/call` refused before it could be decided (malformed
-    /// params, a protocol version this session does not speak, a reused id)
-    /// and returns the error to answer it with, or, when the record cannot
-    /// be written, the error that says so.
-    pub fn refused_call(&self, tool: Option<&str>, error: ErrorData) -> ErrorData {
+    /// A `call` record naming who called (this session's identity), which
+    /// tool, and under which policy.
+    fn call_record(&self, tool: Option<&str>, policy: &Policy) -> Record {
         let id = &self.id;
         let mut rec = Record::new("call");
         rec.agent = Some(id.agent.to_string());
@@ -282,7 +274,16 @@ impl Session {
         rec.uid = Some(id.uid);
         rec.pid = id.pid;
         rec.tool = tool.map(str::to_string);
-        rec.policy_sha256 = Some(self.shared.policy.load().hash.clone());
+        rec.policy_sha256 = Some(policy.hash.clone());
+        rec
+    }
+
+    /// Records a `tools/call` refused before it could be decided (malformed
+    /// params, a protocol version this session does not speak, a reused id)
+    /// and returns the error to answer it with, or, when the record cannot
+    /// be written, the error that says so.
+    pub fn refused_call(&self, tool: Option<&str>, error: ErrorData) -> ErrorData {
+        let mut rec = self.call_record(tool, &self.shared.policy.load());
         rec.decision = Some("invalid".into());
         rec.error(&error.code.0.to_string(), &error.message);
         match self.shared.store.audit(rec) {
