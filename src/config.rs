@@ -106,10 +106,38 @@ pub struct GatewayConfig {
     /// timeout on progress (the TypeScript SDK's default is 60 s) keep it.
     #[serde(default = "default_progress_ms")]
     pub watch_progress_ms: u64,
+    /// Backpressure: replies one connection may have in the making or
+    /// waiting to be written; past it, nothing more is read from it.
+    #[serde(default = "default_max_pending")]
+    pub max_pending_replies: usize,
+    /// Backpressure: bytes of replies one connection may leave unread; past
+    /// it, nothing more is read from it until the peer reads.
+    #[serde(default = "default_max_unsent")]
+    pub max_unsent_bytes: ByteSize,
+    /// Messages per second one agent may send over all its connections, of
+    /// any kind (calls, `ping`, `tools/list`, malformed lines); past it, its
+    /// connections are read more slowly. The burst is one second's.
+    #[serde(default = "default_messages_per_second")]
+    pub max_messages_per_second: u64,
 }
 
 fn default_progress_ms() -> u64 {
     15_000
+}
+fn default_max_pending() -> usize {
+    32
+}
+fn default_max_unsent() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_messages_per_second() -> u64 {
+    1000
+}
+fn default_refusal_records() -> u64 {
+    120
+}
+fn default_summary_interval() -> Span {
+    Span(std::time::Duration::from_secs(10))
 }
 
 /// A duration written as a string such as `"1s"`, `"500ms"`, `"30d"`.
@@ -152,6 +180,14 @@ pub struct AuditConfig {
     pub max_records: Option<u64>,
     /// Retention: drop records older than this.
     pub max_age: Option<Span>,
+    /// Refusals (denied, unknown, malformed or rate-limited calls, refused
+    /// connections) recorded one by one per agent per minute; past it they
+    /// are counted into one `refusals` record per agent per
+    /// `summary_interval`.
+    #[serde(default = "default_refusal_records")]
+    pub refusal_records_per_minute: u64,
+    #[serde(default = "default_summary_interval")]
+    pub summary_interval: Span,
 }
 
 impl Default for AuditConfig {
@@ -162,6 +198,8 @@ impl Default for AuditConfig {
             sync_interval: default_sync_interval(),
             max_records: None,
             max_age: None,
+            refusal_records_per_minute: default_refusal_records(),
+            summary_interval: default_summary_interval(),
         }
     }
 }
@@ -422,10 +460,31 @@ impl Config {
             ("max_connections_per_agent", g.max_connections_per_agent),
             ("max_txn_ops", g.max_txn_ops),
             ("max_list_limit", g.max_list_limit),
+            ("max_pending_replies", g.max_pending_replies),
+            (
+                "max_messages_per_second",
+                g.max_messages_per_second as usize,
+            ),
         ] {
             if v == 0 {
                 return Err(self.invalid(format!("gateway.{field} must be at least 1")));
             }
+        }
+        if g.max_pending_replies > crate::gateway::MAX_CALLS_PER_CONNECTION {
+            return Err(self.invalid(format!(
+                "gateway.max_pending_replies is {}; it can be at most {} (the calls one connection may have in flight)",
+                g.max_pending_replies,
+                crate::gateway::MAX_CALLS_PER_CONNECTION
+            )));
+        }
+        if g.max_unsent_bytes.0 < 4096 {
+            return Err(self.invalid(format!(
+                "gateway.max_unsent_bytes is {}; it must be at least 4KiB",
+                g.max_unsent_bytes
+            )));
+        }
+        if self.audit.summary_interval.0.is_zero() {
+            return Err(self.invalid("audit.summary_interval must be above zero".into()));
         }
         if self.audit.sync_interval.0.is_zero() {
             return Err(self.invalid("audit.sync_interval must be above zero".into()));

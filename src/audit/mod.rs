@@ -16,11 +16,21 @@
 pub mod journal;
 pub mod query;
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 pub use journal::Journal;
+
+/// Bounds on what a record copies from a request (an agent chooses it), so
+/// that a record stays a few KiB whatever the agent sends; what is cut is
+/// named in `detail.truncated` with its full size and SHA-256.
+pub const MAX_TOOL_BYTES: usize = 128;
+pub const MAX_MESSAGE_BYTES: usize = 1024;
+/// All the keys of one record together.
+pub const MAX_KEYS_BYTES: usize = 4096;
 
 /// `prev` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -143,12 +153,70 @@ impl Record {
         });
     }
 
+    /// An error outcome; a message longer than `MAX_MESSAGE_BYTES` (error
+    /// texts quote what the agent sent) is cut, and the cut noted.
     pub fn error(&mut self, code: &str, message: &str) {
+        let kept = clip(message, MAX_MESSAGE_BYTES).into_owned();
+        if kept.len() != message.len() {
+            self.note_truncated("message", message.len(), sha256_hex(message.as_bytes()));
+        }
         self.outcome = Some(Outcome {
-            code: Some(code.to_string()),
-            message: Some(message.to_string()),
+            code: Some(clip(code, MAX_TOOL_BYTES).into_owned()),
+            message: Some(kept),
             status: "error".into(),
         });
+    }
+
+    /// The tool (or method) a call named, cut to `MAX_TOOL_BYTES`.
+    pub fn set_tool(&mut self, name: &str) {
+        let kept = clip(name, MAX_TOOL_BYTES);
+        if kept.len() != name.len() {
+            let digest = sha256_hex(name.as_bytes());
+            self.tool = Some(kept.into_owned());
+            self.note_truncated("tool", name.len(), digest);
+        } else {
+            self.tool = Some(name.to_string());
+        }
+    }
+
+    /// The keys a call touched, as many as fit in `MAX_KEYS_BYTES`; the rest
+    /// are counted, and the digest covers the whole list (as a JSON array).
+    pub fn set_keys(&mut self, keys: Vec<String>) {
+        let mut total = 0;
+        let fits = keys
+            .iter()
+            .take_while(|k| {
+                total += k.len();
+                total <= MAX_KEYS_BYTES
+            })
+            .count();
+        if fits == keys.len() {
+            self.keys = keys;
+            return;
+        }
+        let all = canonical(&json!(keys));
+        let bytes: usize = keys.iter().map(String::len).sum();
+        self.note_truncated("keys", bytes, sha256_hex(&all));
+        if let Some(Value::Object(t)) = self
+            .detail
+            .as_mut()
+            .and_then(|d| d.get_mut("truncated"))
+            .and_then(|t| t.get_mut("keys"))
+        {
+            t.insert("count".into(), json!(keys.len()));
+        }
+        self.keys = keys.into_iter().take(fits).collect();
+    }
+
+    fn note_truncated(&mut self, field: &str, bytes: usize, sha256: String) {
+        let detail = self.detail.get_or_insert_with(|| json!({}));
+        if !detail.is_object() {
+            *detail = json!({ "detail": detail.take() });
+        }
+        if let Some(d) = detail.as_object_mut() {
+            let t = d.entry("truncated").or_insert_with(|| json!({}));
+            t[field] = json!({"bytes": bytes, "sha256": sha256});
+        }
     }
 
     /// The canonical JSON of the record as stored (with its hash).
@@ -504,6 +572,19 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
 
+/// At most `max` bytes of `s`, cut at a character boundary and marked with
+/// `…` when cut.
+pub fn clip(s: &str, max: usize) -> Cow<'_, str> {
+    if s.len() <= max {
+        return Cow::Borrowed(s);
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}…", &s[..end]))
+}
+
 /// Canonical JSON: object keys sorted by their UTF-8 bytes, no insignificant
 /// whitespace, strings and numbers as serde_json writes them (which matches
 /// Python's `json.dumps(v, sort_keys=True, separators=(",", ":"),
@@ -696,6 +777,41 @@ mod tests {
         let mut out = Vec::new();
         let seq = c.seal_record(r, &mut out).unwrap();
         (seq, out)
+    }
+
+    #[test]
+    fn fields_copied_from_a_request_are_bounded_and_the_cut_is_named() {
+        let mut r = Record::new("call");
+        let tool = "t".repeat(500_000);
+        r.set_tool(&tool);
+        r.error("-32602", &format!("unknown tool {tool}"));
+        let keys: Vec<String> = (0..128)
+            .map(|i| format!("/{i}/{}", "k".repeat(1000)))
+            .collect();
+        r.set_keys(keys.clone());
+        let len = r.canonical().len();
+        assert!(
+            len < MAX_TOOL_BYTES + MAX_MESSAGE_BYTES + MAX_KEYS_BYTES + 1024,
+            "{len}"
+        );
+        let t = &r.detail.as_ref().unwrap()["truncated"];
+        assert_eq!(t["tool"]["bytes"], 500_000);
+        assert_eq!(t["tool"]["sha256"], sha256_hex(tool.as_bytes()));
+        assert_eq!(t["keys"]["count"], 128);
+        assert_eq!(t["keys"]["sha256"], sha256_hex(&canonical(&json!(keys))));
+        assert!(t["message"]["bytes"].as_u64().unwrap() > 500_000);
+        assert!(r.tool.as_ref().unwrap().ends_with('…'));
+        assert!(r.keys.len() < 5);
+        // Control: what fits is kept whole and nothing is noted.
+        let mut c = Record::new("call");
+        c.set_tool("kv_get");
+        c.set_keys(vec!["/a".into(), "/b".into()]);
+        c.error("denied", "key /a is outside the role's write scopes");
+        assert_eq!(c.tool.as_deref(), Some("kv_get"));
+        assert_eq!(c.keys, ["/a", "/b"]);
+        assert!(c.detail.is_none());
+        // A cut never splits a character.
+        assert_eq!(clip("ééé", 5), "é…");
     }
 
     fn chain(n: usize) -> Vec<(u64, Vec<u8>)> {

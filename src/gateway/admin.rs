@@ -4,7 +4,9 @@
 //! - `{"op": "policy_reload"}` → `{"ok": true, "policy": …, "hash": …, "tests_passed": N, "warnings": […]}`
 //!   or `{"ok": false, "error": "…"}` (the running policy stays in force)
 //! - `{"op": "status"}` → `{"ok": true, "revision": N, "watching": N, "policy": …, "hash": …, "agents": {…}}`
-//!   (`watching`: kv_watch calls waiting for a change)
+//!   (`watching`: kv_watch calls waiting for a change; per agent, `flow`:
+//!   messages it sent past its rate, which waited, and refusals it made past
+//!   its audit budget, which were summarised)
 //! - `{"op": "agent_root", "agent": NAME, "pid": N | null}` → `{"ok": true}`: from
 //!   `cordon up`: the agent's root process (or none: not running); from then on
 //!   a connecting peer must descend from it. Accepted only from the gateway's
@@ -182,7 +184,8 @@ fn answer(
                 .map(|(name, a)| {
                     (
                         name.clone(),
-                        json!({"role": a.role, "uid": a.uid, "socket": config.agent_socket(name).display().to_string()}),
+                        json!({"role": a.role, "uid": a.uid, "socket": config.agent_socket(name).display().to_string(),
+                            "flow": shared.guards.get(name).map(|g| g.status())}),
                     )
                 })
                 .collect();

@@ -37,6 +37,7 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -122,8 +123,11 @@ enum Reply {
     Now(Vec<u8>),
     /// Answered in the reader: the store never makes it wait.
     Inline(BoxFuture<'static, Option<Vec<u8>>>),
-    /// Waits (a commit, a watch): its own task, so the reader goes on.
-    Task(BoxFuture<'static, Option<Vec<u8>>>),
+    /// Waits (a commit, a watch): its own task, so the reader goes on. The
+    /// number is how many of the connection's reply slots it holds until
+    /// its reply is written: 0 for a watch, which may wait for minutes and
+    /// is bounded by the calls in flight instead.
+    Task(BoxFuture<'static, Option<Vec<u8>>>, usize),
 }
 
 /// Calls in flight that a `notifications/cancelled` may end, by request id
@@ -161,7 +165,8 @@ struct Conn {
 pub async fn serve(session: Session, stream: UnixStream, token: CancellationToken, max: usize) {
     let agent = session.id.agent.clone();
     let conn_id = session.id.conn;
-    let (mut reader, writer) = transport::split(stream, max);
+    let flow = session.shared.flow;
+    let (mut reader, writer) = transport::split(stream, max, flow.max_unsent_bytes);
     let mut policy_changes = session.shared.policy_changes.subscribe();
     let mut conn = Conn {
         advertised: session.allowed_tools(),
@@ -175,6 +180,9 @@ pub async fn serve(session: Session, stream: UnixStream, token: CancellationToke
         in_batch: false,
     };
     let calls = TaskTracker::new();
+    // Replies being produced or waiting to be written, counted in messages:
+    // when none is left the reader stops reading (backpressure).
+    let slots = Arc::new(Semaphore::new(flow.max_pending));
     // A connection must make itself useful (initialize, or a 2026-07-28
     // request) within this, or it is dropped: it holds one of the agent's
     // connection slots.
@@ -183,56 +191,21 @@ pub async fn serve(session: Session, stream: UnixStream, token: CancellationToke
     let mut established = false;
     let mut watching_policy = true;
     loop {
-        let incoming = tokio::select! {
+        // Every wait of one step (for a line, a token of the agent's rate, a
+        // reply slot, a peer that does not read) ends when the session does.
+        let step = tokio::select! {
             biased;
             _ = token.cancelled() => break,
             _ = &mut handshake, if !established => {
                 tracing::info!(agent = %agent, conn = conn_id, "session closed: no initialize or 2026-07-28 request within {HANDSHAKE_TIMEOUT:?}");
                 break;
             }
-            changed = policy_changes.changed(), if watching_policy => {
-                match changed {
-                    Ok(()) => conn.policy_changed().await,
-                    Err(_) => watching_policy = false,
-                }
-                continue;
-            }
-            i = reader.next() => i,
+            s = conn.step(&mut reader, &mut policy_changes, &mut watching_policy, &slots, &calls) => s,
         };
-        let line = match incoming {
-            None => break,
-            Some(Incoming::Oversized) => {
-                tracing::warn!(limit = reader.max, "oversized message refused");
-                let message = format!("message too large: the limit is {} bytes", reader.max);
-                conn.write(error_line(None, ErrorCode::INVALID_REQUEST, &message, None))
-                    .await;
-                continue;
-            }
-            Some(Incoming::Line(line)) => line,
-        };
-        let reply = if line.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
-            conn.batch(&line)
-        } else {
-            conn.one(&line)
-        };
-        established |= conn.legacy.is_some() || conn.stateless;
-        match reply {
-            Reply::None => {}
-            Reply::Now(line) => conn.write(line).await,
-            Reply::Inline(fut) => {
-                if let Some(line) = fut.await {
-                    conn.write(line).await;
-                }
-            }
-            Reply::Task(fut) => {
-                let writer = conn.writer.clone();
-                calls.spawn(async move {
-                    if let Some(line) = fut.await {
-                        write(&writer, line).await;
-                    }
-                });
-            }
+        if !step {
+            break;
         }
+        established |= conn.legacy.is_some() || conn.stateless;
     }
     // The session is being closed (the agent stopped, shutdown): end what
     // waits. On a plain end of stream, calls in flight still answer (a
@@ -249,7 +222,7 @@ pub async fn serve(session: Session, stream: UnixStream, token: CancellationToke
             let _ = tokio::time::timeout(FLUSH_TIMEOUT, calls.wait()).await;
         }
     }
-    let last = conn.writer.lock().await.take();
+    let last = conn.writer.take().await;
     if let Some(mut w) = last {
         let _ = w.shutdown().await;
     }
@@ -265,6 +238,82 @@ async fn write(writer: &Writer, line: Vec<u8>) {
 impl Conn {
     async fn write(&self, line: Vec<u8>) {
         write(&self.writer, line).await;
+    }
+
+    /// Reads one message and answers it (or hands it to a task); false at
+    /// the end of the stream.
+    async fn step(
+        &mut self,
+        reader: &mut transport::LineReader,
+        policy_changes: &mut tokio::sync::watch::Receiver<u64>,
+        watching_policy: &mut bool,
+        slots: &Arc<Semaphore>,
+        calls: &TaskTracker,
+    ) -> bool {
+        let writer = self.writer.clone();
+        let incoming = tokio::select! {
+            changed = policy_changes.changed(), if *watching_policy => {
+                match changed {
+                    Ok(()) => self.policy_changed().await,
+                    Err(_) => *watching_policy = false,
+                }
+                return true;
+            }
+            // Nothing more is read while the peer leaves too much unread.
+            i = async { writer.drained().await; reader.next().await } => i,
+        };
+        let line = match incoming {
+            None => return false,
+            Some(Incoming::Oversized) => {
+                tracing::warn!(limit = reader.max, "oversized message refused");
+                self.throttle().await;
+                let message = format!("message too large: the limit is {} bytes", reader.max);
+                self.write(error_line(None, ErrorCode::INVALID_REQUEST, &message, None))
+                    .await;
+                return true;
+            }
+            Some(Incoming::Line(line)) => line,
+        };
+        self.throttle().await;
+        let reply = if line.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+            self.batch(&line)
+        } else {
+            self.one(&line)
+        };
+        drop(line);
+        match reply {
+            Reply::None => {}
+            Reply::Now(line) => self.write(line).await,
+            Reply::Inline(fut) => {
+                if let Some(line) = fut.await {
+                    self.write(line).await;
+                }
+            }
+            Reply::Task(fut, weight) => {
+                // Held until the reply is written: a peer that stops reading
+                // stops this reader after `max_pending` replies.
+                let weight = u32::try_from(weight.min(self.session.shared.flow.max_pending))
+                    .unwrap_or(u32::MAX);
+                let Ok(permit) = slots.clone().acquire_many_owned(weight).await else {
+                    return false;
+                };
+                calls.spawn(async move {
+                    if let Some(line) = fut.await {
+                        write(&writer, line).await;
+                    }
+                    drop(permit);
+                });
+            }
+        }
+        true
+    }
+
+    /// Every message takes a token of the agent's message rate; past it, the
+    /// reader waits before handling it (and reads nothing meanwhile).
+    async fn throttle(&self) {
+        if let Some(wait) = self.session.guard.message() {
+            tokio::time::sleep(wait).await;
+        }
     }
 
     fn cancel_all(&self) {
@@ -354,13 +403,14 @@ impl Conn {
             match self.one(item.get().as_bytes()) {
                 Reply::None => {}
                 Reply::Now(line) => now.push(line),
-                Reply::Inline(fut) | Reply::Task(fut) => later.push(fut),
+                Reply::Inline(fut) | Reply::Task(fut, _) => later.push(fut),
             }
         }
         self.in_batch = false;
         if now.is_empty() && later.is_empty() {
             return Reply::None;
         }
+        let weight = later.len().max(1);
         Reply::Task(
             async move {
                 let done = futures::future::join_all(later).await;
@@ -382,6 +432,7 @@ impl Conn {
                 Some(out)
             }
             .boxed(),
+            weight,
         )
     }
 
@@ -646,6 +697,10 @@ impl Conn {
         };
         let writer = self.writer.clone();
         let every = session.shared.progress_every;
+        let weight = match lane {
+            Lane::Watch => 0,
+            _ => 1,
+        };
         Ok(Reply::Task(
             async move {
                 let call = session.call(p, cancel.token.clone());
@@ -669,6 +724,7 @@ impl Conn {
                 Some(call_line(&id, r, era))
             }
             .boxed(),
+            weight,
         ))
     }
 
@@ -969,7 +1025,8 @@ const REFUSAL_LINES: usize = 8;
 /// peer sends is acted on. A peer that sends no request gets the error with a
 /// null id.
 pub async fn refuse(stream: UnixStream, message: String, max: usize) {
-    let (mut reader, writer) = transport::split(stream, max);
+    // Nothing but these few errors is written: no backlog to bound.
+    let (mut reader, writer) = transport::split(stream, max, usize::MAX);
     let code = super::codes::CONNECTION_REFUSED;
     let mut answered = false;
     let _ = tokio::time::timeout(REFUSAL_WAIT, async {
@@ -990,7 +1047,7 @@ pub async fn refuse(stream: UnixStream, message: String, max: usize) {
     if !answered {
         write(&writer, error_line(None, code, &message, None)).await;
     }
-    let last = writer.lock().await.take();
+    let last = writer.take().await;
     if let Some(mut w) = last {
         let _ = w.shutdown().await;
     }

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod catalog;
 pub mod codes;
 mod conn;
+mod guard;
 pub mod roots;
 mod session;
 pub mod tools;
@@ -29,9 +30,10 @@ use tokio_util::task::TaskTracker;
 
 use crate::audit::Record;
 use crate::config::{AgentConfig, Config};
-use crate::policy::{Policy, PolicyError, RateLimiter};
+use crate::policy::{Policy, PolicyError};
 use crate::store::{AuditOptions, Store, StoreError, StoreOptions};
-use session::{Identity, Session, Shared};
+use guard::{AgentGuard, GuardLimits};
+use session::{Flow, Identity, Session, Shared};
 use tools::ToolLimits;
 
 /// A client that connects and never completes `initialize` is dropped after this.
@@ -39,7 +41,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// After in-flight calls finished (or the grace ran out), how long sessions get
 /// to flush their last replies.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
-const MAX_CALLS_PER_CONNECTION: usize = 64;
+pub const MAX_CALLS_PER_CONNECTION: usize = 64;
 /// Refused connections answered at once per agent (see `conn::refuse`).
 const REFUSING: usize = 16;
 
@@ -182,6 +184,21 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
         }
     };
 
+    let limits = GuardLimits {
+        messages_per_second: g.max_messages_per_second,
+        refusal_records_per_minute: config.audit.refusal_records_per_minute,
+    };
+    let guards: Arc<BTreeMap<String, Arc<AgentGuard>>> = Arc::new(
+        config
+            .agents
+            .iter()
+            .map(|(name, a)| {
+                let guard =
+                    AgentGuard::new(Arc::from(name.as_str()), Arc::from(a.role.as_str()), limits);
+                (name.clone(), Arc::new(guard))
+            })
+            .collect(),
+    );
     let max_message = usize::try_from(g.max_message_bytes.0).unwrap_or(usize::MAX);
     let shared = Arc::new(Shared {
         store: store.clone(),
@@ -199,7 +216,31 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
         calls: TaskTracker::new(),
         max_calls_per_connection: MAX_CALLS_PER_CONNECTION,
         record_values: config.audit.record_values,
+        guards: guards.clone(),
+        flow: Flow {
+            max_pending: g.max_pending_replies,
+            max_unsent_bytes: usize::try_from(g.max_unsent_bytes.0).unwrap_or(usize::MAX),
+        },
     });
+    // Refusals past an agent's budget are written as one summary per agent
+    // per interval (and once more at shutdown, below).
+    {
+        let store = store.clone();
+        let guards = guards.clone();
+        let every = config.audit.summary_interval.0;
+        let stop = shared.shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.cancelled() => return,
+                }
+                write_summaries(&store, &guards);
+            }
+        });
+    }
     // Reads' and denials' records are sealed into LMDB (and fsynced) within
     // sync_interval; with retention, the same tick prunes.
     if config.audit.enabled {
@@ -231,10 +272,12 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
     for l in listeners {
         sockets.insert(l.agent.clone(), l.path.display().to_string());
         owned.push((l.path.clone(), l.ino));
-        let agent_cfg = config.agents[&l.agent].clone();
+        let Some(guard) = guards.get(&l.agent).cloned() else {
+            continue;
+        };
         accepting.spawn(accept_loop(
             l,
-            agent_cfg,
+            guard,
             shared.clone(),
             roots.clone(),
             sessions.clone(),
@@ -297,8 +340,10 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
     sessions_token.cancel();
     sessions.close();
     let _ = tokio::time::timeout(CLOSE_TIMEOUT, sessions.wait()).await;
-    // 4. The last record, then the writer commits whatever is queued (the
+    // 4. The last records (what was summarised since the last interval,
+    // then the stop), then the writer commits whatever is queued (the
     // journal included) and the final sync.
+    write_summaries(&store, &guards);
     let mut stop = Record::new("gateway_stop");
     stop.detail = Some(serde_json::json!({"signal": signal_name}));
     stop.ok();
@@ -548,7 +593,7 @@ fn remove_our_socket(path: &Path, ino: u64) {
 #[allow(clippy::too_many_arguments)]
 async fn accept_loop(
     l: Listener,
-    agent: AgentConfig,
+    guard: Arc<AgentGuard>,
     shared: Arc<Shared>,
     roots: Arc<roots::Roots>,
     sessions: TaskTracker,
@@ -558,9 +603,8 @@ async fn accept_loop(
 ) {
     let slots = Arc::new(Semaphore::new(max_connections));
     let refusing = Arc::new(Semaphore::new(REFUSING));
-    let rate = Arc::new(RateLimiter::default());
-    let agent_name: Arc<str> = Arc::from(l.agent.as_str());
-    let role: Arc<str> = Arc::from(agent.role.as_str());
+    let agent_name = guard.agent.clone();
+    let role = guard.role.clone();
     loop {
         let accepted = tokio::select! {
             r = l.listener.accept() => r,
@@ -612,11 +656,15 @@ async fn accept_loop(
         let (slot, token) = match refusal {
             Ok(accepted) => accepted,
             Err((reason, message)) => {
-                refused(&shared, &agent_name, &role, cred.uid(), cred.pid(), &reason);
-                tracing::warn!(
-                    agent = %agent_name, conn, peer_uid = cred.uid(), peer_pid = cred.pid(),
-                    expected_uid = l.expected_uid, "connection refused: {reason}"
-                );
+                // Recorded and logged one by one within the agent's budget;
+                // past it, counted into its summary.
+                if guard.admit("connection") {
+                    refused(&shared, &agent_name, &role, cred.uid(), cred.pid(), &reason);
+                    tracing::warn!(
+                        agent = %agent_name, conn, peer_uid = cred.uid(), peer_pid = cred.pid(),
+                        expected_uid = l.expected_uid, "connection refused: {reason}"
+                    );
+                }
                 // Answered in a task of its own (it waits for the peer's first
                 // request), at most REFUSING at a time per agent: past that, a
                 // flood of refused peers just gets closed.
@@ -644,12 +692,29 @@ async fn accept_loop(
             id,
             shared: shared.clone(),
             inflight: Arc::new(Semaphore::new(shared.max_calls_per_connection)),
-            rate: rate.clone(),
+            guard: guard.clone(),
         };
         sessions.spawn(async move {
             conn::serve(session, stream, token, max_message).await;
             drop(slot);
         });
+    }
+}
+
+/// Each agent's summary of the refusals it made past its budget, if any.
+fn write_summaries(store: &Store, guards: &BTreeMap<String, Arc<AgentGuard>>) {
+    for guard in guards.values() {
+        let Some(r) = guard.take_summary() else {
+            continue;
+        };
+        let count = r
+            .detail
+            .as_ref()
+            .map_or(0, |d| d["count"].as_u64().unwrap_or(0));
+        tracing::warn!(agent = %guard.agent, count, "refusals past the agent's audit budget: summarised in one record");
+        if let Err(e) = store.audit(r) {
+            tracing::error!(error = %e, "cannot record a summary of refusals");
+        }
     }
 }
 

@@ -14,9 +14,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::codes;
+use super::guard::AgentGuard;
 use super::tools::{self, ToolError, ToolLimits};
 use crate::audit::{self, Record};
-use crate::policy::{Bound, Policy, RateLimiter, Refusal};
+use crate::policy::{Bound, Policy, Refusal};
 use crate::store::Store;
 
 /// Who is on the other end of a connection, as the kernel and the socket say.
@@ -51,6 +52,18 @@ pub struct Shared {
     pub policy_changes: tokio::sync::watch::Sender<u64>,
     /// How often a waiting `kv_watch` with a progress token reports progress.
     pub progress_every: std::time::Duration,
+    /// Backpressure bounds of every connection.
+    pub flow: Flow,
+    /// Each agent's rates and refusal ledger, by agent name.
+    pub guards: Arc<std::collections::BTreeMap<String, Arc<AgentGuard>>>,
+}
+
+/// How much one connection may leave unread before the gateway stops reading
+/// from it (`[gateway] max_pending_replies`, `max_unsent_bytes`).
+#[derive(Debug, Clone, Copy)]
+pub struct Flow {
+    pub max_pending: usize,
+    pub max_unsent_bytes: usize,
 }
 
 #[derive(Clone)]
@@ -58,8 +71,9 @@ pub struct Session {
     pub id: Identity,
     pub shared: Arc<Shared>,
     pub inflight: Arc<Semaphore>,
-    /// Shared by every connection of this agent.
-    pub rate: Arc<RateLimiter>,
+    /// Shared by every connection of this agent: its rates and its refusal
+    /// ledger.
+    pub guard: Arc<AgentGuard>,
 }
 
 fn narrow(gateway: u64, role: &Option<Bound>) -> u64 {
@@ -118,6 +132,7 @@ impl Session {
         rec.args_sha256 = Some(audit::args_digest(&args));
         let audit = Audit {
             store: &shared.store,
+            guard: &self.guard,
             started,
         };
 
@@ -141,7 +156,7 @@ impl Session {
             return audit.refuse(rec, codes::RATE_LIMITED, message, None);
         };
         let decided = policy.decide(&id.role, &name, args, |bound| {
-            self.rate.try_acquire(bound.max)
+            self.guard.calls.try_acquire(bound.max)
         });
         let allowed = match decided {
             Ok(allowed) => allowed,
@@ -153,9 +168,6 @@ impl Session {
                 rec.rule = refusal.rule().map(|r| r.to_ref());
                 let message = refusal.message(&id.role, &name);
                 let rule = refusal.rule().map(|r| r.to_json());
-                if let Some(r) = refusal.rule() {
-                    tracing::info!(agent = %id.agent, role = %id.role, tool = %name, rule = %r, "denied: {message}");
-                }
                 return match refusal {
                     Refusal::UnknownTool => {
                         audit.refuse(rec, ErrorCode::INVALID_PARAMS, message, None)
@@ -178,7 +190,7 @@ impl Session {
                         audit.tool_error(rec, e.code(), e.to_string(), None)
                     }
                     Refusal::Denied(d, request) => {
-                        rec.keys = request.audit_keys();
+                        rec.set_keys(request.audit_keys());
                         let message = format!("{} ({})", d.message, d.rule);
                         audit.tool_error(rec, d.kind.code(), message, rule)
                     }
@@ -186,7 +198,7 @@ impl Session {
             }
         };
         let role = allowed.role;
-        rec.keys = allowed.request.audit_keys();
+        rec.set_keys(allowed.request.audit_keys());
         rec.decision = Some("allow".into());
         rec.rule = allowed.deciding_rule().map(|r| r.to_ref());
         let parsed = allowed.request;
@@ -273,7 +285,9 @@ impl Session {
         rec.role = Some(id.role.to_string());
         rec.uid = Some(id.uid);
         rec.pid = id.pid;
-        rec.tool = tool.map(str::to_string);
+        if let Some(t) = tool {
+            rec.set_tool(t);
+        }
         rec.policy_sha256 = Some(policy.hash.clone());
         rec
     }
@@ -283,7 +297,18 @@ impl Session {
     /// and returns the error to answer it with, or, when the record cannot
     /// be written, the error that says so.
     pub fn refused_call(&self, tool: Option<&str>, error: ErrorData) -> ErrorData {
-        let mut rec = self.call_record(tool, &self.shared.policy.load());
+        let policy = self.shared.policy.load();
+        // It counts against the role's call rate like any other call.
+        if let Some(b) = policy
+            .role(&self.id.role)
+            .and_then(|r| r.limits.calls_per_minute.as_ref())
+        {
+            self.guard.calls.try_acquire(b.max);
+        }
+        if !self.guard.admit(tool.unwrap_or("tools/call")) {
+            return error;
+        }
+        let mut rec = self.call_record(tool, &policy);
         rec.decision = Some("invalid".into());
         rec.error(&error.code.0.to_string(), &error.message);
         match self.shared.store.audit(rec) {
@@ -299,11 +324,23 @@ impl Session {
 /// Finishes the record of a call that ends before the store, then answers.
 struct Audit<'a> {
     store: &'a Store,
+    guard: &'a AgentGuard,
     started: Instant,
 }
 
 impl Audit<'_> {
+    /// Every call refused here is a refusal: recorded (and logged) on its own
+    /// within the agent's budget, counted into its summary past it.
     fn write(&self, mut rec: Record, code: &str, message: &str) -> Result<(), ErrorData> {
+        if !self
+            .guard
+            .admit(rec.tool.as_deref().unwrap_or("tools/call"))
+        {
+            return Ok(());
+        }
+        if let Some(r) = &rec.rule {
+            tracing::info!(agent = ?rec.agent, role = ?rec.role, tool = ?rec.tool, rule = %r.text, "denied: {}", audit::clip(message, audit::MAX_MESSAGE_BYTES));
+        }
         rec.latency_us = Some(self.started.elapsed().as_micros() as u64);
         rec.error(code, message);
         self.store.audit(rec).map_err(|e| {

@@ -6,6 +6,7 @@
 //! of waiting forever) and the rest of it discarded without being buffered.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -13,7 +14,7 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 use tokio_util::bytes::{Buf, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, FramedRead};
 
@@ -89,7 +90,41 @@ impl Decoder for BoundedLines {
 /// The write half of a connection, shared by the reader's replies and the
 /// calls' tasks; a line is written whole under the lock, so replies never
 /// interleave.
-pub type Writer = Arc<Mutex<Option<OwnedWriteHalf>>>;
+pub type Writer = Arc<Out>;
+
+/// A connection's write half and the replies waiting for it: a peer that does
+/// not read its replies makes them wait here, and the reader stops reading
+/// (`drained`) while more than `max_unsent` bytes wait, so the gateway's
+/// memory for that peer stays bounded (SECURITY.md: backpressure).
+pub struct Out {
+    half: Mutex<Option<OwnedWriteHalf>>,
+    /// Bytes of replies handed to `write_line` and not yet written (or failed).
+    unsent: AtomicUsize,
+    max_unsent: usize,
+    drained: Notify,
+}
+
+impl Out {
+    /// Waits until no more than `max_unsent` bytes wait to be written.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a write that finishes in
+            // between still wakes us.
+            notified.as_mut().enable();
+            if self.unsent.load(Ordering::Acquire) <= self.max_unsent {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Takes the write half (to shut it down); later writes fail.
+    pub async fn take(&self) -> Option<OwnedWriteHalf> {
+        self.half.lock().await.take()
+    }
+}
 
 /// What the connection's reader yields.
 pub enum Incoming {
@@ -105,7 +140,11 @@ pub struct LineReader {
 }
 
 /// Splits a connection into its bounded line reader and its shared writer.
-pub fn split(stream: UnixStream, max_message_bytes: usize) -> (LineReader, Writer) {
+pub fn split(
+    stream: UnixStream,
+    max_message_bytes: usize,
+    max_unsent: usize,
+) -> (LineReader, Writer) {
     let (r, w) = stream.into_split();
     let reader = LineReader {
         reader: FramedRead::with_capacity(
@@ -119,7 +158,13 @@ pub fn split(stream: UnixStream, max_message_bytes: usize) -> (LineReader, Write
         ),
         max: max_message_bytes,
     };
-    (reader, Arc::new(Mutex::new(Some(w))))
+    let out = Out {
+        half: Mutex::new(Some(w)),
+        unsent: AtomicUsize::new(0),
+        max_unsent,
+        drained: Notify::new(),
+    };
+    (reader, Arc::new(out))
 }
 
 impl LineReader {
@@ -139,16 +184,40 @@ impl LineReader {
     }
 }
 
-/// Writes one line (the newline is added here).
-pub async fn write_line(writer: &Writer, mut line: Vec<u8>) -> io::Result<()> {
+/// Writes one line (the newline is added here). Its bytes count as unsent
+/// from now until the write ends, however it ends (dropped included).
+pub async fn write_line(writer: &Out, mut line: Vec<u8>) -> io::Result<()> {
     line.push(b'\n');
-    let mut guard = writer.lock().await;
+    let _pending = Unsent::add(writer, line.len());
+    let mut guard = writer.half.lock().await;
     match guard.as_mut() {
         Some(w) => w.write_all(&line).await,
         None => Err(io::Error::new(
             io::ErrorKind::NotConnected,
             "connection closed",
         )),
+    }
+}
+
+/// One line's share of `Out::unsent`, given back when the write ends.
+struct Unsent<'a> {
+    out: &'a Out,
+    len: usize,
+}
+
+impl<'a> Unsent<'a> {
+    fn add(out: &'a Out, len: usize) -> Unsent<'a> {
+        out.unsent.fetch_add(len, Ordering::AcqRel);
+        Unsent { out, len }
+    }
+}
+
+impl Drop for Unsent<'_> {
+    fn drop(&mut self) {
+        let before = self.out.unsent.fetch_sub(self.len, Ordering::AcqRel);
+        if before.saturating_sub(self.len) <= self.out.max_unsent {
+            self.out.drained.notify_waiters();
+        }
     }
 }
 

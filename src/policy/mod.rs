@@ -421,10 +421,10 @@ impl Policy {
     }
 
     /// The decision sequence of one tool call, in the order the gateway
-    /// applies it: the tool (a role that may not call it learns nothing more,
-    /// and its arguments are never looked at), the agent's rate (`rate` is
-    /// asked only when the role has a `calls_per_minute`, and takes a token),
-    /// the arguments parsed into the typed request, the role's limits, then
+    /// applies it: the agent's rate (`rate` is asked only when the role has a
+    /// `calls_per_minute`, and takes a token, for every call whatever its
+    /// tool), the tool (a role that may not call it learns nothing more, and
+    /// its arguments are never looked at), the arguments parsed into the typed request, the role's limits, then
     /// every key the request touches. The gateway, `cordon policy explain`,
     /// the policy file's `[[tests]]` and the proptests all decide here.
     pub fn decide(
@@ -434,22 +434,24 @@ impl Policy {
         args: serde_json::Map<String, Value>,
         rate: impl FnOnce(&Bound) -> bool,
     ) -> Result<Allowed<'_>, Refusal> {
-        let Some(tool) = Tool::from_name(tool) else {
-            return Err(Refusal::UnknownTool);
-        };
         let Some(r) = self.role(role) else {
             return Err(Refusal::NoRole);
+        };
+        // Every call counts against the rate, whatever it names: a flood of
+        // unknown or denied tools is limited like any other.
+        if let Some(bound) = &r.limits.calls_per_minute {
+            if !rate(bound) {
+                return Err(Refusal::Rate(bound.clone()));
+            }
+        }
+        let Some(tool) = Tool::from_name(tool) else {
+            return Err(Refusal::UnknownTool);
         };
         let tool_decision = r.tool(tool);
         if !tool_decision.allowed {
             return Err(Refusal::Tool {
                 rule: tool_decision.rule.clone(),
             });
-        }
-        if let Some(bound) = &r.limits.calls_per_minute {
-            if !rate(bound) {
-                return Err(Refusal::Rate(bound.clone()));
-            }
         }
         let request = Request::parse(tool, args).map_err(Refusal::Invalid)?;
         let mut rules = match r.check(&request, &self.default_deny) {
