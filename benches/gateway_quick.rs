@@ -107,7 +107,7 @@ fn run(audit: bool) -> Figures {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(
         dir.path().join("c.toml"),
-        format!("[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"p.toml\"\nmax_connections_per_agent = 64\n[audit]\nenabled = {audit}\n[agents.a]\nrole = \"a\"\n"),
+        format!("[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"p.toml\"\nmax_connections_per_agent = 64\nmax_messages_per_second = 100000000\n[audit]\nenabled = {audit}\n[agents.a]\nrole = \"a\"\n"),
     )
     .expect("config");
     std::fs::write(

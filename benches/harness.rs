@@ -719,10 +719,12 @@ fn read_ready(child: &mut Child) {
 }
 
 /// The real gateway on a fresh temp store: policy on (16 agents, one role
-/// each, allowed everything under /), audit on, default durability.
+/// each, allowed everything under /), audit on, default durability. The
+/// per-agent message rate is set out of reach: the benchmark measures what
+/// the accounting costs, not the throttling it would apply past the rate.
 fn gateway() -> Server {
     let dir = tempdir();
-    let mut config = String::from("[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"p.toml\"\nmap_size = \"8GiB\"\nmax_connections_per_agent = 32\n[audit]\nenabled = true\n");
+    let mut config = String::from("[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"p.toml\"\nmap_size = \"8GiB\"\nmax_connections_per_agent = 32\nmax_messages_per_second = 100000000\n[audit]\nenabled = true\n");
     let mut policy = String::new();
     for a in 0..AGENTS {
         let _ = write!(config, "[agents.a{a}]\nrole = \"r{a}\"\n");
