@@ -130,6 +130,9 @@ impl<'de> Deserialize<'de> for Span {
 fn default_true() -> bool {
     true
 }
+fn default_journal_reserve() -> ByteSize {
+    ByteSize(crate::store::DEFAULT_JOURNAL_RESERVE)
+}
 fn default_sync_interval() -> Span {
     Span(std::time::Duration::from_secs(1))
 }
@@ -152,6 +155,13 @@ pub struct AuditConfig {
     pub max_records: Option<u64>,
     /// Retention: drop records older than this.
     pub max_age: Option<Span>,
+    /// Space the audit journal preallocates (twice: the segment it writes and
+    /// a spare) so that reads and denials keep being audited, and served,
+    /// while the disk is full: at least this many bytes of records (~400
+    /// bytes each). Writes are refused with `no_space` while less than this
+    /// is free. "0" turns the reserve off.
+    #[serde(default = "default_journal_reserve")]
+    pub journal_reserve: ByteSize,
 }
 
 impl Default for AuditConfig {
@@ -162,6 +172,7 @@ impl Default for AuditConfig {
             sync_interval: default_sync_interval(),
             max_records: None,
             max_age: None,
+            journal_reserve: default_journal_reserve(),
         }
     }
 }
