@@ -23,10 +23,9 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use rustix::fs::{fallocate, FallocateFlags};
 
@@ -36,9 +35,6 @@ use super::{AuditError, Draft, Drafts, Record};
 const SPARE: &str = "spare.prealloc";
 /// A segment's length when nothing is preallocated (`journal_reserve = 0`).
 const UNRESERVED_SEGMENT: u64 = 4 << 20;
-/// After a spare could not be made, how long before trying again: an attempt
-/// on a full disk costs an fallocate that fails.
-const SPARE_RETRY: Duration = Duration::from_millis(100);
 /// Punching is done in whole pages: a partial page would only be zeroed.
 const PAGE: u64 = 4096;
 
@@ -118,8 +114,8 @@ struct Inner {
     /// The spare segment exists, wholly preallocated (always true without a
     /// reserve, or on a filesystem that cannot preallocate).
     spare: bool,
-    /// When making the spare last failed.
-    spare_failed: Option<Instant>,
+    /// Making the spare failed (logged once until it is made).
+    spare_failed: bool,
     /// The filesystem does not support fallocate: no reserve (logged once).
     unsupported: bool,
 }
@@ -265,7 +261,7 @@ impl Journal {
                     offset: 0,
                 }),
                 spare: reserve == 0,
-                spare_failed: None,
+                spare_failed: false,
                 unsupported: false,
             }),
         };
@@ -389,7 +385,9 @@ impl Journal {
         }
         let path = self.dir.join(SPARE);
         // A spare left part-made keeps its blocks: the next attempt only
-        // needs the rest.
+        // needs the rest. It is not tried without the free space for it:
+        // this runs before every batch of writes while the disk is full, and
+        // a failing fallocate allocates, then frees, all it could get.
         let made = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -397,11 +395,19 @@ impl Journal {
             .mode(0o600)
             .open(&path)
             .and_then(|f| {
+                let held = f.metadata()?.blocks().saturating_mul(512);
+                let need = self.reserve.saturating_sub(held);
+                let st = rustix::fs::fstatvfs(&f)?;
+                if st.f_bavail.saturating_mul(st.f_frsize) < need {
+                    return Err(std::io::Error::from_raw_os_error(
+                        rustix::io::Errno::NOSPC.raw_os_error(),
+                    ));
+                }
                 fallocate(&f, FallocateFlags::KEEP_SIZE, 0, self.reserve).map_err(Into::into)
             });
         match made {
             Ok(()) => {
-                if inner.spare_failed.take().is_some() {
+                if std::mem::take(&mut inner.spare_failed) {
                     tracing::info!(dir = %self.dir.display(), bytes = self.reserve, "audit journal reserve restored");
                 }
                 inner.spare = true;
@@ -412,10 +418,10 @@ impl Journal {
                 inner.spare = true;
             }
             Err(e) => {
-                if inner.spare_failed.is_none() {
+                if !inner.spare_failed {
                     tracing::error!(dir = %self.dir.display(), bytes = self.reserve, error = %e, "the audit journal cannot make its reserve: writes are refused until the space is free, reads are audited from what is left");
                 }
-                inner.spare_failed = Some(Instant::now());
+                inner.spare_failed = true;
             }
         }
         inner.spare
@@ -428,15 +434,6 @@ impl Journal {
         let Ok(mut inner) = self.lock() else {
             return false;
         };
-        if inner.spare {
-            return true;
-        }
-        if inner
-            .spare_failed
-            .is_some_and(|t| t.elapsed() < SPARE_RETRY)
-        {
-            return false;
-        }
         self.make_spare(&mut inner)
     }
 
@@ -501,9 +498,6 @@ impl Journal {
             }
         }
         inner.retired = inner.retired.max(through.generation.saturating_sub(1));
-        if through.generation != inner.generation {
-            return;
-        }
         let from = if inner.punched.generation == through.generation {
             inner.punched.offset
         } else {
@@ -512,11 +506,18 @@ impl Journal {
         let to = through.offset / PAGE * PAGE;
         if to > from {
             let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
-            match fallocate(&inner.file, flags, from, to - from) {
-                Ok(()) => {}
-                Err(e) => {
-                    tracing::debug!(file = %inner.path.display(), error = %e, "cannot free the sealed start of the audit journal")
-                }
+            // A backlog spans older generations too: each one gives its
+            // space back as it is sealed, not only once it is deleted.
+            let punched = if through.generation == inner.generation {
+                fallocate(&inner.file, flags, from, to - from).map_err(std::io::Error::from)
+            } else {
+                OpenOptions::new()
+                    .write(true)
+                    .open(gen_path(&self.dir, through.generation))
+                    .and_then(|f| fallocate(&f, flags, from, to - from).map_err(Into::into))
+            };
+            if let Err(e) = punched {
+                tracing::debug!(generation = through.generation, error = %e, "cannot free the sealed start of the audit journal");
             }
             inner.punched = Pos {
                 generation: through.generation,
@@ -739,12 +740,10 @@ mod tests {
         let taken = j.take(usize::MAX).unwrap();
         j.retire(taken.through().unwrap());
         fs::remove_file(&filler).unwrap();
-        // Retried at most every SPARE_RETRY: poll, with a deadline.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !j.reserve_whole() {
-            assert!(Instant::now() < deadline, "the reserve never came back");
-            std::thread::yield_now();
-        }
+        assert!(
+            j.reserve_whole(),
+            "the reserve is restored once space is back"
+        );
         j.append(&r).unwrap();
     }
 }

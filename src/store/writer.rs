@@ -30,6 +30,11 @@ struct Sealing<'a> {
     through: Option<Pos>,
 }
 
+/// Free space below which writes are refused (or `journal_reserve`, if
+/// smaller): room for the audit to seal two commits' worth of its journal,
+/// so that the data cannot take the space the audit's backlog needs.
+pub(super) const WRITE_HEADROOM: u64 = 2 * JOURNAL_SEAL_MAX_BYTES as u64;
+
 /// How often a full disk is logged at most: every failed commit would
 /// otherwise log a line onto the disk that is full.
 const NO_SPACE_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -154,11 +159,12 @@ impl Writer {
         if reserve == 0 {
             return None;
         }
+        let headroom = reserve.min(WRITE_HEADROOM);
         let free = free_bytes(&self.path);
-        if let Some(free) = free.filter(|f| *f < reserve) {
+        if let Some(free) = free.filter(|f| *f < headroom) {
             return Some(StoreError::NoSpace {
                 path: self.path.clone(),
-                what: format!("{free} bytes free; writes need {reserve} ([audit] journal_reserve) left free for the audit, and resume by themselves once they are"),
+                what: format!("{free} bytes free; writes need {headroom} left free for the audit to seal its journal, and resume by themselves once they are"),
             });
         }
         if !journal.reserve_whole() {
