@@ -226,6 +226,14 @@ fn a_full_disk_serves_audited_reads_refuses_writes_and_recovers_by_itself() {
         "{refused}"
     );
     assert!(!refused.to_string().contains("\"value\":9"), "{refused}");
+    // Refused reads do not pile up journal files.
+    let files = || std::fs::read_dir(store.join("audit-journal")).unwrap().count();
+    let before = files();
+    for _ in 0..200 {
+        let r = c.call("kv_get", json!({"key": "/before/9"}));
+        assert_eq!(error_of(&r).0, "no_space", "{r}");
+    }
+    assert_eq!(files(), before, "a refused read left journal files behind");
     // At least the reserve's worth of records (~400 bytes each).
     assert!(
         served as u64 >= RESERVE / 512,
@@ -300,7 +308,8 @@ fn the_same_run_on_a_disk_with_space_succeeds_throughout() {
         served += 1;
     }
     drop(c);
-    s.restart();
+    let startup = s.restart();
+    eprintln!("FIGURES: start-up with space: {startup:?}");
     let mut c = s.g.client();
     for _ in 0..1000 {
         assert_eq!(c.ok("kv_get", json!({"key": "/before/8"}))["value"], 8);

@@ -256,10 +256,13 @@ impl Journal {
                 positions,
                 torn: false,
                 retired: through,
-                punched: sealed.at.unwrap_or(Pos {
-                    generation: 0,
+                // Punched again from the start: the previous run may have
+                // died between its commit and its punch (a hole punched
+                // twice costs nothing).
+                punched: Pos {
+                    generation: sealed.at.map_or(0, |a| a.generation),
                     offset: 0,
-                }),
+                },
                 spare: reserve == 0,
                 spare_failed: false,
                 unsupported: false,
@@ -323,16 +326,18 @@ impl Journal {
         let mut result = inner.file.write_all(line);
         if result.is_err() {
             // A full disk can take part of the line: leave it as the last
-            // line of its generation (recovery drops a torn last line), and
-            // try once more in a new one, which is preallocated if the spare
-            // was there (a segment written past its preallocation, or one
-            // made while the disk was full).
-            inner.torn = true;
-            if self.rotate(inner).is_ok() {
+            // line of its generation (recovery drops a torn last line). Try
+            // once more in a new generation when the spare is there to make
+            // it (this one was made while the disk was full, without its
+            // preallocation). A write that left nothing behind needs no new
+            // file: on a full disk, refused calls do not pile up empty ones.
+            inner.torn = self.left_torn(inner);
+            let retry = inner.torn || (inner.spare && self.reserve > 0 && !inner.unsupported);
+            if retry && self.rotate(inner).is_ok() {
                 inner.torn = false;
                 result = inner.file.write_all(line);
                 if result.is_err() {
-                    inner.torn = true;
+                    inner.torn = self.left_torn(inner);
                 }
             }
         }
@@ -349,6 +354,14 @@ impl Journal {
             offset: inner.written,
         });
         Ok(inner.pending.len())
+    }
+
+    /// Whether a failed write left part of its line in the current file.
+    fn left_torn(&self, inner: &Inner) -> bool {
+        inner
+            .file
+            .metadata()
+            .map_or(true, |m| m.len() != inner.written)
     }
 
     /// Appends go to a new generation from now on, made from the spare
