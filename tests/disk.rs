@@ -190,6 +190,9 @@ fn a_full_disk_serves_audited_reads_refuses_writes_and_recovers_by_itself() {
     for i in 0..20 {
         assert_no_space(&put(&mut c, &format!("/full/{i}"), json!(i)), &store);
     }
+    // A delete too: LMDB's file never shrinks, so it would free no disk.
+    let r = c.call("kv_delete", json!({"key": "/before/1"}));
+    assert_no_space(&r, &store);
     for i in 0..1000 {
         assert_eq!(
             c.ok("kv_get", json!({"key": "/before/7"}))["value"],
@@ -227,7 +230,11 @@ fn a_full_disk_serves_audited_reads_refuses_writes_and_recovers_by_itself() {
     );
     assert!(!refused.to_string().contains("\"value\":9"), "{refused}");
     // Refused reads do not pile up journal files.
-    let files = || std::fs::read_dir(store.join("audit-journal")).unwrap().count();
+    let files = || {
+        std::fs::read_dir(store.join("audit-journal"))
+            .unwrap()
+            .count()
+    };
     let before = files();
     for _ in 0..200 {
         let r = c.call("kv_get", json!({"key": "/before/9"}));
@@ -322,4 +329,42 @@ fn the_same_run_on_a_disk_with_space_succeeds_throughout() {
     }
     drop(c);
     check_after(&mut s, &acknowledged, served);
+}
+
+/// Past the reserve nothing can be audited: a restart then fails, saying so
+/// (never serving unaudited), and starts once space is freed.
+#[test]
+fn past_the_reserve_a_restart_fails_with_no_space_and_starts_once_space_is_freed() {
+    let mut s = SmallDisk::new();
+    let mut c = s.g.client();
+    assert_eq!(put(&mut c, "/k", json!(1))["isError"], false);
+    s.fill();
+    let mut served = 0usize;
+    loop {
+        let r = c.call("kv_get", json!({"key": "/k"}));
+        if r["isError"] == true {
+            assert_eq!(error_of(&r).0, "no_space", "{r}");
+            break;
+        }
+        served += 1;
+        assert!(served < 200_000, "the reserve never ran out");
+    }
+    drop(c);
+    s.g.kill();
+    let err =
+        s.g.launch()
+            .expect_err("started with no space for its records");
+    assert!(err.contains("no space left on device"), "{err}");
+    std::fs::remove_file(s.filler()).unwrap();
+    s.g.launch().unwrap();
+    let mut c = s.g.client();
+    assert_eq!(c.ok("kv_get", json!({"key": "/k"}))["value"], 1);
+    drop(c);
+    assert!(s.g.stop().success());
+    let reads = export(&s.g)
+        .iter()
+        .filter(|r| r["tool"] == "kv_get" && r["outcome"]["status"] == "ok")
+        .count();
+    assert!(reads > served, "{reads} records for {served} reads served");
+    assert_verifies(&s.g);
 }
