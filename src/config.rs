@@ -157,7 +157,7 @@ pub struct AuditConfig {
     pub max_age: Option<Span>,
     /// Space the audit journal preallocates (twice: the segment it writes and
     /// a spare) so that reads and denials keep being audited, and served,
-    /// while the disk is full: at least this many bytes of records (~400
+    /// while the disk is full: at least this many bytes of records (~470
     /// bytes each). Writes are refused with `no_space` while less than this
     /// is free. "0" turns the reserve off.
     #[serde(default = "default_journal_reserve")]
