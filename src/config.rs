@@ -158,6 +158,9 @@ impl<'de> Deserialize<'de> for Span {
 fn default_true() -> bool {
     true
 }
+fn default_journal_reserve() -> ByteSize {
+    ByteSize(crate::store::DEFAULT_JOURNAL_RESERVE)
+}
 fn default_sync_interval() -> Span {
     Span(std::time::Duration::from_secs(1))
 }
@@ -188,6 +191,13 @@ pub struct AuditConfig {
     pub refusal_records_per_minute: u64,
     #[serde(default = "default_summary_interval")]
     pub summary_interval: Span,
+    /// Space the audit journal preallocates (twice: the segment it writes and
+    /// a spare) so that reads and denials keep being audited, and served,
+    /// while the disk is full: at least this many bytes of records (~470
+    /// bytes each). Writes are refused with `no_space` while less than this
+    /// is free. "0" turns the reserve off.
+    #[serde(default = "default_journal_reserve")]
+    pub journal_reserve: ByteSize,
 }
 
 impl Default for AuditConfig {
@@ -200,6 +210,7 @@ impl Default for AuditConfig {
             max_age: None,
             refusal_records_per_minute: default_refusal_records(),
             summary_interval: default_summary_interval(),
+            journal_reserve: default_journal_reserve(),
         }
     }
 }

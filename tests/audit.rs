@@ -523,8 +523,10 @@ fn tiny_journal_disk(test: &str) -> Option<TinyJournalDisk> {
         eprintln!("SKIPPED {test}: needs root (mounts a tiny tmpfs)");
         return None;
     }
+    // A reserve that fits the tiny disk (two 4 KiB segments): the disk
+    // fills past it after a few dozen records.
     let g = Gateway::prepare(
-        "[audit]\nsync_interval = \"1h\"\n",
+        "[audit]\nsync_interval = \"1h\"\njournal_reserve = \"4KiB\"\n",
         CODER,
         common::ALLOW_ALL,
     );
@@ -560,7 +562,7 @@ fn when_the_audit_cannot_be_written_calls_fail_and_return_no_data() {
             "tools/call",
             json!({"name": "kv_get", "arguments": {"key": "/secret"}}),
         );
-        if r.get("error").is_some() {
+        if r.get("error").is_some() || r["result"]["isError"] == true {
             refused = Some((i, r));
             break;
         }
@@ -568,7 +570,11 @@ fn when_the_audit_cannot_be_written_calls_fail_and_return_no_data() {
     }
     let (i, r) = refused.expect("the journal never filled up");
     assert!(i > 0, "some reads were audited and served first");
-    let msg = r["error"]["message"].as_str().unwrap();
+    // A full disk: a tool error that says so.
+    let error = &r["result"]["structuredContent"]["error"];
+    assert_eq!(error["code"], "no_space", "{r}");
+    let msg = error["message"].as_str().unwrap();
+    assert!(msg.contains("no space left on device"), "{r}");
     assert!(msg.contains("audit log unavailable"), "{r}");
     assert!(
         !r.to_string().contains("the data"),
@@ -586,6 +592,8 @@ fn when_the_audit_cannot_be_written_calls_fail_and_return_no_data() {
             .contains("audit log unavailable"),
         "{r}"
     );
+    assert_eq!(r["error"]["code"], -32012, "{r}");
+    assert_eq!(r["error"]["data"]["code"], "no_space", "{r}");
 }
 
 /// A journal write that fails part-way (the disk filled mid-line) must not
@@ -611,7 +619,7 @@ fn records_appended_after_a_full_journal_disk_survive_a_kill_9() {
             "tools/call",
             json!({"name": "kv_get", "arguments": {"key": "/k"}}),
         );
-        if r.get("error").is_some() {
+        if r.get("error").is_some() || r["result"]["isError"] == true {
             refused = true;
             break;
         }

@@ -432,6 +432,39 @@ impl Drafts {
         self.spans.is_empty()
     }
 
+    /// Bytes of drafted JSON held.
+    pub fn bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// How many of the first drafts fit in `max_bytes` (at least one).
+    pub fn count_within(&self, max_bytes: usize) -> usize {
+        let within = self.spans.partition_point(|(end, _)| *end <= max_bytes);
+        within.max(1).min(self.spans.len())
+    }
+
+    /// Removes the first `n` drafts and returns them; these keep the rest.
+    pub fn split_front(&mut self, n: usize) -> Drafts {
+        if n == 0 {
+            return Drafts::default();
+        }
+        if n >= self.spans.len() {
+            return std::mem::take(self);
+        }
+        let cut = self.spans[n - 1].0;
+        let rest_bytes = self.bytes.split_off(cut);
+        let front_bytes = std::mem::replace(&mut self.bytes, rest_bytes);
+        let rest_spans = self.spans.split_off(n);
+        let front_spans = std::mem::replace(&mut self.spans, rest_spans);
+        for (end, _) in &mut self.spans {
+            *end -= cut;
+        }
+        Drafts {
+            bytes: front_bytes,
+            spans: front_spans,
+        }
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = DraftRef<'_>> + '_ {
         let mut start = 0;
         self.spans.iter().map(move |(end, splice)| {

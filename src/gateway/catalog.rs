@@ -28,7 +28,7 @@ const ANY_JSON: [&str; 6] = ["object", "array", "string", "number", "boolean", "
 
 /// The tool-error codes the gateway produces today, for the error schema's
 /// description.
-const ERROR_CODES: &str = "invalid_arguments, invalid_key, not_found, conflict, check_failed, compacted, too_large, denied, rate_limited, unavailable, store_error";
+const ERROR_CODES: &str = "invalid_arguments, invalid_key, not_found, conflict, check_failed, compacted, too_large, denied, rate_limited, unavailable, store_error, no_space";
 
 fn schema(v: Value) -> Arc<JsonObject> {
     match v {

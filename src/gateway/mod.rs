@@ -152,6 +152,7 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
         audit: config.audit.enabled.then(|| AuditOptions {
             max_records: config.audit.max_records,
             max_age: config.audit.max_age.map(|s| s.0),
+            journal_reserve: config.audit.journal_reserve.0,
         }),
     })?;
     if !config.audit.enabled {

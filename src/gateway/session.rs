@@ -258,11 +258,12 @@ impl Session {
             }
             if let Err(e) = shared.store.audit(rec) {
                 tracing::error!(error = %e, "audit write failed; call refused");
-                return Err(ErrorData::new(
-                    codes::AUDIT_UNAVAILABLE,
-                    e.to_string(),
-                    None,
-                ));
+                // A full disk is a tool error the agent can read (and retry
+                // later); no data either way.
+                if e.code() == "no_space" {
+                    return Ok(tools::failure(e.code(), &e.to_string(), None).into());
+                }
+                return Err(audit_unavailable(&e));
             }
         }
         match result {
@@ -315,10 +316,17 @@ impl Session {
             Ok(()) => error,
             Err(e) => {
                 tracing::error!(error = %e, "audit write failed; call refused");
-                ErrorData::new(codes::AUDIT_UNAVAILABLE, e.to_string(), None)
+                audit_unavailable(&e)
             }
         }
     }
+}
+
+/// The JSON-RPC error of a call refused because its record could not be
+/// written; `data.code` says why (`no_space`: the disk is full).
+fn audit_unavailable(e: &crate::store::StoreError) -> ErrorData {
+    let data = serde_json::json!({ "code": e.code() });
+    ErrorData::new(codes::AUDIT_UNAVAILABLE, e.to_string(), Some(data))
 }
 
 /// Finishes the record of a call that ends before the store, then answers.
@@ -345,7 +353,7 @@ impl Audit<'_> {
         rec.error(code, message);
         self.store.audit(rec).map_err(|e| {
             tracing::error!(error = %e, "audit write failed; call refused");
-            ErrorData::new(codes::AUDIT_UNAVAILABLE, e.to_string(), None)
+            audit_unavailable(&e)
         })
     }
 

@@ -26,19 +26,29 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::audit::{self, Journal, Record};
+use crate::audit::{self, journal, AuditError, Journal, Record};
 pub use key::{Key, KeyError, Prefix, MAX_KEY_BYTES};
 
 const META_REVISION: &[u8] = b"revision";
 const META_COMPACTED: &[u8] = b"compacted";
 /// The last audit journal generation whose records are sealed in LMDB.
 const META_JOURNAL_SEALED: &[u8] = b"journal_sealed";
+/// The journal position (generation, offset) up to which its records are
+/// sealed: the current generation is sealed in parts, not rotated per seal.
+const META_JOURNAL_SEALED_AT: &[u8] = b"journal_sealed_at";
 const LOCK_FILE: &str = "cordon.lock";
 /// Keys or revisions a listing or watch may skip as invisible to the caller
 /// before it stops, so one call's cost stays bounded.
 const MAX_HIDDEN: usize = 100_000;
 /// Journal records waiting in memory that make the writer seal them early.
 const JOURNAL_SEAL_EVERY: usize = 2048;
+/// Journal bytes sealed per commit at most: a backlog (a full disk, a
+/// restart) is sealed in commits that fit in a little free space, each one
+/// giving its journal space back before the next.
+const JOURNAL_SEAL_MAX_BYTES: usize = 1 << 20;
+/// Default `[audit] journal_reserve`: about 9,000 records of a read
+/// (~470 bytes each, measured) while the disk is full.
+pub const DEFAULT_JOURNAL_RESERVE: u64 = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -104,6 +114,11 @@ pub enum StoreError {
         compacted: u64,
         current: u64,
     },
+    /// The disk is full (ENOSPC, EDQUOT, or LMDB's short write on a full
+    /// disk): the write was not made, or the call's record could not be
+    /// written and the call was refused.
+    #[error("no space left on device {path}: {what}")]
+    NoSpace { path: PathBuf, what: String },
 }
 
 impl StoreError {
@@ -119,6 +134,7 @@ impl StoreError {
             StoreError::CheckFailed { .. } => "check_failed",
             StoreError::Compacted { .. } => "compacted",
             StoreError::Closed | StoreError::Audit { .. } => "unavailable",
+            StoreError::NoSpace { .. } => "no_space",
             _ => "store_error",
         }
     }
@@ -131,6 +147,9 @@ pub struct AuditOptions {
     pub max_records: Option<u64>,
     /// Prune records older than this.
     pub max_age: Option<Duration>,
+    /// Bytes the journal preallocates, twice (its segment and a spare), so
+    /// that reads keep being audited on a full disk; 0: none.
+    pub journal_reserve: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -432,7 +451,23 @@ impl Store {
         let rtxn = env.read_txn().map_err(open_err)?;
         let revision = read_meta(&rtxn, dbs.meta, META_REVISION)?;
         let compacted = read_meta(&rtxn, dbs.meta, META_COMPACTED)?;
-        let journal_sealed = read_meta(&rtxn, dbs.meta, META_JOURNAL_SEALED)?;
+        let journal_sealed = journal::Sealed {
+            through: read_meta(&rtxn, dbs.meta, META_JOURNAL_SEALED)?,
+            at: match dbs
+                .meta
+                .get(&rtxn, META_JOURNAL_SEALED_AT)
+                .map_err(|source| StoreError::Read { source })?
+            {
+                Some(raw) => {
+                    Some(
+                        journal::Pos::decode(raw).ok_or_else(|| StoreError::Corrupt {
+                            what: format!("journal_sealed_at is {} bytes", raw.len()),
+                        })?,
+                    )
+                }
+                None => None,
+            },
+        };
         let chain = match dbs
             .audit
             .last(&rtxn)
@@ -452,12 +487,13 @@ impl Store {
         };
         drop(rtxn);
         let journal = match &opts.audit {
-            Some(_) => Some(Arc::new(
-                Journal::open(&path.join("audit-journal"), journal_sealed).map_err(|e| {
-                    StoreError::Audit {
-                        message: e.to_string(),
-                    }
-                })?,
+            Some(a) => Some(Arc::new(
+                Journal::open(
+                    &path.join("audit-journal"),
+                    journal_sealed,
+                    a.journal_reserve,
+                )
+                .map_err(audit_error)?,
             )),
             None => None,
         };
@@ -475,6 +511,8 @@ impl Store {
             chain,
             journal: journal.clone(),
             audit: opts.audit.clone(),
+            path: path.clone(),
+            no_space_logged: None,
         };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
@@ -700,9 +738,7 @@ impl Store {
         let Some(j) = &self.inner.journal else {
             return Ok(());
         };
-        let pending = j.append(&record).map_err(|e| StoreError::Audit {
-            message: e.to_string(),
-        })?;
+        let pending = j.append(&record).map_err(audit_error)?;
         // The journal's records also wait in memory until sealed: under a
         // burst of reads, seal early rather than only every sync_interval, so
         // that memory stays bounded by the rate the writer can seal at.
@@ -898,6 +934,43 @@ impl Store {
         if let Err(e) = self.inner.env.force_sync() {
             tracing::error!(error = %e, "final store sync failed");
         }
+    }
+}
+
+/// A journal that cannot take a record: `no_space` when the disk is full,
+/// with the reserve named, else `unavailable`.
+fn audit_error(e: AuditError) -> StoreError {
+    match &e {
+        AuditError::Journal { path, source } if journal::is_no_space(source) => {
+            StoreError::NoSpace {
+                path: path.clone(),
+                what: "audit log unavailable, call refused: the audit journal's reserve ([audit] journal_reserve) is used up; calls are served again once space is freed".into(),
+            }
+        }
+        _ => StoreError::Audit {
+            message: e.to_string(),
+        },
+    }
+}
+
+/// Bytes free for an unprivileged writer on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> Option<u64> {
+    let st = rustix::fs::statvfs(path).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Whether a failed LMDB write means the disk is full: ENOSPC or EDQUOT, or
+/// EIO, which LMDB returns for a short write ("filesystem full?") when the
+/// disk filled part-way through a commit, while little space is left.
+fn disk_full(e: &heed::Error, path: &Path) -> bool {
+    /// Below this much free space, LMDB's EIO is taken for a full disk.
+    const SHORT_WRITE_FREE: u64 = 1 << 20;
+    match e {
+        heed::Error::Io(io) if journal::is_no_space(io) => true,
+        heed::Error::Io(io) if io.raw_os_error() == Some(rustix::io::Errno::IO.raw_os_error()) => {
+            free_bytes(path).is_some_and(|free| free < SHORT_WRITE_FREE)
+        }
+        _ => false,
     }
 }
 

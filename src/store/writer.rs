@@ -11,21 +11,33 @@ use heed::{Database, Env, PutFlags, RwTxn, WithoutTls};
 use tokio::sync::{mpsc, watch};
 
 use std::io::Write as _;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    decode_u64, get_entry, AuditOptions, Check, Dbs, Delete, DeleteOutcome, Job, Key, Mutation, Op,
-    OpResult, Outcome, Put, PutOutcome, StoreError, Txn, TxnOutcome, Work, META_COMPACTED,
-    META_JOURNAL_SEALED, META_REVISION,
+    decode_u64, disk_full, free_bytes, get_entry, AuditOptions, Check, Dbs, Delete, DeleteOutcome,
+    Job, Key, Mutation, Op, OpResult, Outcome, Put, PutOutcome, StoreError, Txn, TxnOutcome, Work,
+    JOURNAL_SEAL_MAX_BYTES, META_COMPACTED, META_JOURNAL_SEALED, META_JOURNAL_SEALED_AT,
+    META_REVISION,
 };
+use crate::audit::journal::{Pos, Taken};
 use crate::audit::{AuditError, Chain, Drafts, Journal, Record};
 
-/// Journal records being sealed in a batch, and the generation they end at.
+/// Journal records being sealed in a batch, and where in the journal they end.
 struct Sealing<'a> {
     drafts: &'a Drafts,
-    through: Option<u64>,
+    through: Option<Pos>,
 }
+
+/// Free space below which writes are refused (or `journal_reserve`, if
+/// smaller): room for the audit to seal two commits' worth of its journal,
+/// so that the data cannot take the space the audit's backlog needs.
+pub(super) const WRITE_HEADROOM: u64 = 2 * JOURNAL_SEAL_MAX_BYTES as u64;
+
+/// How often a full disk is logged at most: every failed commit would
+/// otherwise log a line onto the disk that is full.
+const NO_SPACE_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Upper bound on one batch, so that one commit's latency stays bounded under load.
 const MAX_BATCH: usize = 1024;
@@ -82,13 +94,17 @@ pub(super) struct Writer {
     pub chain: Chain,
     pub journal: Option<Arc<Journal>>,
     pub audit: Option<AuditOptions>,
+    /// The store's directory: its filesystem's free space, named in errors.
+    pub path: PathBuf,
+    /// When a full disk was last logged.
+    pub no_space_logged: Option<Instant>,
 }
 
 impl Writer {
     pub fn run(mut self) {
         let mut batch = Vec::with_capacity(64);
         // Records a previous run left in the journal are sealed first.
-        self.commit_batch(&mut batch, false);
+        while self.commit_batch(&mut batch, false) {}
         let mut gather = Gather::default();
         loop {
             if batch.is_empty() {
@@ -107,15 +123,20 @@ impl Writer {
             }
             let jobs = batch.len();
             let started = Instant::now();
-            self.commit_batch(&mut batch, false);
+            let mut more = self.commit_batch(&mut batch, false);
             let took = started.elapsed();
+            // A backlog is sealed in bounded commits, one after another,
+            // before new jobs are looked at again.
+            while more && self.jobs.is_empty() {
+                more = self.commit_batch(&mut batch, false);
+            }
             // What queued during the commit starts the next batch.
             self.drain(&mut batch);
             gather = Gather::after(jobs, batch.len(), took);
         }
         // Shutting down: seal whatever the journal still holds, and leave the
         // log within its retention.
-        self.commit_batch(&mut batch, true);
+        while self.commit_batch(&mut batch, true) {}
     }
 
     fn drain(&mut self, batch: &mut Vec<Job>) {
@@ -127,28 +148,73 @@ impl Writer {
         }
     }
 
-    fn commit_batch(&mut self, batch: &mut Vec<Job>, closing: bool) {
-        let (sealing, through) = match &self.journal {
-            Some(j) => match j.take() {
+    /// Why this batch's mutations cannot be made: the disk has less free
+    /// space than the audit journal's reserve, or the journal could not make
+    /// its reserve again. The audit keeps the space it needs to seal what it
+    /// holds; the writes are refused (with their records sealed as any failed
+    /// mutation's), reads go on.
+    fn refuse_writes(&self) -> Option<StoreError> {
+        let journal = self.journal.as_ref()?;
+        let reserve = journal.reserve();
+        if reserve == 0 {
+            return None;
+        }
+        let headroom = reserve.min(WRITE_HEADROOM);
+        let free = free_bytes(&self.path);
+        if let Some(free) = free.filter(|f| *f < headroom) {
+            return Some(StoreError::NoSpace {
+                path: self.path.clone(),
+                what: format!("{free} bytes free; writes need {headroom} left free for the audit to seal its journal, and resume by themselves once they are"),
+            });
+        }
+        if !journal.reserve_whole() {
+            return Some(StoreError::NoSpace {
+                path: journal.dir().to_path_buf(),
+                what: format!("the audit journal cannot preallocate its reserve of {reserve} bytes ([audit] journal_reserve); writes resume by themselves once it can"),
+            });
+        }
+        None
+    }
+
+    /// Commits the batch, with (a bounded part of) the journal. Returns
+    /// whether more journal records wait to be sealed after a commit that
+    /// succeeded.
+    fn commit_batch(&mut self, batch: &mut Vec<Job>, closing: bool) -> bool {
+        let taken = match &self.journal {
+            Some(j) => match j.take(JOURNAL_SEAL_MAX_BYTES) {
                 Ok(t) => t,
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot rotate the audit journal");
-                    (Drafts::default(), None)
+                    tracing::error!(error = %e, "cannot take the audit journal");
+                    Taken::default()
                 }
             },
-            None => (Drafts::default(), None),
+            None => Taken::default(),
         };
-        if batch.is_empty() && sealing.is_empty() && !closing {
-            return;
+        if batch.is_empty() && taken.drafts.is_empty() && !closing {
+            return false;
         }
+        let refused = if batch.iter().any(|j| matches!(j.work, Work::Mutate(_))) {
+            self.refuse_writes()
+        } else {
+            None
+        };
         let flushing = closing || batch.iter().any(|j| matches!(j.work, Work::Flush));
         let mut results = Vec::with_capacity(batch.len());
         let mut chain = self.chain.clone();
         let mut sealed = Sealing {
-            drafts: &sealing,
-            through,
+            drafts: &taken.drafts,
+            through: taken.through(),
         };
-        match self.apply_batch(batch, &mut sealed, &mut chain, flushing, &mut results) {
+        let through = sealed.through;
+        let more = taken.more;
+        match self.apply_batch(
+            batch,
+            &mut sealed,
+            &mut chain,
+            flushing,
+            refused.as_ref(),
+            &mut results,
+        ) {
             Ok((revision, compacted)) => {
                 self.revision = revision;
                 self.compacted = compacted;
@@ -162,19 +228,47 @@ impl Writer {
                 for (job, result) in batch.drain(..).zip(results) {
                     let _ = job.reply.send(result);
                 }
+                if self.no_space_logged.take().is_some() {
+                    tracing::info!(store = %self.path.display(), "store commits again: space is back");
+                }
+                more
             }
             Err(e) => {
-                tracing::error!(error = %e, jobs = batch.len(), "store commit failed");
+                let no_space = disk_full(&e, &self.path);
                 let message = e.to_string();
+                if !no_space {
+                    tracing::error!(error = %e, jobs = batch.len(), "store commit failed");
+                } else if self
+                    .no_space_logged
+                    .is_none_or(|t| t.elapsed() >= NO_SPACE_LOG_EVERY)
+                {
+                    tracing::error!(store = %self.path.display(), error = %e, jobs = batch.len(), journal_records = taken.drafts.len(), "no space left on device: store commit failed; reads go on, audited from the journal's reserve");
+                    self.no_space_logged = Some(Instant::now());
+                }
+                let error = || {
+                    if no_space {
+                        StoreError::NoSpace {
+                            path: self.path.clone(),
+                            what: format!(
+                                "the commit failed ({message}); nothing of it was written"
+                            ),
+                        }
+                    } else {
+                        StoreError::BatchFailed {
+                            message: message.clone(),
+                        }
+                    }
+                };
                 if let Some(j) = &self.journal {
                     // Nothing of this batch happened: the journal keeps what it
                     // had (sealing never changes a draft), and each mutation
                     // gets a record saying it failed, including those already
                     // sealed into the transaction that was lost.
-                    j.restore(sealing);
+                    j.restore(taken);
                     for job in batch.iter_mut() {
                         if let Some(mut rec) = job.record.take() {
-                            rec.error("store_error", &format!("commit failed: {message}"));
+                            let e = error();
+                            rec.error(e.code(), &e.to_string());
                             if let Err(e) = j.append(&rec) {
                                 tracing::error!(error = %e, "cannot record a failed commit");
                             }
@@ -182,10 +276,9 @@ impl Writer {
                     }
                 }
                 for job in batch.drain(..) {
-                    let _ = job.reply.send(Err(StoreError::BatchFailed {
-                        message: message.clone(),
-                    }));
+                    let _ = job.reply.send(Err(error()));
                 }
+                false
             }
         }
     }
@@ -222,6 +315,7 @@ impl Writer {
         sealing: &mut Sealing<'_>,
         chain: &mut Chain,
         flushing: bool,
+        refused: Option<&StoreError>,
         results: &mut Vec<Result<Outcome, StoreError>>,
     ) -> Result<(u64, u64), heed::Error> {
         let mut wtxn = self.env.write_txn()?;
@@ -234,11 +328,15 @@ impl Writer {
         }
         if let Some(through) = sealing.through {
             // Committed with the records it covers: if the gateway dies before
-            // the journal files are deleted, the next start skips them instead
-            // of sealing them twice.
+            // the journal files are deleted (or punched), the next start skips
+            // them instead of sealing them twice.
+            let before = through.generation.saturating_sub(1);
             self.dbs
                 .meta
-                .put(&mut wtxn, META_JOURNAL_SEALED, &through.to_be_bytes())?;
+                .put(&mut wtxn, META_JOURNAL_SEALED, &before.to_be_bytes())?;
+            self.dbs
+                .meta
+                .put(&mut wtxn, META_JOURNAL_SEALED_AT, &through.encode())?;
         }
         let mut revision = self.revision;
         for job in batch.iter_mut() {
@@ -246,18 +344,25 @@ impl Writer {
                 results.push(Ok(Outcome::Flushed));
                 continue;
             };
-            let mut child = self.env.nested_write_txn(&mut wtxn)?;
-            let result = match apply(&mut child, self.dbs, mutation, revision) {
-                Ok((outcome, changed)) => {
-                    child.commit()?;
-                    if changed {
-                        revision += 1;
+            let result = if let Some(StoreError::NoSpace { path, what }) = refused {
+                Err(StoreError::NoSpace {
+                    path: path.clone(),
+                    what: what.clone(),
+                })
+            } else {
+                let mut child = self.env.nested_write_txn(&mut wtxn)?;
+                match apply(&mut child, self.dbs, mutation, revision) {
+                    Ok((outcome, changed)) => {
+                        child.commit()?;
+                        if changed {
+                            revision += 1;
+                        }
+                        Ok(outcome)
                     }
-                    Ok(outcome)
-                }
-                Err(e) => {
-                    child.abort();
-                    Err(e)
+                    Err(e) => {
+                        child.abort();
+                        Err(e)
+                    }
                 }
             };
             // The record goes into the same transaction as the mutation: both
