@@ -36,6 +36,14 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Stack of a reader thread: it holds no deep recursion (serde_json's depth
 /// limit bounds parsing).
 const READER_STACK: usize = 512 * 1024;
+/// How fast dropped output is read: a writer faster than this waits on its
+/// full pipe, so a flood costs cordon a bounded share of a core (reading and
+/// scanning 32 MiB/s), not a whole one.
+pub const DRAIN_PER_SECOND: f64 = 32.0 * 1024.0 * 1024.0;
+/// Dropped bytes read at once above that pace.
+const DRAIN_BURST: f64 = 1024.0 * 1024.0;
+/// Longest pause of a reader at a time (it then reads and re-checks).
+const MAX_PAUSE: Duration = Duration::from_millis(100);
 /// How long a log that cannot be opened waits before the next attempt.
 const REOPEN_AFTER: Duration = Duration::from_secs(1);
 
@@ -69,6 +77,9 @@ struct State {
     size: u64,
     /// Bucket level; below zero after a marker was charged.
     tokens: f64,
+    /// The pace of reading what is dropped: a second bucket, in debt when
+    /// the reader must pause.
+    drain: f64,
     last_refill: Instant,
     dropping: bool,
     pending: Pending,
@@ -99,6 +110,8 @@ pub struct Sink {
     path: PathBuf,
     limits: LogsConfig,
     style: Style,
+    /// Reading what is dropped is paced (see [`DRAIN_PER_SECOND`]).
+    paced: bool,
     state: Mutex<State>,
     pub counters: Counters,
 }
@@ -142,10 +155,12 @@ impl Sink {
             path,
             limits,
             style,
+            paced: true,
             state: Mutex::new(State {
                 file: None,
                 size: 0,
                 tokens: limits.burst.0 as f64,
+                drain: DRAIN_BURST,
                 last_refill: Instant::now(),
                 dropping: false,
                 pending: Pending::default(),
@@ -161,6 +176,14 @@ impl Sink {
             }
         }
         sink
+    }
+
+    /// Dropped output is read as fast as it comes: for the gateway's log,
+    /// whose writes must never wait (a paused log write would stall the
+    /// calls of every agent); it is cordon's own code, not an agent's.
+    pub fn unpaced(mut self) -> Sink {
+        self.paced = false;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -180,6 +203,7 @@ impl Sink {
         st.last_refill = now;
         let burst = self.limits.burst.0 as f64;
         st.tokens = (st.tokens + dt * self.limits.rate_per_second.0 as f64).min(burst);
+        st.drain = (st.drain + dt * DRAIN_PER_SECOND).min(DRAIN_BURST);
         if st.dropping && st.tokens >= burst / 2.0 {
             st.dropping = false;
         }
@@ -194,6 +218,7 @@ impl Sink {
     }
 
     fn count_drop(&self, st: &mut State, bytes: u64, lines: u64) {
+        st.drain -= bytes as f64;
         st.pending.bytes += bytes;
         st.pending.lines += lines;
         self.counters
@@ -204,6 +229,16 @@ impl Sink {
             .fetch_add(lines, Ordering::Relaxed);
     }
 
+    /// Releases the lock, then makes the reader wait while reading dropped
+    /// output is ahead of its pace.
+    fn pace(&self, st: std::sync::MutexGuard<'_, State>) {
+        let debt = -st.drain;
+        drop(st);
+        if self.paced && debt > 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(debt / DRAIN_PER_SECOND).min(MAX_PAUSE));
+        }
+    }
+
     /// Whether output is being dropped now (the caller may then skip
     /// parsing what it would drop anyway).
     pub fn dropping(&self) -> bool {
@@ -212,10 +247,13 @@ impl Sink {
         st.dropping
     }
 
-    /// The reader dropped these bytes without handing them over.
+    /// The reader dropped these bytes without handing them over (it may
+    /// be made to wait: see [`DRAIN_PER_SECOND`]).
     pub fn dropped(&self, bytes: u64, lines: u64) {
         let mut st = self.lock();
+        self.refill(&mut st);
         self.count_drop(&mut st, bytes, lines);
+        self.pace(st);
     }
 
     pub fn read(&self, bytes: u64) {
@@ -250,6 +288,7 @@ impl Sink {
         if !rest.is_empty() {
             self.start_dropping(&mut st);
             self.count_drop(&mut st, rest.len() as u64, newlines(rest));
+            self.pace(st);
         }
     }
 
@@ -508,7 +547,7 @@ pub fn spawn_raw(thread: String, sink: Arc<Sink>, fd: OwnedFd) -> std::io::Resul
     })
 }
 
-/// What [`LineReader::next`] found.
+/// What [`LineReader::next_line`] found.
 pub enum Next<'a> {
     Line(&'a [u8]),
     /// A line over the maximum, skipped whole (read, never held).
@@ -540,7 +579,7 @@ impl LineReader {
         }
     }
 
-    pub fn next(&mut self) -> Next<'_> {
+    pub fn next_line(&mut self) -> Next<'_> {
         self.line.clear();
         loop {
             if self.eof {
@@ -732,7 +771,7 @@ mod tests {
         let dropped = s.counters.dropped_bytes.load(Ordering::Relaxed);
         let written = s.counters.written_bytes.load(Ordering::Relaxed);
         // The burst (and what the rate refilled meanwhile) kept, the rest dropped.
-        assert!(written >= 8000 && written < 8192 + 1024, "{written}");
+        assert!((8000..8192 + 1024).contains(&written), "{written}");
         assert_eq!(written + dropped, 100_000);
         assert_eq!(
             s.counters.dropped_lines.load(Ordering::Relaxed),
@@ -844,7 +883,7 @@ mod tests {
         let mut lr = LineReader::new(r, s.clone(), 1000);
         let mut got = Vec::new();
         loop {
-            match lr.next() {
+            match lr.next_line() {
                 Next::Line(l) => got.push(String::from_utf8_lossy(l).into_owned()),
                 Next::Overlong => got.push("<overlong>".into()),
                 Next::Eof => break,

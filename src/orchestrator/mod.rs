@@ -254,16 +254,25 @@ pub async fn up(config: Config, options: Options) -> Result<bool, OrchestratorEr
     let (tx, mut rx) = mpsc::unbounded_channel();
     let control_task = tokio::spawn(control::serve(listener, tx.clone()));
 
-    let sink = |stream, owner: &str, path, style| {
-        Arc::new(logs::Sink::new(stream, owner, path, config.logs, style))
-    };
+    let sink =
+        |stream, owner: &str, path, style| logs::Sink::new(stream, owner, path, config.logs, style);
     let mut up = Up {
         config: config.clone(),
         agents: specs
             .into_iter()
             .map(|spec| Agent {
-                stderr_log: sink("stderr", &spec.name, spec.stderr_path(), logs::Style::Text),
-                events_log: sink("stdout", &spec.name, spec.events_path(), logs::Style::Json),
+                stderr_log: Arc::new(sink(
+                    "stderr",
+                    &spec.name,
+                    spec.stderr_path(),
+                    logs::Style::Text,
+                )),
+                events_log: Arc::new(sink(
+                    "stdout",
+                    &spec.name,
+                    spec.events_path(),
+                    logs::Style::Json,
+                )),
                 spec,
                 state: State::Starting,
                 pid: None,
@@ -285,11 +294,14 @@ pub async fn up(config: Config, options: Options) -> Result<bool, OrchestratorEr
             backoff: Duration::from_millis(500),
             running: false,
         },
-        gateway_log: sink(
-            "stderr",
-            "gateway",
-            spec::up_dir(&config).join("gateway.log"),
-            logs::Style::Text,
+        gateway_log: Arc::new(
+            sink(
+                "stderr",
+                "gateway",
+                spec::up_dir(&config).join("gateway.log"),
+                logs::Style::Text,
+            )
+            .unpaced(),
         ),
         tx: tx.clone(),
         shutting_down: false,
@@ -953,6 +965,39 @@ impl Up {
     }
 }
 
+/// Lines of cordon up's own log about an agent's events: at most this many
+/// at once, then `TOLD_PER_SECOND` (the event log has them all).
+const TOLD_BURST: f64 = 100.0;
+const TOLD_PER_SECOND: f64 = 20.0;
+
+struct Told {
+    tokens: f64,
+    last: Instant,
+    skipped: u64,
+}
+
+impl Told {
+    fn admit(&mut self, agent: &str) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * TOLD_PER_SECOND)
+            .min(TOLD_BURST);
+        self.last = now;
+        if self.tokens < 1.0 {
+            self.skipped += 1;
+            return false;
+        }
+        self.tokens -= 1.0;
+        if self.skipped > 0 {
+            tracing::info!(
+                agent,
+                skipped = std::mem::take(&mut self.skipped),
+                "events not logged here (more than {TOLD_PER_SECOND}/s); the agent's events.jsonl keeps them"
+            );
+        }
+        true
+    }
+}
+
 /// Reads an agent's stdout as events into its `events.jsonl` (on the
 /// stream's own thread). Nothing the agent prints decides anything but its
 /// counters; while the log drops (past its rate), lines are not even parsed.
@@ -963,6 +1008,13 @@ fn read_events(
     name: &str,
     run: u64,
 ) {
+    // cordon up's own log line per event, bounded apart from the event log:
+    // a burst, then a few a second; what is left out is counted and said.
+    let mut told = Told {
+        tokens: TOLD_BURST,
+        last: Instant::now(),
+        skipped: 0,
+    };
     let entry = |mut e: Value| {
         if let Some(o) = e.as_object_mut() {
             o.insert("agent".into(), json!(name));
@@ -972,7 +1024,7 @@ fn read_events(
         e
     };
     loop {
-        let line = match lines.next() {
+        let line = match lines.next_line() {
             logs::Next::Eof => break,
             logs::Next::Line(l) => l,
             logs::Next::Overlong => {
@@ -1008,7 +1060,9 @@ fn read_events(
         }
         if sink.entry(input, &out) {
             for e in events.iter().filter(|e| e["kind"] != "output") {
-                tracing::info!(agent = %name, event = %e["kind"].as_str().unwrap_or(""), "{}", lock(stats).last_event);
+                if told.admit(name) {
+                    tracing::info!(agent = %name, event = %e["kind"].as_str().unwrap_or(""), "{}", lock(stats).last_event);
+                }
             }
         }
     }
