@@ -137,7 +137,10 @@ mod tests {
             t.contains("coder-1") && t.contains("1m15s") && t.contains("3.0MiB"),
             "{t}"
         );
-        assert!(t.contains("DROPPED") && t.contains("2.0MiB (7 lines)"), "{t}");
+        assert!(
+            t.contains("DROPPED") && t.contains("2.0MiB (7 lines)"),
+            "{t}"
+        );
         assert!(t.ends_with("restarts 0\n"), "{t}");
         assert_eq!(human_bytes(512), "512B");
     }
