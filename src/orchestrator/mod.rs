@@ -1029,7 +1029,9 @@ fn read_events(
             logs::Next::Line(l) => l,
             logs::Next::Overlong => {
                 lock(stats).errors += 1;
-                tracing::error!(agent = %name, max = MAX_AGENT_LINE, "agent output line too long; skipped");
+                if told.admit(name) {
+                    tracing::error!(agent = %name, max = MAX_AGENT_LINE, "agent output line too long; skipped");
+                }
                 let e = entry(
                     json!({"kind": "error", "text": format!("output line over {MAX_AGENT_LINE} bytes skipped")}),
                 );
