@@ -397,10 +397,19 @@ impl Sink {
             tracing::error!(log = %self.path.display(), error = %e, "cannot write the log; its output is dropped (and counted) until it can");
             self.counters.drops.fetch_add(1, Ordering::Relaxed);
         }
-        st.pending.error = Some(e.to_string());
+        // The first cause is the one said (later ones are mostly "not
+        // reopened yet").
+        st.pending.error.get_or_insert_with(|| e.to_string());
         // The file's size is unknown after a failed write: reopened (and
-        // measured) at the next one.
+        // measured) at a later one, not before REOPEN_AFTER (a full disk
+        // costs no syscalls per chunk meanwhile).
         st.file = None;
+        if st
+            .last_open_failure
+            .is_none_or(|t| t.elapsed() >= REOPEN_AFTER)
+        {
+            st.last_open_failure = Some(Instant::now());
+        }
         self.count_drop(st, data.len() as u64, newlines(data));
     }
 
@@ -860,6 +869,74 @@ mod tests {
         }
         assert!(lines > 0);
         assert!(on_disk(&path, 2) <= 2 * 4096);
+    }
+
+    #[test]
+    fn a_full_disk_drops_counts_and_says_why_once_it_can_write() {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "this test mounts a tmpfs: run it as root"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mount = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(&mnt)
+            .status()
+            .unwrap();
+        assert!(mount.success());
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let _unmount = Unmount(mnt.clone());
+        // Fill the disk but for a few KiB.
+        let filler = mnt.join("filler");
+        let mut f = File::create(&filler).unwrap();
+        let _ = f.write_all(&vec![0u8; 64 << 10]);
+        drop(f);
+        let path = mnt.join("stderr.log");
+        let s = Sink::new(
+            "stderr",
+            "a",
+            path.clone(),
+            limits(1 << 20, 2, 1 << 30, 1 << 30),
+            Style::Text,
+        );
+        let line = [b'x'; 99]
+            .iter()
+            .copied()
+            .chain([b'\n'])
+            .collect::<Vec<u8>>();
+        for _ in 0..200 {
+            s.raw(&line);
+        }
+        let dropped = s.counters.dropped_bytes.load(Ordering::Relaxed);
+        assert!(dropped > 0, "nothing dropped on a full disk");
+        // Space again: writing resumes (after the reopen delay) with the marker.
+        std::fs::remove_file(&filler).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .contains("[cordon]")
+        {
+            assert!(Instant::now() < deadline, "writing never resumed");
+            s.raw(&line);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let marker = text.lines().find(|l| l.starts_with("[cordon]")).unwrap();
+        assert!(
+            marker.contains("cannot write the log: No space left on device"),
+            "{marker}"
+        );
+        assert!(
+            text.ends_with(std::str::from_utf8(&line).unwrap()),
+            "no write after the marker"
+        );
     }
 
     #[test]
