@@ -31,6 +31,8 @@ pub struct Config {
     #[serde(default)]
     pub audit: AuditConfig,
     #[serde(default)]
+    pub logs: LogsConfig,
+    #[serde(default)]
     pub agents: BTreeMap<String, AgentConfig>,
     /// The file this was read from; relative paths in it are resolved against
     /// its directory.
@@ -214,6 +216,56 @@ impl Default for AuditConfig {
         }
     }
 }
+
+fn default_log_file() -> ByteSize {
+    ByteSize(16 << 20)
+}
+fn default_log_keep() -> u32 {
+    3
+}
+fn default_log_rate() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_log_burst() -> ByteSize {
+    ByteSize(4 << 20)
+}
+
+/// `[logs]`: the bounds of what `cordon up` keeps of each agent's stderr
+/// (`stderr.log`) and stdout (`events.jsonl`) and of the gateway's stderr
+/// (`gateway.log`); each such stream is bounded on its own.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsConfig {
+    /// A log file is rotated (`x.log` → `x.log.1` → …) before it would grow past this.
+    #[serde(default = "default_log_file")]
+    pub max_file_bytes: ByteSize,
+    /// Files kept per log, the live one included: at most `keep * max_file_bytes` on disk.
+    #[serde(default = "default_log_keep")]
+    pub keep: u32,
+    /// Bytes per second written per stream; past it (and its burst) output is
+    /// dropped, counted and marked with one line when writing resumes.
+    #[serde(default = "default_log_rate")]
+    pub rate_per_second: ByteSize,
+    /// Bytes written at once above the rate (a token bucket of this size).
+    #[serde(default = "default_log_burst")]
+    pub burst: ByteSize,
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        LogsConfig {
+            max_file_bytes: default_log_file(),
+            keep: default_log_keep(),
+            rate_per_second: default_log_rate(),
+            burst: default_log_burst(),
+        }
+    }
+}
+
+/// Smallest `logs.max_file_bytes` (a marker line must fit in a file).
+pub const MIN_LOG_FILE: u64 = 4096;
+/// Most files kept per log.
+pub const MAX_LOG_KEEP: u32 = 100;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -503,6 +555,31 @@ impl Config {
         if self.audit.max_records == Some(0) {
             return Err(self.invalid("audit.max_records must be at least 1".into()));
         }
+        let l = &self.logs;
+        if l.max_file_bytes.0 < MIN_LOG_FILE {
+            return Err(self.invalid(format!(
+                "logs.max_file_bytes is {}; it must be at least {MIN_LOG_FILE} bytes",
+                l.max_file_bytes
+            )));
+        }
+        if l.keep == 0 || l.keep > MAX_LOG_KEEP {
+            return Err(self.invalid(format!(
+                "logs.keep is {}; it must be 1 to {MAX_LOG_KEEP} (files per log, the live one included)",
+                l.keep
+            )));
+        }
+        if l.rate_per_second.0 < 1024 {
+            return Err(self.invalid(format!(
+                "logs.rate_per_second is {}; it must be at least 1KiB",
+                l.rate_per_second
+            )));
+        }
+        if l.burst.0 < MIN_LOG_FILE {
+            return Err(self.invalid(format!(
+                "logs.burst is {}; it must be at least {MIN_LOG_FILE} bytes",
+                l.burst
+            )));
+        }
         if g.watch_history == 0 {
             return Err(self.invalid("gateway.watch_history must be at least 1".into()));
         }
@@ -759,5 +836,40 @@ mod tests {
         assert!(bad("[agents.\"../x\"]\nrole = \"r\"\n").contains("agent name"));
         assert!(bad("max_value_bytes = \"2MiB\"\n").contains("max_value_bytes"));
         assert!(bad("max_connections_per_agent = 0\n").contains("at least 1"));
+    }
+
+    #[test]
+    fn logs_bounds() {
+        let parse = |logs: &str| {
+            Config::parse(
+                &format!(
+                    "[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"p\"\n[logs]\n{logs}"
+                ),
+                Path::new("c.toml"),
+            )
+        };
+        let d = parse("").unwrap().logs;
+        assert_eq!(
+            (d.max_file_bytes.0, d.keep, d.rate_per_second.0, d.burst.0),
+            (16 << 20, 3, 1 << 20, 4 << 20)
+        );
+        let c = parse(
+            "max_file_bytes = \"64KiB\"\nkeep = 2\nrate_per_second = 4096\nburst = \"8KiB\"\n",
+        )
+        .unwrap()
+        .logs;
+        assert_eq!(
+            (c.max_file_bytes.0, c.keep, c.rate_per_second.0, c.burst.0),
+            (65536, 2, 4096, 8192)
+        );
+        let bad = |logs: &str| parse(logs).unwrap_err().to_string();
+        assert!(bad("keep = 0\n").contains("logs.keep"));
+        assert!(bad("keep = 101\n").contains("logs.keep"));
+        assert!(bad("max_file_bytes = 100\n").contains("logs.max_file_bytes"));
+        assert!(bad("rate_per_second = 10\n").contains("logs.rate_per_second"));
+        assert!(bad("burst = 10\n").contains("logs.burst"));
+        let e = bad("max_files = 3\n");
+        assert!(e.contains("max_files") && e.contains("line 6"), "{e}");
+        assert!(bad("max_file_bytes = \"16 parsecs\"\n").contains("parsecs"));
     }
 }

@@ -88,7 +88,8 @@ enum Command {
         command: AgentCommand,
     },
     /// The agents of a running `cordon up`: name, role, uid, pid, state,
-    /// restarts, uptime, memory, calls, denials, last event.
+    /// restarts, uptime, memory, calls, denials, what their logs dropped
+    /// (past `[logs]` rate_per_second), last event.
     Status {
         #[arg(long, short, env = "CORDON_CONFIG")]
         config: PathBuf,

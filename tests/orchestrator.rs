@@ -881,3 +881,353 @@ fn ctrl_c_stops_the_agents_first_then_the_gateway() {
         "the gateway got Ctrl-C itself: {log}"
     );
 }
+
+/// Bytes on disk of a log and its rotated files (`x`, `x.1`, … `x.<MAX>`).
+fn log_files(path: &Path) -> Vec<(PathBuf, u64)> {
+    let mut out = Vec::new();
+    for n in 0..=100 {
+        let p = if n == 0 {
+            path.to_path_buf()
+        } else {
+            PathBuf::from(format!("{}.{n}", path.display()))
+        };
+        if let Ok(m) = std::fs::metadata(&p) {
+            out.push((p, m.len()));
+        }
+    }
+    out
+}
+
+fn cpu_seconds(pid: u32) -> f64 {
+    cpu_seconds_of(&format!("/proc/{pid}/stat"))
+}
+
+fn cpu_seconds_of(path: &str) -> f64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    let Some(close) = stat.rfind(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    // utime(11) + stime(12), in clock ticks (100 per second on Linux).
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    ticks as f64 / 100.0
+}
+
+/// CPU seconds of the threads of `pid` whose name starts with `prefix`
+/// (the orchestrator names its reader threads `<agent>-stdout|stderr`).
+fn thread_cpu_seconds(pid: u32, prefix: &str) -> f64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.starts_with(prefix))
+        })
+        .map(|t| {
+            let tid: u32 = t.file_name().to_string_lossy().parse().unwrap_or(0);
+            cpu_seconds_of(&format!("/proc/{pid}/task/{tid}/stat"))
+        })
+        .sum()
+}
+
+fn median_max(mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort();
+    (
+        v.get(v.len() / 2).copied().unwrap_or_default(),
+        v.last().copied().unwrap_or_default(),
+    )
+}
+
+#[test]
+fn a_flooding_agent_is_bounded_and_delays_no_one() {
+    // Small bounds so that 10 s of flood rotates many times over.
+    const MAX: u64 = 256 << 10;
+    const KEEP: u64 = 3;
+    let logs = format!(
+        "[logs]\nmax_file_bytes = {MAX}\nkeep = {KEEP}\nrate_per_second = \"256KiB\"\nburst = \"512KiB\"\n\n"
+    );
+    let flood = |name: &str, cmd: &str| {
+        format!(
+            "[agents.{name}]\nrole = \"worker\"\ncommand = ['/bin/sh', '-c', '''{cmd}''']\nsandbox = \"shell.toml\"\nrestart = \"never\"\n\n"
+        )
+    };
+    let agents = [
+        logs,
+        flood(
+            "errflood",
+            "timeout 10 yes 'a line of stderr flood, as fast as it can' >&2; echo flood over",
+        ),
+        flood(
+            "outflood",
+            r#"timeout 10 yes '{"type":"call","tool":"kv_get","key":"/x","outcome":"allow"}'; exit 0"#,
+        ),
+        flood(
+            "quiet",
+            r#"for i in $(seq 1 200); do printf 'quiet %s: tab\there "dq" é [cordon] end\n' "$i" >&2; done; echo quiet done; sleep 1000 & wait"#,
+        ),
+        flood("quick", "sleep 2; exit 7"),
+    ]
+    .concat();
+    let d = Deployment::new(ALLOW_ALL, &agents);
+    let run = d.dir.join("state/run/up");
+    let mut up = d.up();
+    let started = Instant::now();
+    let cpu_before = cpu_seconds(up.id());
+    let cap = KEEP * MAX;
+    let under_cap = |what: &str| {
+        for agent in ["errflood", "outflood"] {
+            for log in ["stderr.log", "events.jsonl"] {
+                let files = log_files(&run.join(agent).join(log));
+                let total: u64 = files.iter().map(|(_, n)| n).sum();
+                assert!(
+                    total <= cap && files.len() as u64 <= KEEP,
+                    "{what}: {agent}/{log} holds {total} bytes in {files:?}, over {KEEP} x {MAX}"
+                );
+                assert!(files.iter().all(|(_, n)| *n <= MAX), "{what}: {files:?}");
+            }
+        }
+    };
+
+    // While both flood: `cordon status` answers (timed, never asserted) and
+    // the quick agent's exit is seen while the flood goes on.
+    let mut during = Vec::new();
+    let mut quick_seen = None;
+    let mut readers_cpu = 0.0f64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let t = Instant::now();
+        let s = d.status();
+        let took = t.elapsed();
+        let flooding = s.as_ref().is_some_and(|s| {
+            ["errflood", "outflood"]
+                .iter()
+                .all(|a| d.agent(s, a)["state"] == "running")
+        });
+        if let Some(s) = &s {
+            if flooding {
+                during.push(took);
+                readers_cpu = readers_cpu.max(
+                    thread_cpu_seconds(up.id(), "errflood-")
+                        + thread_cpu_seconds(up.id(), "outflood-"),
+                );
+            }
+            let q = d.agent(s, "quick");
+            if quick_seen.is_none() && q["state"] == "failed" {
+                assert_eq!(q["exit"], "exit 7", "{s}");
+                assert!(
+                    flooding,
+                    "the flood was over before the quick agent's exit was seen: {s}\n{}",
+                    d.logs()
+                );
+                quick_seen = Some(started.elapsed());
+            }
+            if !flooding && quick_seen.is_some() {
+                break;
+            }
+        }
+        under_cap("during the flood");
+        assert!(Instant::now() < deadline, "flood never ended\n{}", d.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let cpu_flood = cpu_seconds(up.id()) - cpu_before;
+    let flood_secs = started.elapsed().as_secs_f64();
+    let s = d.until("both flooders exited", |s| {
+        ["errflood", "outflood"]
+            .iter()
+            .all(|a| d.agent(s, a)["state"] == "exited")
+    });
+    let mut after = Vec::new();
+    for _ in 0..10 {
+        let t = Instant::now();
+        assert!(d.status().is_some());
+        after.push(t.elapsed());
+    }
+    under_cap("after the flood");
+
+    // The drops are counted, shown in the table, and marked in the logs.
+    let e = d.agent(&s, "errflood");
+    let o = d.agent(&s, "outflood");
+    let stderr = &e["logs"]["stderr"];
+    let events = &o["logs"]["events"];
+    for (name, l) in [("errflood stderr", stderr), ("outflood events", events)] {
+        let read = l["read_bytes"].as_u64().unwrap();
+        let dropped = l["dropped_bytes"].as_u64().unwrap();
+        assert!(
+            dropped > 0 && l["dropped_lines"].as_u64().unwrap() > 0,
+            "{name}: {l}"
+        );
+        assert!(l["rotations"].as_u64().unwrap() > 0, "{name}: {l}");
+        assert!(dropped <= read, "{name}: {l}");
+    }
+    assert_eq!(e["dropped_bytes"], stderr["dropped_bytes"], "{e}");
+    let table = d.cordon(&["status"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    let row = table.lines().find(|l| l.starts_with("errflood")).unwrap();
+    assert!(
+        table.contains("DROPPED") && row.contains(" lines)"),
+        "{table}"
+    );
+    let read_all = |p: &Path| -> String {
+        log_files(p)
+            .iter()
+            .map(|(f, _)| String::from_utf8_lossy(&std::fs::read(f).unwrap()).into_owned())
+            .collect()
+    };
+    let err_text = read_all(&run.join("errflood/stderr.log"));
+    let marker = err_text
+        .lines()
+        .find(|l| l.starts_with("[cordon] dropped "))
+        .unwrap_or_else(|| panic!("no marker in errflood's stderr"));
+    assert!(
+        marker.contains("of errflood stderr (rate limit 256KiB/s, burst 512KiB)"),
+        "{marker}"
+    );
+    assert!(
+        err_text
+            .lines()
+            .all(|l| l == "a line of stderr flood, as fast as it can"
+                || l.starts_with("[cordon] dropped ")
+                || l == "flood over"),
+        "a kept line was cut or mixed"
+    );
+    let ev_text = read_all(&run.join("outflood/events.jsonl"));
+    let ev: Vec<Value> = ev_text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(
+        ev.iter().any(|e| e["kind"] == "dropped"
+            && e["stream"] == "stdout"
+            && e["agent"] == "outflood"
+            && e["bytes"].as_u64().is_some_and(|b| b > 0)),
+        "no dropped event in outflood's events"
+    );
+    assert!(ev.iter().any(|e| e["kind"] == "call"));
+
+    // Control: the quiet agent's stderr is whole and verbatim, nothing dropped.
+    let quiet = d.agent(&s, "quiet");
+    assert_eq!(quiet["state"], "running", "{quiet}");
+    assert_eq!(quiet["dropped_bytes"], 0, "{quiet}");
+    let expected: String = (1..=200)
+        .map(|i| format!("quiet {i}: tab\there \"dq\" é [cordon] end\n"))
+        .collect();
+    assert_eq!(
+        std::fs::read_to_string(run.join("quiet/stderr.log")).unwrap(),
+        expected
+    );
+    assert!(d.events("quiet").iter().any(|e| e["text"] == "quiet done"));
+
+    let (dm, dx) = median_max(during.clone());
+    let (am, ax) = median_max(after);
+    let num = |l: &Value, f: &str| l[f].as_u64().unwrap_or(0);
+    let up_err = std::fs::metadata(d.dir.join("up.err")).map_or(0, |m| m.len());
+    eprintln!(
+        "FIGURES flood {flood_secs:.1}s; errflood stderr: wrote {} bytes, kept {} on disk ({} written, {} dropped, {} rotations); \
+         outflood stdout: wrote {} bytes, events kept {} on disk ({} dropped bytes, {} dropped lines); \
+         cordon status during the flood: {} calls, median {dm:?}, max {dx:?}; after: median {am:?}, max {ax:?}; \
+         quick agent's exit (at ~2 s) seen at {:?}; cordon up CPU during the flood {cpu_flood:.2}s, of which the flooders' reader threads {readers_cpu:.2}s; up.err {up_err} bytes",
+        num(stderr, "read_bytes"),
+        log_files(&run.join("errflood/stderr.log")).iter().map(|(_, n)| n).sum::<u64>(),
+        num(stderr, "written_bytes"),
+        num(stderr, "dropped_bytes"),
+        num(stderr, "rotations"),
+        num(events, "read_bytes"),
+        log_files(&run.join("outflood/events.jsonl")).iter().map(|(_, n)| n).sum::<u64>(),
+        num(events, "dropped_bytes"),
+        num(events, "dropped_lines"),
+        during.len(),
+        quick_seen.unwrap(),
+    );
+    kill_process(Pid::from_raw(up.id() as i32).unwrap(), Signal::TERM).unwrap();
+    // The quick agent failed, so the deployment did not succeed.
+    assert_eq!(wait(&mut up).code(), Some(1), "{}", d.logs());
+}
+
+#[test]
+fn the_gateways_log_is_bounded_and_never_stalls_the_gateway() {
+    // An agent that exits at once and is restarted every 10 ms makes the
+    // gateway log two lines per run (its root registered, then cleared):
+    // far past a 1 KiB/s log. Meanwhile another agent's 100 calls all work.
+    let mut script = String::new();
+    for i in 0..100 {
+        script.push_str(&format!(
+            "[[step]]\ntool = \"kv_put\"\nargs = {{ key = \"/w/{i}\", value = {i} }}\nexpect = \"allow\"\n"
+        ));
+    }
+    let d0 = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d0.path(), PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::write(d0.path().join("worker.toml"), &script).unwrap();
+    std::fs::set_permissions(
+        d0.path().join("worker.toml"),
+        PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let agents = format!(
+        "[logs]\nmax_file_bytes = 4096\nkeep = 2\nrate_per_second = 1024\nburst = 4096\n\n\
+         [agents.churn]\nrole = \"worker\"\ncommand = [\"/bin/sh\", \"-c\", \"exit 1\"]\nsandbox = \"shell.toml\"\nrestart = \"on-failure\"\nbackoff = \"10ms\"\nmax_backoff = \"10ms\"\nmax_restarts = 1000000\nrestart_window = \"1s\"\n\n\
+         [agents.worker]\nrole = \"worker\"\ncommand = \"{{cordon}} script worker.toml\"\nworkdir = \"{}\"\nsandbox = \"{}\"\nrestart = \"never\"\n",
+        d0.path().display(),
+        repo().join("configs/profiles/script.toml").display()
+    );
+    let d = Deployment::new(ALLOW_ALL, &agents);
+    let log = d.dir.join("state/run/up/gateway.log");
+    let mut up = d.up();
+    let read_all = || -> String {
+        log_files(&log)
+            .iter()
+            .map(|(f, _)| std::fs::read_to_string(f).unwrap_or_default())
+            .collect()
+    };
+    let s = d.until("the gateway's log dropping, rotated and marked", |s| {
+        let files = log_files(&log);
+        assert!(
+            files.len() <= 2 && files.iter().all(|(_, n)| *n <= 4096),
+            "{files:?}"
+        );
+        let g = &s["gateway"];
+        g["dropped_bytes"].as_u64().is_some_and(|b| b > 0)
+            && g["log"]["rotations"].as_u64().is_some_and(|r| r > 0)
+            && d.agent(s, "worker")["state"] == "exited"
+            && read_all().contains("[cordon] dropped ")
+    });
+    let g = &s["gateway"];
+    assert_eq!(g["state"], "running", "{s}");
+    assert!(g["dropped_lines"].as_u64().unwrap() > 0, "{s}");
+    let text = read_all();
+    let marker = text
+        .lines()
+        .find(|l| l.starts_with("[cordon] dropped "))
+        .unwrap();
+    assert!(
+        marker.contains("of gateway stderr (rate limit 1KiB/s, burst 4KiB)"),
+        "{marker}"
+    );
+    let table = d.cordon(&["status"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("log dropped "), "{table}");
+    // Control: the worker's calls all went through meanwhile (its script
+    // exits 0 only if every call was allowed; its own events are past this
+    // small rate too, so the audit tells).
+    assert_eq!(d.agent(&s, "worker")["exit"], "exit 0", "{s}");
+    eprintln!(
+        "FIGURES gateway.log: {} read, {} written, {} dropped bytes ({} lines), {} rotations; churn restarts {}",
+        g["log"]["read_bytes"],
+        g["log"]["written_bytes"],
+        g["dropped_bytes"],
+        g["dropped_lines"],
+        g["log"]["rotations"],
+        d.agent(&s, "churn")["restarts"]
+    );
+    kill_process(Pid::from_raw(up.id() as i32).unwrap(), Signal::TERM).unwrap();
+    assert!(wait(&mut up).success(), "{}", d.logs());
+    let export = d.audit(&["export"]);
+    let allowed = export
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["agent"] == "worker" && r["tool"] == "kv_put" && r["decision"] == "allow")
+        .count();
+    assert_eq!(allowed, 100);
+}

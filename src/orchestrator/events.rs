@@ -59,7 +59,13 @@ fn is_denial(text: &str) -> bool {
 /// Parses one line; updates `stats`; returns the events to log (each a JSON
 /// object with `kind`).
 pub fn parse_line(line: &str, stats: &mut Stats) -> Vec<Value> {
-    let Ok(v) = serde_json::from_str::<Value>(line) else {
+    interpret(line, serde_json::from_str::<Value>(line).ok(), stats)
+}
+
+/// [`parse_line`] with the line already parsed as JSON (`None`: it is not
+/// JSON), so the parse can run without the lock on `stats`.
+pub fn interpret(line: &str, parsed: Option<Value>, stats: &mut Stats) -> Vec<Value> {
+    let Some(v) = parsed else {
         let text: String = line.chars().take(500).collect();
         return vec![json!({"kind": "output", "text": text})];
     };

@@ -6,10 +6,15 @@
 //!
 //! One thread: the runtime is current-thread, so every child is forked by the
 //! same long-lived thread (the helpers' parent-death signal is tied to the
-//! thread that forked them) and the state below needs no locks.
+//! thread that forked them) and the state below needs no locks. What the
+//! children print is read and written elsewhere, by a thread per stream
+//! (`logs`): an agent that floods its output delays neither the supervision
+//! of the others nor `cordon status`, and its logs are bounded in size and
+//! rate.
 
 pub mod control;
 pub mod events;
+pub mod logs;
 pub mod process;
 pub mod script;
 pub mod spec;
@@ -22,13 +27,11 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use rustix::process::Signal;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 use crate::config::{Config, RestartPolicy};
 use crate::gateway::admin;
@@ -158,6 +161,9 @@ struct Agent {
     stats: Arc<Mutex<Stats>>,
     /// The gateway was not told that this agent's last run ended.
     stale_root: bool,
+    /// `stderr.log` and `events.jsonl`, shared by all its runs.
+    stderr_log: Arc<logs::Sink>,
+    events_log: Arc<logs::Sink>,
 }
 
 struct GatewayProc {
@@ -175,6 +181,9 @@ const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest line of an agent's output kept (an event is one line).
 const MAX_AGENT_LINE: usize = 1024 * 1024;
+/// How long an agent's exit waits for its output to be read to the end (a
+/// process it left behind outside its group may hold the pipes open).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest ready line read from the gateway.
 const MAX_READY_LINE: u64 = 64 * 1024;
 /// How long the gateway gets to stop, beyond its own shutdown grace.
@@ -189,6 +198,8 @@ struct Up {
     config: Arc<Config>,
     agents: Vec<Agent>,
     gateway: GatewayProc,
+    /// `gateway.log`, shared by every gateway process of the deployment.
+    gateway_log: Arc<logs::Sink>,
     tx: mpsc::UnboundedSender<Msg>,
     shutting_down: bool,
 }
@@ -243,11 +254,25 @@ pub async fn up(config: Config, options: Options) -> Result<bool, OrchestratorEr
     let (tx, mut rx) = mpsc::unbounded_channel();
     let control_task = tokio::spawn(control::serve(listener, tx.clone()));
 
+    let sink =
+        |stream, owner: &str, path, style| logs::Sink::new(stream, owner, path, config.logs, style);
     let mut up = Up {
         config: config.clone(),
         agents: specs
             .into_iter()
             .map(|spec| Agent {
+                stderr_log: Arc::new(sink(
+                    "stderr",
+                    &spec.name,
+                    spec.stderr_path(),
+                    logs::Style::Text,
+                )),
+                events_log: Arc::new(sink(
+                    "stdout",
+                    &spec.name,
+                    spec.events_path(),
+                    logs::Style::Json,
+                )),
                 spec,
                 state: State::Starting,
                 pid: None,
@@ -269,6 +294,15 @@ pub async fn up(config: Config, options: Options) -> Result<bool, OrchestratorEr
             backoff: Duration::from_millis(500),
             running: false,
         },
+        gateway_log: Arc::new(
+            sink(
+                "stderr",
+                "gateway",
+                spec::up_dir(&config).join("gateway.log"),
+                logs::Style::Text,
+            )
+            .unpaced(),
+        ),
         tx: tx.clone(),
         shutting_down: false,
     };
@@ -336,11 +370,14 @@ impl Up {
     }
 
     async fn start_gateway(&mut self) -> Result<(), OrchestratorError> {
-        let log_path = spec::up_dir(&self.config).join("gateway.log");
-        let log = spec::open_log(&log_path).map_err(|source| OrchestratorError::Prepare {
+        let log_path = self.gateway_log.path().to_path_buf();
+        let prepare = |source| OrchestratorError::Prepare {
             path: log_path.clone(),
             source,
-        })?;
+        };
+        let (log_read, log) = logs::pipe().map_err(prepare)?;
+        let log_done = logs::spawn_raw("gateway-stderr".into(), self.gateway_log.clone(), log_read)
+            .map_err(prepare)?;
         let mut cmd = std::process::Command::new("/proc/self/exe");
         cmd.arg("gateway")
             .arg("--config")
@@ -348,7 +385,7 @@ impl Up {
             .arg("--managed")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(log);
+            .stderr(Stdio::from(log));
         {
             use std::os::unix::process::CommandExt;
             // Its own process group: a Ctrl-C on the terminal reaches `cordon
@@ -364,6 +401,8 @@ impl Up {
                 });
             }
         }
+        // The command (and with it our copy of the log pipe's write end) is
+        // dropped at once: the reader then ends when the gateway does.
         let mut child =
             tokio::process::Command::from(cmd)
                 .spawn()
@@ -392,6 +431,8 @@ impl Up {
         if ready["ready"] != true {
             // Dead already, or hung: either way it is not ours to wait for.
             let _ = child.kill().await;
+            // What it printed last is in the log once its reader is done.
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, log_done).await;
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(5).collect();
             let what = if in_time {
@@ -468,7 +509,12 @@ impl Up {
         let run = self.agents[idx].run;
         self.agents[idx].state = State::Starting;
         self.agents[idx].after_exit = AfterExit::Policy;
-        let pending = match process::spawn(&spec) {
+        let started = self
+            .start_readers(idx, run)
+            .and_then(|(stdout, stderr, done)| {
+                process::spawn(&spec, stdout, stderr).map(|p| (p, done))
+            });
+        let (pending, drained) = match started {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(agent = %spec.name, error = %e, "cannot start agent");
@@ -512,68 +558,6 @@ impl Up {
             a.started = Some(Instant::now());
             tracing::info!(agent = %spec.name, role = %spec.role, pid, uid = spec.uid(), run, "agent started");
         }
-        let stdout = child.stdout.take();
-        let stats = a.stats.clone();
-        let events_path = spec.events_path();
-        let name = spec.name.clone();
-        let reader = tokio::spawn(async move {
-            let Some(stdout) = stdout else { return };
-            let mut log = match spec::open_log(&events_path) {
-                Ok(f) => Some(f),
-                Err(e) => {
-                    tracing::error!(agent = %name, path = %events_path.display(), error = %e, "cannot open the event log; events are counted but not kept");
-                    None
-                }
-            };
-            // Each line is held whole in memory: capped, so an agent cannot
-            // exhaust cordon up's memory with one endless line.
-            let mut lines =
-                FramedRead::new(stdout, LinesCodec::new_with_max_length(MAX_AGENT_LINE));
-            let mut skipped = false;
-            loop {
-                let line = match lines.next().await {
-                    Some(Ok(line)) => line,
-                    Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
-                        // The codec discards up to the next newline; the one
-                        // `None` it returns right after an error is not the end.
-                        skipped = true;
-                        lock(&stats).errors += 1;
-                        tracing::error!(agent = %name, max = MAX_AGENT_LINE, "agent output line too long; skipped");
-                        if let Some(f) = &mut log {
-                            let e = json!({"kind": "error", "text": format!("output line over {MAX_AGENT_LINE} bytes skipped"), "agent": name, "run": run, "ts": crate::audit::now()});
-                            let _ = writeln!(f, "{e}");
-                        }
-                        continue;
-                    }
-                    None if skipped => {
-                        skipped = false;
-                        continue;
-                    }
-                    Some(Err(LinesCodecError::Io(_))) | None => break,
-                };
-                skipped = false;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let events = {
-                    let mut s = lock(&stats);
-                    events::parse_line(&line, &mut s)
-                };
-                for mut e in events {
-                    if let Some(o) = e.as_object_mut() {
-                        o.insert("agent".into(), json!(name));
-                        o.insert("run".into(), json!(run));
-                        o.insert("ts".into(), json!(crate::audit::now()));
-                    }
-                    if e["kind"] != "output" {
-                        tracing::info!(agent = %name, event = %e["kind"].as_str().unwrap_or(""), "{}", lock(&stats).last_event);
-                    }
-                    if let Some(f) = &mut log {
-                        let _ = writeln!(f, "{e}");
-                    }
-                }
-            }
-        });
         let tx = self.tx.clone();
         let plan = spec.plan.clone();
         tokio::spawn(async move {
@@ -584,7 +568,7 @@ impl Up {
             }
             // What the agent left behind dies with it; then its stdout ends.
             process::cleanup(pid, &plan);
-            let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
+            let _ = tokio::time::timeout(DRAIN_TIMEOUT, drained).await;
             let status = match status {
                 Ok(s) => s,
                 Err(e) => {
@@ -599,6 +583,46 @@ impl Up {
                 oom,
             });
         });
+    }
+
+    /// The pipes of a run of agent `idx` and the threads that read them
+    /// (stdout into events, stderr into its log): the write ends for the
+    /// child, and what is done once both are read to the end.
+    fn start_readers(
+        &self,
+        idx: usize,
+        run: u64,
+    ) -> Result<
+        (
+            std::os::fd::OwnedFd,
+            std::os::fd::OwnedFd,
+            impl std::future::Future<Output = ()>,
+        ),
+        OrchestratorError,
+    > {
+        let a = &self.agents[idx];
+        let name = a.spec.name.clone();
+        let err = |source| OrchestratorError::Spawn {
+            agent: name.clone(),
+            source,
+        };
+        let (out_read, out_write) = logs::pipe().map_err(err)?;
+        let (err_read, err_write) = logs::pipe().map_err(err)?;
+        let err_done = logs::spawn_raw(format!("{name}-stderr"), a.stderr_log.clone(), err_read)
+            .map_err(err)?;
+        let (stats, sink, agent) = (a.stats.clone(), a.events_log.clone(), name.clone());
+        let out_done = logs::spawn_lines(
+            format!("{name}-stdout"),
+            a.events_log.clone(),
+            out_read,
+            MAX_AGENT_LINE,
+            move |lines| read_events(lines, &sink, &stats, &agent, run),
+        )
+        .map_err(err)?;
+        Ok((out_write, err_write, async move {
+            let _ = out_done.await;
+            let _ = err_done.await;
+        }))
     }
 
     async fn handle(&mut self, msg: Msg) {
@@ -894,6 +918,7 @@ impl Up {
     }
 
     fn status_json(&self) -> Value {
+        use std::sync::atomic::Ordering::Relaxed;
         let agents: Vec<Value> = self
             .agents
             .iter()
@@ -917,6 +942,11 @@ impl Up {
                     "last_event": s.last_event,
                     "result": s.result,
                     "events": a.spec.events_path(),
+                    "dropped_bytes": a.stderr_log.counters.dropped_bytes.load(Relaxed)
+                        + a.events_log.counters.dropped_bytes.load(Relaxed),
+                    "dropped_lines": a.stderr_log.counters.dropped_lines.load(Relaxed)
+                        + a.events_log.counters.dropped_lines.load(Relaxed),
+                    "logs": {"stderr": a.stderr_log.status(), "events": a.events_log.status()},
                 })
             })
             .collect();
@@ -927,7 +957,115 @@ impl Up {
                 "pid": self.gateway.pid,
                 "state": if self.gateway.running { "running" } else { "down" },
                 "restarts": self.gateway.restarts,
+                "dropped_bytes": self.gateway_log.counters.dropped_bytes.load(Relaxed),
+                "dropped_lines": self.gateway_log.counters.dropped_lines.load(Relaxed),
+                "log": self.gateway_log.status(),
             },
         })
+    }
+}
+
+/// Lines of cordon up's own log about an agent's events: at most this many
+/// at once, then `TOLD_PER_SECOND` (the event log has them all).
+const TOLD_BURST: f64 = 100.0;
+const TOLD_PER_SECOND: f64 = 20.0;
+
+struct Told {
+    tokens: f64,
+    last: Instant,
+    skipped: u64,
+}
+
+impl Told {
+    fn admit(&mut self, agent: &str) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * TOLD_PER_SECOND)
+            .min(TOLD_BURST);
+        self.last = now;
+        if self.tokens < 1.0 {
+            self.skipped += 1;
+            return false;
+        }
+        self.tokens -= 1.0;
+        if self.skipped > 0 {
+            tracing::info!(
+                agent,
+                skipped = std::mem::take(&mut self.skipped),
+                "events not logged here (more than {TOLD_PER_SECOND}/s); the agent's events.jsonl keeps them"
+            );
+        }
+        true
+    }
+}
+
+/// Reads an agent's stdout as events into its `events.jsonl` (on the
+/// stream's own thread). Nothing the agent prints decides anything but its
+/// counters; while the log drops (past its rate), lines are not even parsed.
+fn read_events(
+    lines: &mut logs::LineReader,
+    sink: &logs::Sink,
+    stats: &Mutex<Stats>,
+    name: &str,
+    run: u64,
+) {
+    // cordon up's own log line per event, bounded apart from the event log:
+    // a burst, then a few a second; what is left out is counted and said.
+    let mut told = Told {
+        tokens: TOLD_BURST,
+        last: Instant::now(),
+        skipped: 0,
+    };
+    let entry = |mut e: Value| {
+        if let Some(o) = e.as_object_mut() {
+            o.insert("agent".into(), json!(name));
+            o.insert("run".into(), json!(run));
+            o.insert("ts".into(), json!(crate::audit::now()));
+        }
+        e
+    };
+    loop {
+        let line = match lines.next_line() {
+            logs::Next::Eof => break,
+            logs::Next::Line(l) => l,
+            logs::Next::Overlong => {
+                lock(stats).errors += 1;
+                if told.admit(name) {
+                    tracing::error!(agent = %name, max = MAX_AGENT_LINE, "agent output line too long; skipped");
+                }
+                let e = entry(
+                    json!({"kind": "error", "text": format!("output line over {MAX_AGENT_LINE} bytes skipped")}),
+                );
+                sink.entry(0, format!("{e}\n").as_bytes());
+                continue;
+            }
+        };
+        let input = line.len() as u64 + 1;
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            // Nothing to keep, but it costs the bucket a token: a flood of
+            // empty lines also ends in the bulk drop.
+            sink.entry(input, b"");
+            continue;
+        }
+        if sink.dropping() {
+            sink.dropped(input, 1);
+            continue;
+        }
+        let line = String::from_utf8_lossy(line);
+        let parsed = serde_json::from_str::<Value>(&line).ok();
+        let events = events::interpret(&line, parsed, &mut lock(stats));
+        let events: Vec<Value> = events.into_iter().map(entry).collect();
+        let mut out = Vec::new();
+        for e in &events {
+            out.extend_from_slice(e.to_string().as_bytes());
+            out.push(b'\n');
+        }
+        if sink.entry(input, &out) {
+            for e in events.iter().filter(|e| e["kind"] != "output") {
+                if told.admit(name) {
+                    tracing::info!(agent = %name, event = %e["kind"].as_str().unwrap_or(""), "{}", lock(stats).last_event);
+                }
+            }
+        }
     }
 }

@@ -47,20 +47,28 @@ impl Pending {
     }
 }
 
-pub fn spawn(spec: &AgentSpec) -> Result<Pending, OrchestratorError> {
+/// Starts the helper with `stdout` and `stderr` (write ends of the pipes the
+/// orchestrator's reader threads drain). They are closed here once the child
+/// has its copies, so the readers see the end of the stream when the agent's
+/// processes are gone.
+pub fn spawn(
+    spec: &AgentSpec,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+) -> Result<Pending, OrchestratorError> {
     let err = |source| OrchestratorError::Spawn {
         agent: spec.name.clone(),
         source,
     };
     let (ours, theirs) = UnixStream::pair().map_err(err)?;
-    let stderr = super::spec::open_log(&spec.stderr_path()).map_err(err)?;
     let mut cmd = crate::sandbox::plan::helper_command(&spec.argv, OwnedFd::from(theirs));
     cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr);
+        .stdout(Stdio::from(stdout))
+        .stderr(Stdio::from(stderr));
     let mut cmd = tokio::process::Command::from(cmd);
     cmd.kill_on_drop(false);
     let child = cmd.spawn().map_err(err)?;
+    drop(cmd);
     let pid = child
         .id()
         .and_then(|p| i32::try_from(p).ok())

@@ -34,8 +34,16 @@ fn cell(v: &Value) -> String {
     }
 }
 
+/// What the logs dropped: `-`, or bytes and lines.
+fn dropped(v: &Value) -> String {
+    match (v["dropped_bytes"].as_u64(), v["dropped_lines"].as_u64()) {
+        (Some(b), Some(l)) if b > 0 || l > 0 => format!("{} ({l} lines)", human_bytes(b)),
+        _ => "-".into(),
+    }
+}
+
 /// One row per agent: name, role, uid, pid, state, restarts, uptime, memory,
-/// calls, denials, last event.
+/// calls, denials, what its logs dropped, last event.
 pub fn table(status: &Value) -> String {
     let header = [
         "NAME",
@@ -48,6 +56,7 @@ pub fn table(status: &Value) -> String {
         "MEMORY",
         "CALLS",
         "DENIALS",
+        "DROPPED",
         "LAST EVENT",
     ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
@@ -71,6 +80,7 @@ pub fn table(status: &Value) -> String {
                 .map_or_else(|| "-".into(), human_bytes),
             cell(&a["calls"]),
             cell(&a["denials"]),
+            dropped(a),
             a["last_event"]
                 .as_str()
                 .map(|s| s.chars().take(48).collect())
@@ -98,11 +108,16 @@ pub fn table(status: &Value) -> String {
     }
     if let Some(g) = status.get("gateway") {
         out.push_str(&format!(
-            "gateway: pid {}, {}, restarts {}\n",
+            "gateway: pid {}, {}, restarts {}",
             cell(&g["pid"]),
             cell(&g["state"]),
             cell(&g["restarts"])
         ));
+        let d = dropped(g);
+        if d != "-" {
+            out.push_str(&format!(", log dropped {d}"));
+        }
+        out.push('\n');
     }
     out
 }
@@ -115,12 +130,18 @@ mod tests {
     fn renders_rows() {
         let s = serde_json::json!({"agents": [{"name": "coder-1", "role": "coder", "uid": 61001, "pid": 42,
             "state": "running", "restarts": 0, "uptime_s": 75, "memory_bytes": 3145728, "calls": 3,
-            "denials": 1, "last_event": "kv_put /x → allow"}]});
+            "denials": 1, "last_event": "kv_put /x → allow", "dropped_bytes": 2097152, "dropped_lines": 7}],
+            "gateway": {"pid": 7, "state": "running", "restarts": 0, "dropped_bytes": 0, "dropped_lines": 0}});
         let t = table(&s);
         assert!(
             t.contains("coder-1") && t.contains("1m15s") && t.contains("3.0MiB"),
             "{t}"
         );
+        assert!(
+            t.contains("DROPPED") && t.contains("2.0MiB (7 lines)"),
+            "{t}"
+        );
+        assert!(t.ends_with("restarts 0\n"), "{t}");
         assert_eq!(human_bytes(512), "512B");
     }
 }
