@@ -106,6 +106,33 @@ pub struct GatewayConfig {
     /// timeout on progress (the TypeScript SDK's default is 60 s) keep it.
     #[serde(default = "default_progress_ms")]
     pub watch_progress_ms: u64,
+    /// The data quota: keys, values and their watch history, in LMDB pages.
+    /// Past it writes fail with `quota_exceeded`; reads and deletes go on.
+    /// Default: 60% of map_size (see `Config::space`).
+    pub max_store_bytes: Option<ByteSize>,
+    /// The part of the data the watch history may take before its oldest
+    /// revisions are compacted. Default: a quarter of max_store_bytes.
+    pub watch_history_bytes: Option<ByteSize>,
+}
+
+/// The smallest map: the default layout (60% data, 20% audit, 20%
+/// headroom) needs 4 commit batches of at least 1 MiB of headroom.
+pub const MIN_MAP_SIZE: u64 = 32 << 20;
+
+/// How the map is shared (`Config::space`): every figure in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    pub map_size: u64,
+    pub max_store_bytes: u64,
+    pub watch_history_bytes: u64,
+    /// None when the audit is off.
+    pub audit_max_bytes: Option<u64>,
+    /// Bytes of values one commit batch takes.
+    pub batch_bytes: u64,
+    /// What is left for deletes, compaction, pruning and pinned pages.
+    pub headroom: u64,
+    /// The least headroom accepted.
+    pub min_headroom: u64,
 }
 
 fn default_progress_ms() -> u64 {
@@ -152,6 +179,10 @@ pub struct AuditConfig {
     pub max_records: Option<u64>,
     /// Retention: drop records older than this.
     pub max_age: Option<Span>,
+    /// Retention by size, always on: past this many bytes of LMDB pages, the
+    /// oldest records are pruned behind a checkpoint. Default: 20% of
+    /// gateway.map_size.
+    pub max_bytes: Option<ByteSize>,
 }
 
 impl Default for AuditConfig {
@@ -162,6 +193,7 @@ impl Default for AuditConfig {
             sync_interval: default_sync_interval(),
             max_records: None,
             max_age: None,
+            max_bytes: None,
         }
     }
 }
@@ -400,10 +432,11 @@ impl Config {
             }
         }
         let g = &self.gateway;
-        if g.map_size.0 < (1 << 20) {
+        if g.map_size.0 < MIN_MAP_SIZE {
             return Err(self.invalid(format!(
-                "gateway.map_size is {}; it must be at least 1MiB",
-                g.map_size
+                "gateway.map_size is {}; it must be at least {} (data, audit and headroom share it; it is address space, the file grows only as it is used)",
+                g.map_size,
+                ByteSize(MIN_MAP_SIZE)
             )));
         }
         if g.max_message_bytes.0 < 4096 {
@@ -442,7 +475,83 @@ impl Config {
                     .into(),
             ));
         }
+        self.validate_space()
+    }
+
+    /// The data quota, the audit bound and the headroom must fit in the map,
+    /// or the quota protects nothing: a full map refuses deletes too.
+    fn validate_space(&self) -> Result<(), ConfigError> {
+        let s = self.space();
+        let g = &self.gateway;
+        let value = g.max_value_bytes.0;
+        if s.max_store_bytes < (1 << 20) || s.max_store_bytes <= value.saturating_mul(2) {
+            return Err(self.invalid(format!(
+                "gateway.max_store_bytes is {}; it must be at least 1MiB and more than twice gateway.max_value_bytes ({})",
+                human(s.max_store_bytes),
+                human(g.max_value_bytes.0)
+            )));
+        }
+        if s.watch_history_bytes <= value || s.watch_history_bytes > s.max_store_bytes {
+            return Err(self.invalid(format!(
+                "gateway.watch_history_bytes is {}; it must be more than gateway.max_value_bytes ({}) and at most gateway.max_store_bytes ({})",
+                human(s.watch_history_bytes),
+                human(g.max_value_bytes.0),
+                human(s.max_store_bytes)
+            )));
+        }
+        if let Some(a) = s.audit_max_bytes {
+            if a < (1 << 20) {
+                return Err(self.invalid(format!(
+                    "audit.max_bytes is {}; it must be at least 1MiB",
+                    human(a)
+                )));
+            }
+        }
+        let taken = s.max_store_bytes + s.audit_max_bytes.unwrap_or(0);
+        if taken > s.map_size || s.headroom < s.min_headroom {
+            return Err(self.invalid(format!(
+                "gateway.max_store_bytes ({}) + audit.max_bytes ({}) leave {} of gateway.map_size ({}) as headroom; at least {} is needed (the larger of 10% of the map and 4 commit batches of {}), so that deletes, compaction and audit pruning can still commit when data is at its quota. Lower one of them or raise map_size (it is address space; the file grows only as it is used)",
+                human(s.max_store_bytes),
+                s.audit_max_bytes.map_or_else(|| "0, audit off".into(), human),
+                human(s.map_size.saturating_sub(taken)),
+                human(s.map_size),
+                human(s.min_headroom),
+                human(s.batch_bytes)
+            )));
+        }
         Ok(())
+    }
+
+    /// How the map is shared: the data quota, the watch history's part of
+    /// it, the audit's bound and the headroom, defaults filled in.
+    ///
+    /// Why 60/20/20: the headroom holds what LMDB cannot reuse yet, the pages
+    /// freed by the last two commits (each at most `batch_bytes` of values,
+    /// plus copied branch pages), the free list itself, and pages a reader
+    /// pins while it runs (a long `cordon audit export` pins everything freed
+    /// meanwhile). A fifth of the map covers those with a wide margin on any
+    /// map of 32MiB or more; a fifth for the audit keeps, at ~400 bytes a
+    /// record, about half a million records of a 1GiB map before pruning.
+    pub fn space(&self) -> Space {
+        let map = self.map_size_bytes() as u64;
+        let g = &self.gateway;
+        let max_store_bytes = g.max_store_bytes.map_or(map / 10 * 6, |b| b.0);
+        let watch_history_bytes = g.watch_history_bytes.map_or(max_store_bytes / 4, |b| b.0);
+        let audit_max_bytes = self
+            .audit
+            .enabled
+            .then(|| self.audit.max_bytes.map_or(map / 10 * 2, |b| b.0));
+        let batch_bytes = g.max_message_bytes.0.max(1 << 20);
+        let taken = max_store_bytes.saturating_add(audit_max_bytes.unwrap_or(0));
+        Space {
+            map_size: map,
+            max_store_bytes,
+            watch_history_bytes,
+            audit_max_bytes,
+            batch_bytes,
+            headroom: map.saturating_sub(taken),
+            min_headroom: (map / 10).max(batch_bytes.saturating_mul(4)),
+        }
     }
 
     /// LMDB needs a map size that is a multiple of the page size.
@@ -467,6 +576,15 @@ impl Config {
 
     pub fn agent_socket(&self, agent: &str) -> PathBuf {
         self.agent_dir(agent).join("mcp.sock")
+    }
+}
+
+/// A size for a message: bytes, and MiB when that reads better.
+fn human(n: u64) -> String {
+    if n >= 1 << 20 {
+        format!("{:.1}MiB", n as f64 / f64::from(1u32 << 20))
+    } else {
+        format!("{n} bytes")
     }
 }
 

@@ -3,8 +3,9 @@
 //! object per line each way:
 //! - `{"op": "policy_reload"}` → `{"ok": true, "policy": …, "hash": …, "tests_passed": N, "warnings": […]}`
 //!   or `{"ok": false, "error": "…"}` (the running policy stays in force)
-//! - `{"op": "status"}` → `{"ok": true, "revision": N, "watching": N, "policy": …, "hash": …, "agents": {…}}`
-//!   (`watching`: kv_watch calls waiting for a change)
+//! - `{"op": "status"}` → `{"ok": true, "revision": N, "watching": N, "policy": …, "hash": …, "agents": {…}, "store": {…}}`
+//!   (`watching`: kv_watch calls waiting for a change; `store`: its space,
+//!   each role's usage, and `alarms`, the quotas near or past their limit)
 //! - `{"op": "agent_root", "agent": NAME, "pid": N | null}` → `{"ok": true}`: from
 //!   `cordon up`: the agent's root process (or none: not running); from then on
 //!   a connecting peer must descend from it. Accepted only from the gateway's
@@ -193,6 +194,7 @@ fn answer(
                 "policy": p.path.display().to_string(),
                 "hash": p.hash,
                 "agents": agents,
+                "store": shared.store.usage(),
             })
         }
         Some(other) => {
