@@ -435,8 +435,8 @@ impl Config {
         if g.map_size.0 < MIN_MAP_SIZE {
             return Err(self.invalid(format!(
                 "gateway.map_size is {}; it must be at least {} (data, audit and headroom share it; it is address space, the file grows only as it is used)",
-                g.map_size,
-                ByteSize(MIN_MAP_SIZE)
+                human(g.map_size.0),
+                human(MIN_MAP_SIZE)
             )));
         }
         if g.max_message_bytes.0 < 4096 {
@@ -792,6 +792,69 @@ mod tests {
                 .contains("not both")
         );
         assert!(bad("[agents.a]\nrole = \"r\"\nrestart = \"sometimes\"\n").contains("sometimes"));
+    }
+
+    #[test]
+    fn the_data_quota_the_audit_bound_and_the_headroom_must_fit_the_map() {
+        let parse = |extra: &str| {
+            Config::parse(
+                &format!("[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"p\"\n{extra}"),
+                Path::new("c.toml"),
+            )
+        };
+        // Defaults: 60% data, a quarter of it history, 20% audit, 20% headroom.
+        let s = parse("").unwrap().space();
+        assert_eq!(s.map_size, 1 << 30);
+        assert_eq!(s.max_store_bytes, (1 << 30) / 10 * 6);
+        assert_eq!(s.watch_history_bytes, s.max_store_bytes / 4);
+        assert_eq!(s.audit_max_bytes, Some((1 << 30) / 10 * 2));
+        assert!(s.headroom >= s.min_headroom, "{s:?}");
+        // The defaults fit the smallest map too.
+        let s = parse("map_size = \"32MiB\"\n").unwrap().space();
+        assert!(s.headroom >= s.min_headroom, "{s:?}");
+        let e = parse("map_size = \"16MiB\"\n").unwrap_err().to_string();
+        assert!(e.contains("at least 32.0MiB"), "{e}");
+        // Too much for the map: refused, saying what to change.
+        let e = parse("map_size = \"64MiB\"\nmax_store_bytes = \"50MiB\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "gateway.max_store_bytes (50.0MiB) + audit.max_bytes (12.8MiB) leave 1.2MiB"
+            ) && e.contains("at least 6.4MiB is needed"),
+            "{e}"
+        );
+        let e = parse(
+            "map_size = \"64MiB\"\nmax_store_bytes = \"40MiB\"\n[audit]\nmax_bytes = \"20MiB\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("leave 4.0MiB"), "{e}");
+        // Control: the same data quota with a smaller audit bound fits.
+        let s = parse(
+            "map_size = \"64MiB\"\nmax_store_bytes = \"40MiB\"\n[audit]\nmax_bytes = \"16MiB\"\n",
+        )
+        .unwrap()
+        .space();
+        assert_eq!(s.headroom, 8 << 20);
+        // Without an audit, its bound takes nothing.
+        let s =
+            parse("map_size = \"64MiB\"\nmax_store_bytes = \"56MiB\"\n[audit]\nenabled = false\n")
+                .unwrap()
+                .space();
+        assert_eq!(s.audit_max_bytes, None);
+        assert!(parse("max_store_bytes = \"300KiB\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("gateway.max_store_bytes is 307200 bytes"));
+        assert!(parse("watch_history_bytes = \"100KiB\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("watch_history_bytes"));
+        assert!(parse("[audit]\nmax_bytes = \"64KiB\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("audit.max_bytes is 65536 bytes"));
     }
 
     #[test]

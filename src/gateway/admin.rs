@@ -204,6 +204,45 @@ fn answer(
     }
 }
 
+/// One request to a running gateway from a synchronous caller (`cordon
+/// status`), answered within `timeout` or an error: a hung gateway must not
+/// hang the command.
+pub fn request_blocking(
+    path: &Path,
+    req: &Value,
+    timeout: std::time::Duration,
+) -> Result<Value, AdminError> {
+    use std::io::{BufRead, Read, Write};
+    let stream =
+        std::os::unix::net::UnixStream::connect(path).map_err(|source| AdminError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let io_err = |source| AdminError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
+    (&stream)
+        .write_all(format!("{req}\n").as_bytes())
+        .map_err(io_err)?;
+    stream.shutdown(std::net::Shutdown::Write).map_err(io_err)?;
+    let mut line = String::new();
+    std::io::BufReader::new((&stream).take(MAX_REQUEST as u64 * 16))
+        .read_line(&mut line)
+        .map_err(io_err)?;
+    if line.is_empty() {
+        return Err(AdminError::NoAnswer {
+            path: path.to_path_buf(),
+        });
+    }
+    serde_json::from_str(&line).map_err(|source| AdminError::BadAnswer {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// One request to a running gateway, for the CLI.
 pub async fn request(path: &Path, req: &Value) -> Result<Value, AdminError> {
     let stream = UnixStream::connect(path)
