@@ -2,6 +2,8 @@
 //! data quota (writes refused, reads and deletes served, the alarm, recovery
 //! without a restart), per-role quotas, the audit's own bound under a flood,
 //! and a config whose bounds do not fit its map.
+// A test or benchmark program: a panic is its failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
