@@ -162,7 +162,7 @@ pub enum Unit {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Alarm {
     /// The setting that is near or past its limit: `gateway.max_store_bytes`,
-    /// `gateway.map_size`, `audit.max_bytes`, `roles.<r>.limits.max_keys`, …
+    /// `audit.max_bytes`, `roles.<r>.limits.max_keys`, …
     pub quota: String,
     /// `near` (>= 90% of the limit), or `exceeded` (a write was refused and
     /// none has been admitted since).
@@ -242,7 +242,6 @@ pub(super) fn role_quota_id(role: &str, what: Unit) -> String {
 }
 
 pub(super) const STORE_QUOTA: &str = "gateway.max_store_bytes";
-const MAP_QUOTA: &str = "gateway.map_size";
 const AUDIT_QUOTA: &str = "audit.max_bytes";
 
 #[derive(Debug, Default)]
@@ -301,17 +300,9 @@ impl Alarms {
                 near: false,
             });
         }
-        if usage.map_size > 0 {
-            gauges.push(Gauge {
-                quota: MAP_QUOTA.into(),
-                usage: usage.map_used_bytes,
-                limit: usage.map_size,
-                unit: Unit::Bytes,
-                role: None,
-                rule: None,
-                near: true,
-            });
-        }
+        // No alarm on the map's high-water mark: it never goes down (LMDB
+        // reuses free pages rather than shrinking the file), so it says how
+        // full the map once was, not how close a commit is to MAP_FULL.
         let limits = std::mem::take(&mut usage.roles);
         for (role, s) in &limits {
             for (unit, used, limit) in [
