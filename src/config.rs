@@ -121,6 +121,33 @@ pub struct GatewayConfig {
     /// connections are read more slowly. The burst is one second's.
     #[serde(default = "default_messages_per_second")]
     pub max_messages_per_second: u64,
+    /// The data quota: keys, values and their watch history, in LMDB pages.
+    /// Past it writes fail with `quota_exceeded`; reads and deletes go on.
+    /// Default: 60% of map_size (see `Config::space`).
+    pub max_store_bytes: Option<ByteSize>,
+    /// The part of the data the watch history may take before its oldest
+    /// revisions are compacted. Default: a quarter of max_store_bytes.
+    pub watch_history_bytes: Option<ByteSize>,
+}
+
+/// The smallest map: the default layout (60% data, 20% audit, 20%
+/// headroom) needs 4 commit batches of at least 1 MiB of headroom.
+pub const MIN_MAP_SIZE: u64 = 32 << 20;
+
+/// How the map is shared (`Config::space`): every figure in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    pub map_size: u64,
+    pub max_store_bytes: u64,
+    pub watch_history_bytes: u64,
+    /// None when the audit is off.
+    pub audit_max_bytes: Option<u64>,
+    /// Bytes of values one commit batch takes.
+    pub batch_bytes: u64,
+    /// What is left for deletes, compaction, pruning and pinned pages.
+    pub headroom: u64,
+    /// The least headroom accepted.
+    pub min_headroom: u64,
 }
 
 fn default_progress_ms() -> u64 {
@@ -200,6 +227,10 @@ pub struct AuditConfig {
     /// is free. "0" turns the reserve off.
     #[serde(default = "default_journal_reserve")]
     pub journal_reserve: ByteSize,
+    /// Retention by size, always on: past this many bytes of LMDB pages, the
+    /// oldest records are pruned behind a checkpoint. Default: 20% of
+    /// gateway.map_size.
+    pub max_bytes: Option<ByteSize>,
 }
 
 impl Default for AuditConfig {
@@ -213,6 +244,7 @@ impl Default for AuditConfig {
             refusal_records_per_minute: default_refusal_records(),
             summary_interval: default_summary_interval(),
             journal_reserve: default_journal_reserve(),
+            max_bytes: None,
         }
     }
 }
@@ -501,10 +533,11 @@ impl Config {
             }
         }
         let g = &self.gateway;
-        if g.map_size.0 < (1 << 20) {
+        if g.map_size.0 < MIN_MAP_SIZE {
             return Err(self.invalid(format!(
-                "gateway.map_size is {}; it must be at least 1MiB",
-                g.map_size
+                "gateway.map_size is {}; it must be at least {} (data, audit and headroom share it; it is address space, the file grows only as it is used)",
+                human(g.map_size.0),
+                human(MIN_MAP_SIZE)
             )));
         }
         if g.max_message_bytes.0 < 4096 {
@@ -589,7 +622,83 @@ impl Config {
                     .into(),
             ));
         }
+        self.validate_space()
+    }
+
+    /// The data quota, the audit bound and the headroom must fit in the map,
+    /// or the quota protects nothing: a full map refuses deletes too.
+    fn validate_space(&self) -> Result<(), ConfigError> {
+        let s = self.space();
+        let g = &self.gateway;
+        let value = g.max_value_bytes.0;
+        if s.max_store_bytes < (1 << 20) || s.max_store_bytes <= value.saturating_mul(2) {
+            return Err(self.invalid(format!(
+                "gateway.max_store_bytes is {}; it must be at least 1MiB and more than twice gateway.max_value_bytes ({})",
+                human(s.max_store_bytes),
+                human(g.max_value_bytes.0)
+            )));
+        }
+        if s.watch_history_bytes <= value || s.watch_history_bytes > s.max_store_bytes {
+            return Err(self.invalid(format!(
+                "gateway.watch_history_bytes is {}; it must be more than gateway.max_value_bytes ({}) and at most gateway.max_store_bytes ({})",
+                human(s.watch_history_bytes),
+                human(g.max_value_bytes.0),
+                human(s.max_store_bytes)
+            )));
+        }
+        if let Some(a) = s.audit_max_bytes {
+            if a < (1 << 20) {
+                return Err(self.invalid(format!(
+                    "audit.max_bytes is {}; it must be at least 1MiB",
+                    human(a)
+                )));
+            }
+        }
+        let taken = s.max_store_bytes + s.audit_max_bytes.unwrap_or(0);
+        if taken > s.map_size || s.headroom < s.min_headroom {
+            return Err(self.invalid(format!(
+                "gateway.max_store_bytes ({}) + audit.max_bytes ({}) leave {} of gateway.map_size ({}) as headroom; at least {} is needed (the larger of 10% of the map and 4 commit batches of {}), so that deletes, compaction and audit pruning can still commit when data is at its quota. Lower one of them or raise map_size (it is address space; the file grows only as it is used)",
+                human(s.max_store_bytes),
+                s.audit_max_bytes.map_or_else(|| "0, audit off".into(), human),
+                human(s.map_size.saturating_sub(taken)),
+                human(s.map_size),
+                human(s.min_headroom),
+                human(s.batch_bytes)
+            )));
+        }
         Ok(())
+    }
+
+    /// How the map is shared: the data quota, the watch history's part of
+    /// it, the audit's bound and the headroom, defaults filled in.
+    ///
+    /// Why 60/20/20: the headroom holds what LMDB cannot reuse yet, the pages
+    /// freed by the last two commits (each at most `batch_bytes` of values,
+    /// plus copied branch pages), the free list itself, and pages a reader
+    /// pins while it runs (a long `cordon audit export` pins everything freed
+    /// meanwhile). A fifth of the map covers those with a wide margin on any
+    /// map of 32MiB or more; a fifth for the audit keeps, at ~400 bytes a
+    /// record, about half a million records of a 1GiB map before pruning.
+    pub fn space(&self) -> Space {
+        let map = self.map_size_bytes() as u64;
+        let g = &self.gateway;
+        let max_store_bytes = g.max_store_bytes.map_or(map / 10 * 6, |b| b.0);
+        let watch_history_bytes = g.watch_history_bytes.map_or(max_store_bytes / 4, |b| b.0);
+        let audit_max_bytes = self
+            .audit
+            .enabled
+            .then(|| self.audit.max_bytes.map_or(map / 10 * 2, |b| b.0));
+        let batch_bytes = g.max_message_bytes.0.max(1 << 20);
+        let taken = max_store_bytes.saturating_add(audit_max_bytes.unwrap_or(0));
+        Space {
+            map_size: map,
+            max_store_bytes,
+            watch_history_bytes,
+            audit_max_bytes,
+            batch_bytes,
+            headroom: map.saturating_sub(taken),
+            min_headroom: (map / 10).max(batch_bytes.saturating_mul(4)),
+        }
     }
 
     /// LMDB needs a map size that is a multiple of the page size.
@@ -614,6 +723,15 @@ impl Config {
 
     pub fn agent_socket(&self, agent: &str) -> PathBuf {
         self.agent_dir(agent).join("mcp.sock")
+    }
+}
+
+/// A size for a message: bytes, and MiB when that reads better.
+fn human(n: u64) -> String {
+    if n >= 1 << 20 {
+        format!("{:.1}MiB", n as f64 / f64::from(1u32 << 20))
+    } else {
+        format!("{n} bytes")
     }
 }
 
@@ -821,6 +939,69 @@ mod tests {
                 .contains("not both")
         );
         assert!(bad("[agents.a]\nrole = \"r\"\nrestart = \"sometimes\"\n").contains("sometimes"));
+    }
+
+    #[test]
+    fn the_data_quota_the_audit_bound_and_the_headroom_must_fit_the_map() {
+        let parse = |extra: &str| {
+            Config::parse(
+                &format!("[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"p\"\n{extra}"),
+                Path::new("c.toml"),
+            )
+        };
+        // Defaults: 60% data, a quarter of it history, 20% audit, 20% headroom.
+        let s = parse("").unwrap().space();
+        assert_eq!(s.map_size, 1 << 30);
+        assert_eq!(s.max_store_bytes, (1 << 30) / 10 * 6);
+        assert_eq!(s.watch_history_bytes, s.max_store_bytes / 4);
+        assert_eq!(s.audit_max_bytes, Some((1 << 30) / 10 * 2));
+        assert!(s.headroom >= s.min_headroom, "{s:?}");
+        // The defaults fit the smallest map too.
+        let s = parse("map_size = \"32MiB\"\n").unwrap().space();
+        assert!(s.headroom >= s.min_headroom, "{s:?}");
+        let e = parse("map_size = \"16MiB\"\n").unwrap_err().to_string();
+        assert!(e.contains("at least 32.0MiB"), "{e}");
+        // Too much for the map: refused, saying what to change.
+        let e = parse("map_size = \"64MiB\"\nmax_store_bytes = \"50MiB\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "gateway.max_store_bytes (50.0MiB) + audit.max_bytes (12.8MiB) leave 1.2MiB"
+            ) && e.contains("at least 6.4MiB is needed"),
+            "{e}"
+        );
+        let e = parse(
+            "map_size = \"64MiB\"\nmax_store_bytes = \"40MiB\"\n[audit]\nmax_bytes = \"20MiB\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("leave 4.0MiB"), "{e}");
+        // Control: the same data quota with a smaller audit bound fits.
+        let s = parse(
+            "map_size = \"64MiB\"\nmax_store_bytes = \"40MiB\"\n[audit]\nmax_bytes = \"16MiB\"\n",
+        )
+        .unwrap()
+        .space();
+        assert_eq!(s.headroom, 8 << 20);
+        // Without an audit, its bound takes nothing.
+        let s =
+            parse("map_size = \"64MiB\"\nmax_store_bytes = \"56MiB\"\n[audit]\nenabled = false\n")
+                .unwrap()
+                .space();
+        assert_eq!(s.audit_max_bytes, None);
+        assert!(parse("max_store_bytes = \"300KiB\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("gateway.max_store_bytes is 307200 bytes"));
+        assert!(parse("watch_history_bytes = \"100KiB\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("watch_history_bytes"));
+        assert!(parse("[audit]\nmax_bytes = \"64KiB\"\n")
+            .unwrap_err()
+            .to_string()
+            .contains("audit.max_bytes is 65536 bytes"));
     }
 
     #[test]

@@ -387,8 +387,19 @@ fn run_agent(command: AgentCommand) -> anyhow::Result<()> {
 
 fn run_status(path: PathBuf, json: bool) -> anyhow::Result<()> {
     let config = config::Config::load(&path)?;
-    let answer =
+    let mut answer =
         orchestrator::control::request(&config.up_socket(), &serde_json::json!({"op": "status"}))?;
+    // The store's space and its alarms come from the gateway itself; a
+    // gateway that does not answer in time is shown as such.
+    answer["store"] = match cordon::gateway::admin::request_blocking(
+        &config.admin_socket(),
+        &serde_json::json!({"op": "status"}),
+        std::time::Duration::from_secs(2),
+    ) {
+        Ok(s) if s["ok"] == true => s["store"].clone(),
+        Ok(s) => serde_json::json!({"error": s["error"]}),
+        Err(e) => serde_json::json!({"error": e.to_string()}),
+    };
     if json {
         println!("{answer}");
     } else {

@@ -3,10 +3,11 @@
 //! object per line each way:
 //! - `{"op": "policy_reload"}` → `{"ok": true, "policy": …, "hash": …, "tests_passed": N, "warnings": […]}`
 //!   or `{"ok": false, "error": "…"}` (the running policy stays in force)
-//! - `{"op": "status"}` → `{"ok": true, "revision": N, "watching": N, "policy": …, "hash": …, "agents": {…}}`
+//! - `{"op": "status"}` → `{"ok": true, "revision": N, "watching": N, "policy": …, "hash": …, "agents": {…}, "store": {…}}`
 //!   (`watching`: kv_watch calls waiting for a change; per agent, `flow`:
 //!   messages it sent past its rate, which waited, and refusals it made past
-//!   its audit budget, which were summarised)
+//!   its audit budget, which were summarised; `store`: its space, each
+//!   role's usage, and `alarms`, the quotas near or past their limit)
 //! - `{"op": "agent_root", "agent": NAME, "pid": N | null}` → `{"ok": true}`: from
 //!   `cordon up`: the agent's root process (or none: not running); from then on
 //!   a connecting peer must descend from it. Accepted only from the gateway's
@@ -196,6 +197,7 @@ fn answer(
                 "policy": p.path.display().to_string(),
                 "hash": p.hash,
                 "agents": agents,
+                "store": shared.store.usage(),
             })
         }
         Some(other) => {
@@ -203,6 +205,45 @@ fn answer(
         }
         None => json!({"ok": false, "error": "missing \"op\""}),
     }
+}
+
+/// One request to a running gateway from a synchronous caller (`cordon
+/// status`), answered within `timeout` or an error: a hung gateway must not
+/// hang the command.
+pub fn request_blocking(
+    path: &Path,
+    req: &Value,
+    timeout: std::time::Duration,
+) -> Result<Value, AdminError> {
+    use std::io::{BufRead, Read, Write};
+    let stream =
+        std::os::unix::net::UnixStream::connect(path).map_err(|source| AdminError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let io_err = |source| AdminError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    stream.set_read_timeout(Some(timeout)).map_err(io_err)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io_err)?;
+    (&stream)
+        .write_all(format!("{req}\n").as_bytes())
+        .map_err(io_err)?;
+    stream.shutdown(std::net::Shutdown::Write).map_err(io_err)?;
+    let mut line = String::new();
+    std::io::BufReader::new((&stream).take(MAX_REQUEST as u64 * 16))
+        .read_line(&mut line)
+        .map_err(io_err)?;
+    if line.is_empty() {
+        return Err(AdminError::NoAnswer {
+            path: path.to_path_buf(),
+        });
+    }
+    serde_json::from_str(&line).map_err(|source| AdminError::BadAnswer {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// One request to a running gateway, for the CLI.

@@ -31,7 +31,7 @@ use tokio_util::task::TaskTracker;
 use crate::audit::Record;
 use crate::config::{AgentConfig, Config};
 use crate::policy::{Policy, PolicyError};
-use crate::store::{AuditOptions, Store, StoreError, StoreOptions};
+use crate::store::{AuditOptions, QuotaOptions, Store, StoreError, StoreOptions};
 use guard::{AgentGuard, GuardLimits};
 use session::{Flow, Identity, Session, Shared};
 use tools::ToolLimits;
@@ -143,6 +143,7 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
         signal(SignalKind::hangup()).map_err(|source| GatewayError::Signal { source })?;
 
     let g = &config.gateway;
+    let space = config.space();
     let store = Store::open(StoreOptions {
         path: g.store.clone(),
         map_size: config.map_size_bytes(),
@@ -153,8 +154,23 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
             max_records: config.audit.max_records,
             max_age: config.audit.max_age.map(|s| s.0),
             journal_reserve: config.audit.journal_reserve.0,
+            max_bytes: space.audit_max_bytes,
         }),
+        quota: QuotaOptions {
+            max_store_bytes: Some(space.max_store_bytes),
+            history_bytes: Some(space.watch_history_bytes),
+            batch_bytes: usize::try_from(space.batch_bytes).unwrap_or(usize::MAX),
+        },
     })?;
+    store.set_role_limits(role_limits(&policy));
+    tracing::info!(
+        map_size = space.map_size,
+        max_store_bytes = space.max_store_bytes,
+        watch_history_bytes = space.watch_history_bytes,
+        audit_max_bytes = space.audit_max_bytes,
+        headroom = space.headroom,
+        "store space"
+    );
     if !config.audit.enabled {
         tracing::warn!("[audit] enabled = false: calls are NOT audited");
     }
@@ -378,6 +394,15 @@ fn policy_record(policy: &Policy) -> Record {
     r
 }
 
+/// Each role's store limits, for the store's alarm.
+fn role_limits(policy: &Policy) -> BTreeMap<String, Arc<crate::store::RoleLimits>> {
+    policy
+        .roles()
+        .filter(|r| !r.store_limits.is_empty())
+        .map(|r| (r.name.clone(), r.store_limits.clone()))
+        .collect()
+}
+
 pub(crate) fn reload_policy(shared: &Shared, config: &Config) -> Result<Arc<Policy>, PolicyError> {
     match load_policy(config) {
         Ok(policy) => {
@@ -390,6 +415,7 @@ pub(crate) fn reload_policy(shared: &Shared, config: &Config) -> Result<Arc<Poli
             }
             let policy = Arc::new(policy);
             tracing::info!(policy = %policy.path.display(), hash = %policy.hash, tests = policy.tests_passed, "policy reloaded");
+            shared.store.set_role_limits(role_limits(&policy));
             shared.policy.store(policy.clone());
             shared.policy_changes.send_modify(|g| *g += 1);
             Ok(policy)

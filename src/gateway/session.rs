@@ -237,6 +237,10 @@ impl Session {
         };
         rec.latency_us = Some(started.elapsed().as_micros() as u64);
         let audited = shared.store.audit_enabled().then_some(rec);
+        let owner = crate::store::Owner {
+            role: id.role.clone(),
+            limits: role.store_limits.clone(),
+        };
         let (result, unsealed) = shared
             .calls
             .track_future(tools::execute(
@@ -246,6 +250,7 @@ impl Session {
                 &visible,
                 stop,
                 audited,
+                owner,
             ))
             .await;
         // A read's record (a mutation's was sealed with it) is journaled

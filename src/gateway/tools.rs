@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use crate::audit::Record;
 use crate::call::{Request, RequestError};
-use crate::store::{Mutation, Outcome, ReplyBounds, Store, StoreError};
+use crate::store::{Mutation, Outcome, Owner, ReplyBounds, Store, StoreError};
 
 /// Bounds for one call: the gateway's, narrowed by the caller's role.
 #[derive(Debug, Clone)]
@@ -78,7 +78,8 @@ fn outcome_json(o: Outcome) -> Value {
 /// Runs a request the policy already allowed. `visible` filters what listings
 /// and watches may show; `stop` ends a waiting `kv_watch` early (shutdown or
 /// client cancellation). A mutation takes the call's audit record into its
-/// commit; otherwise the record is handed back for the caller to journal.
+/// commit, and writes for `owner` (its quota); otherwise the record is handed
+/// back for the caller to journal.
 pub async fn execute(
     store: &Store,
     limits: &ToolLimits,
@@ -86,6 +87,7 @@ pub async fn execute(
     visible: &(dyn Fn(&str) -> bool + Sync),
     stop: impl std::future::Future<Output = ()>,
     record: Option<Record>,
+    owner: Owner,
 ) -> (Result<Value, ToolError>, Option<Record>) {
     let mutation = match request {
         Request::Put(p) => Mutation::Put(p),
@@ -93,7 +95,7 @@ pub async fn execute(
         Request::Txn(t) => Mutation::Txn(t),
         read => return (read_only(store, limits, read, visible, stop).await, record),
     };
-    let result = store.mutate(mutation, record).await;
+    let result = store.mutate_as(mutation, Some(owner), record).await;
     (result.map(outcome_json).map_err(ToolError::from), None)
 }
 

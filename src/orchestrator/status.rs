@@ -119,6 +119,52 @@ pub fn table(status: &Value) -> String {
         }
         out.push('\n');
     }
+    if let Some(s) = status.get("store") {
+        out.push_str(&store_lines(s));
+    }
+    out
+}
+
+/// The store's space (from the gateway's admin status) and one line per
+/// raised quota alarm.
+fn store_lines(s: &Value) -> String {
+    if let Some(e) = s.get("error") {
+        return format!("store: unknown ({})\n", cell(e));
+    }
+    let of = |used: &str, max: &str| match (s[used].as_u64(), s[max].as_u64()) {
+        (Some(u), Some(m)) => format!("{} of {}", human_bytes(u), human_bytes(m)),
+        (Some(u), None) => human_bytes(u),
+        _ => "-".into(),
+    };
+    let mut out = format!(
+        "store: data {}, audit {}, map {}\n",
+        of("data_bytes", "max_store_bytes"),
+        of("audit_bytes", "audit_max_bytes"),
+        of("map_used_bytes", "map_size"),
+    );
+    for a in s["alarms"].as_array().into_iter().flatten() {
+        let (usage, limit) = (a["usage"].as_u64(), a["limit"].as_u64());
+        let figures = match (a["unit"].as_str(), usage, limit) {
+            (Some("bytes"), Some(u), Some(l)) => {
+                format!("{} of {}", human_bytes(u), human_bytes(l))
+            }
+            (_, Some(u), Some(l)) => format!("{u} of {l} keys"),
+            _ => "-".into(),
+        };
+        let pct = match (usage, limit) {
+            (Some(u), Some(l)) if l > 0 => format!(" ({}%)", u.saturating_mul(100) / l),
+            _ => String::new(),
+        };
+        out.push_str(&format!(
+            "ALARM {}: {} {figures}{pct}{}\n",
+            cell(&a["level"]),
+            cell(&a["quota"]),
+            a["rule"]
+                .as_str()
+                .map(|r| format!(" [{r}]"))
+                .unwrap_or_default()
+        ));
+    }
     out
 }
 
@@ -143,5 +189,25 @@ mod tests {
         );
         assert!(t.ends_with("restarts 0\n"), "{t}");
         assert_eq!(human_bytes(512), "512B");
+    }
+
+    #[test]
+    fn renders_the_store_and_its_alarms() {
+        let s = serde_json::json!({"agents": [], "store": {"data_bytes": 943718, "max_store_bytes": 1048576,
+            "audit_bytes": 1024, "audit_max_bytes": 1048576, "map_used_bytes": 2097152, "map_size": 33554432,
+            "alarms": [{"quota": "gateway.max_store_bytes", "level": "exceeded", "usage": 943718, "limit": 1048576, "unit": "bytes"},
+                       {"quota": "roles.coder.limits.max_keys", "level": "near", "usage": 9, "limit": 10, "unit": "keys", "rule": "p.toml:3: roles.coder.limits.max_keys = 10"}]}});
+        let t = table(&s);
+        assert!(t.contains("store: data 921.6KiB of 1.0MiB"), "{t}");
+        assert!(
+            t.contains("ALARM exceeded: gateway.max_store_bytes 921.6KiB of 1.0MiB (89%)"),
+            "{t}"
+        );
+        assert!(
+            t.contains("ALARM near: roles.coder.limits.max_keys 9 of 10 keys (90%) [p.toml:3"),
+            "{t}"
+        );
+        let t = table(&serde_json::json!({"agents": [], "store": {"error": "no answer"}}));
+        assert!(t.contains("store: unknown (no answer)"), "{t}");
     }
 }

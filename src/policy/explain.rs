@@ -176,6 +176,8 @@ pub fn show_text(policy: &Policy, role: &Role) -> String {
         ("max_scan_items", &l.max_scan_items),
         ("max_watch_ms", &l.max_watch_ms),
         ("max_txn_ops", &l.max_txn_ops),
+        ("max_store_bytes", &l.max_store_bytes),
+        ("max_keys", &l.max_keys),
     ] {
         let (v, w) = match b {
             Some(Bound { max, rule }) => (max.to_string(), loc(rule)),

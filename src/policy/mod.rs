@@ -142,6 +142,27 @@ pub struct Limits {
     pub max_scan_items: Option<Bound>,
     pub max_watch_ms: Option<Bound>,
     pub max_txn_ops: Option<Bound>,
+    /// Bytes (key + value) of the keys this role owns: those it last wrote.
+    /// Enforced by the store, which alone knows the usage.
+    pub max_store_bytes: Option<Bound>,
+    /// Keys this role owns.
+    pub max_keys: Option<Bound>,
+}
+
+impl Limits {
+    /// The store's view of this role's quota (`store::Owner`).
+    fn store_limits(&self) -> crate::store::RoleLimits {
+        let bound = |b: &Option<Bound>| {
+            b.as_ref().map(|b| crate::store::RoleBound {
+                max: b.max,
+                rule: b.rule.to_string(),
+            })
+        };
+        crate::store::RoleLimits {
+            max_bytes: bound(&self.max_store_bytes),
+            max_keys: bound(&self.max_keys),
+        }
+    }
 }
 
 struct Scope {
@@ -191,6 +212,9 @@ pub struct Role {
     pub agent_tools: Vec<(String, Arc<Rule>)>,
     scopes: [Scope; 3],
     pub limits: Limits,
+    /// `limits.max_store_bytes` and `max_keys` as the store checks them,
+    /// built once per policy load rather than per write.
+    pub store_limits: Arc<crate::store::RoleLimits>,
 }
 
 impl Role {
@@ -614,6 +638,8 @@ struct RawLimits {
     max_scan_items: Option<Spanned<u64>>,
     max_watch_ms: Option<Spanned<u64>>,
     max_txn_ops: Option<Spanned<u64>>,
+    max_store_bytes: Option<Spanned<u64>>,
+    max_keys: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -762,6 +788,8 @@ impl Builder<'_> {
                     ("max_scan_items", &l.max_scan_items),
                     ("max_watch_ms", &l.max_watch_ms),
                     ("max_txn_ops", &l.max_txn_ops),
+                    ("max_store_bytes", &l.max_store_bytes),
+                    ("max_keys", &l.max_keys),
                 ] {
                     if let Some(v) = v {
                         if *v.get_ref() == 0 && field != "max_watch_ms" {
@@ -944,6 +972,12 @@ impl Builder<'_> {
                 ),
                 (&mut limits.max_watch_ms, "max_watch_ms", &l.max_watch_ms),
                 (&mut limits.max_txn_ops, "max_txn_ops", &l.max_txn_ops),
+                (
+                    &mut limits.max_store_bytes,
+                    "max_store_bytes",
+                    &l.max_store_bytes,
+                ),
+                (&mut limits.max_keys, "max_keys", &l.max_keys),
             ] {
                 let Some(v) = v else { continue };
                 let value = *v.get_ref();
@@ -963,6 +997,7 @@ impl Builder<'_> {
             tools,
             agent_tools,
             scopes,
+            store_limits: Arc::new(limits.store_limits()),
             limits,
         }
     }

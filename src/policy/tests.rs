@@ -399,3 +399,38 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn store_quota_limits_take_the_smallest_along_inheritance_and_name_their_rule() {
+    let p = policy(
+        r#"
+[roles.base]
+tools = ["kv_put"]
+write = ["/**"]
+limits = { max_store_bytes = 1000, max_keys = 50 }
+
+[roles.child]
+inherits = ["base"]
+limits = { max_keys = 10, max_store_bytes = 5000 }
+"#,
+    );
+    let l = &p.role("child").unwrap().store_limits;
+    let bytes = l.max_bytes.as_ref().unwrap();
+    assert_eq!(bytes.max, 1000);
+    assert_eq!(
+        bytes.rule,
+        "test.toml:5: roles.base.limits.max_store_bytes = 1000"
+    );
+    let keys = l.max_keys.as_ref().unwrap();
+    assert_eq!(keys.max, 10);
+    assert_eq!(keys.rule, "test.toml:9: roles.child.limits.max_keys = 10");
+    // Control: a role without them has none.
+    let p = policy("[roles.a]\ntools = [\"kv_get\"]\n");
+    assert!(p.role("a").unwrap().store_limits.is_empty());
+    // Zero would refuse every write: an error at its place.
+    let e = errors("[roles.a]\ntools = [\"kv_put\"]\nlimits = { max_keys = 0 }\n");
+    assert!(
+        e.contains("test.toml:3:") && e.contains("limits.max_keys = 0"),
+        "{e}"
+    );
+}

@@ -3,7 +3,13 @@
 //! Layout of the environment (all named databases, raw bytes):
 //! - `kv`: key path → `[create_revision u64 BE][mod_revision u64 BE][value as JSON]`
 //! - `changes`: revision u64 BE → the events of that revision, a JSON array
-//! - `meta`: `revision` and `compacted` → u64 BE
+//! - `meta`: `revision` and `compacted` → u64 BE; `usage/<role>` → that role's
+//!   bytes and keys (u64 BE each, see `quota`)
+//! - `audit`: seq u64 BE → a sealed record (canonical JSON)
+//!
+//! A `kv` record written with an owner carries `0x00 <role> 0x00` between the
+//! revisions and the value (canonical JSON never starts with a NUL byte, so
+//! records from before owners existed read as unowned).
 //!
 //! Reads open their own LMDB read transaction and never wait for a writer. Every
 //! mutation goes through one writer thread that drains all queued mutations into a
@@ -11,8 +17,10 @@
 //! nested transaction so one failure cannot spoil the others in its batch.
 
 mod key;
+mod quota;
 mod writer;
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -28,6 +36,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::audit::{self, journal, AuditError, Journal, Record};
 pub use key::{Key, KeyError, Prefix, MAX_KEY_BYTES};
+pub use quota::{Alarm, Owner, RoleBound, RoleLimits, RoleStatus, RoleUsage, Unit, Usage};
 
 const META_REVISION: &[u8] = b"revision";
 const META_COMPACTED: &[u8] = b"compacted";
@@ -119,6 +128,17 @@ pub enum StoreError {
     /// written and the call was refused.
     #[error("no space left on device {path}: {what}")]
     NoSpace { path: PathBuf, what: String },
+    #[error("quota exceeded: {what} would be {after} {unit}, over {quota} = {limit} (now {before}); reads and deletes keep working: delete keys to free space")]
+    QuotaExceeded {
+        /// What is measured: "store data", "role coder's keys", …
+        what: String,
+        /// The setting, with the policy rule that set it for a role's.
+        quota: String,
+        before: u64,
+        after: u64,
+        limit: u64,
+        unit: &'static str,
+    },
 }
 
 impl StoreError {
@@ -135,6 +155,7 @@ impl StoreError {
             StoreError::Compacted { .. } => "compacted",
             StoreError::Closed | StoreError::Audit { .. } => "unavailable",
             StoreError::NoSpace { .. } => "no_space",
+            StoreError::QuotaExceeded { .. } => "quota_exceeded",
             _ => "store_error",
         }
     }
@@ -150,6 +171,25 @@ pub struct AuditOptions {
     /// Bytes the journal preallocates, twice (its segment and a spare), so
     /// that reads keep being audited on a full disk; 0: none.
     pub journal_reserve: u64,
+    /// Keep the audit database under this many bytes of pages: past it, the
+    /// oldest records are pruned (to 90% of it) behind a checkpoint.
+    pub max_bytes: Option<u64>,
+}
+
+/// The store's space bounds (`[gateway] max_store_bytes`, `watch_history_bytes`).
+#[derive(Debug, Clone, Default)]
+pub struct QuotaOptions {
+    /// Data (the pages of `kv`, `changes` and `meta`): a write that would
+    /// take it past this fails with `quota_exceeded`; deletes never do.
+    pub max_store_bytes: Option<u64>,
+    /// The watch history's pages: past this, the oldest revisions are
+    /// compacted (to 90% of it), so that the history can never hold the
+    /// data quota hostage (deleting keys must free space).
+    pub history_bytes: Option<u64>,
+    /// Bytes of values one commit batch takes (0: no bound). What one commit
+    /// writes is what LMDB cannot reuse for the next two, so this bounds the
+    /// headroom that overwrites need.
+    pub batch_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -162,6 +202,7 @@ pub struct StoreOptions {
     pub history: u64,
     /// None: no audit log.
     pub audit: Option<AuditOptions>,
+    pub quota: QuotaOptions,
 }
 
 /// How much one reply may carry: events (or items), and bytes of values.
@@ -351,6 +392,33 @@ pub enum Outcome {
     Flushed,
 }
 
+impl Mutation {
+    /// Whether it puts anything: only those are refused by a quota.
+    fn writes(&self) -> bool {
+        match self {
+            Mutation::Put(_) => true,
+            Mutation::Delete(_) => false,
+            Mutation::Txn(t) => t.ops.iter().any(|o| matches!(o, Op::Put(_))),
+        }
+    }
+
+    /// Bytes of values it writes.
+    fn value_bytes(&self) -> usize {
+        match self {
+            Mutation::Put(p) => p.value.len(),
+            Mutation::Delete(_) => 0,
+            Mutation::Txn(t) => t
+                .ops
+                .iter()
+                .map(|o| match o {
+                    Op::Put(p) => p.value.len(),
+                    _ => 0,
+                })
+                .sum(),
+        }
+    }
+}
+
 #[derive(Clone, Copy)]
 struct Dbs {
     kv: Database<Bytes, Bytes>,
@@ -369,7 +437,28 @@ struct Job {
     work: Work,
     /// The drafted audit record of this mutation, sealed in its transaction.
     record: Option<Record>,
+    /// The role it writes for (its quota, and the owner of what it puts).
+    owner: Option<Owner>,
+    /// Bytes of values it writes (the batch bound).
+    bytes: usize,
     reply: oneshot::Sender<Result<Outcome, StoreError>>,
+}
+
+/// The store's space as of the last commit, shared by the writer (which
+/// measures it), the admin status (which reads it) and policy reloads (which
+/// change the role limits the alarm compares with).
+struct Space {
+    usage: Usage,
+    alarms: quota::Alarms,
+    counters: BTreeMap<String, RoleUsage>,
+    limits: Arc<BTreeMap<String, Arc<RoleLimits>>>,
+}
+
+impl Space {
+    fn refresh(&mut self, events: &quota::Events) {
+        let rules = quota::role_status(&mut self.usage, &self.counters, &self.limits);
+        self.alarms.evaluate(&mut self.usage, events, &rules);
+    }
 }
 
 /// A handle on the store; cheap to clone, shared by every session.
@@ -388,6 +477,7 @@ struct Inner {
     journal: Option<Arc<Journal>>,
     /// `kv_watch` calls waiting in `watch` right now (admin `status`).
     watching: AtomicUsize,
+    space: Arc<Mutex<Space>>,
     _lock: File,
 }
 
@@ -485,7 +575,26 @@ impl Store {
             }
             None => audit::Chain::genesis(),
         };
+        let counters = read_counters(&rtxn, dbs.meta)?;
+        let page_size = u64::from(env.stat().page_size);
+        let mut usage = Usage {
+            max_store_bytes: opts.quota.max_store_bytes,
+            watch_history_bytes: opts.quota.history_bytes,
+            audit_max_bytes: opts.audit.as_ref().and_then(|a| a.max_bytes),
+            map_size: opts.map_size as u64,
+            ..Usage::default()
+        };
+        measure(&rtxn, dbs, &mut usage).map_err(|source| StoreError::Read { source })?;
+        usage.map_used_bytes = (env.info().last_page_number as u64 + 1) * page_size;
         drop(rtxn);
+        let mut space = Space {
+            usage,
+            alarms: quota::Alarms::default(),
+            counters: counters.clone(),
+            limits: Arc::new(BTreeMap::new()),
+        };
+        space.refresh(&quota::Events::default());
+        let space = Arc::new(Mutex::new(space));
         let journal = match &opts.audit {
             Some(a) => Some(Arc::new(
                 Journal::open(
@@ -513,6 +622,10 @@ impl Store {
             audit: opts.audit.clone(),
             path: path.clone(),
             no_space_logged: None,
+            quota: opts.quota.clone(),
+            page_size,
+            counters,
+            space: space.clone(),
         };
         let handle = std::thread::Builder::new()
             .name("store-writer".into())
@@ -529,6 +642,7 @@ impl Store {
                 writer: Mutex::new(Some(handle)),
                 journal,
                 watching: AtomicUsize::new(0),
+                space,
                 _lock: lock,
             }),
         })
@@ -547,6 +661,26 @@ impl Store {
     /// How many `kv_watch` calls are waiting for changes.
     pub fn watching(&self) -> usize {
         self.inner.watching.load(Ordering::Relaxed)
+    }
+
+    /// The store's space and its alarms, as of the last commit.
+    pub fn usage(&self) -> Usage {
+        match self.inner.space.lock() {
+            Ok(s) => s.usage.clone(),
+            Err(p) => p.into_inner().usage.clone(),
+        }
+    }
+
+    /// The role limits of the policy in force, for the alarm (a mutation is
+    /// checked against the limits of the policy its call was decided under,
+    /// carried in its `Owner`). Re-evaluates the alarms at once.
+    pub fn set_role_limits(&self, limits: BTreeMap<String, Arc<RoleLimits>>) {
+        let mut space = match self.inner.space.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        space.limits = Arc::new(limits);
+        space.refresh(&quota::Events::default());
     }
 
     fn read_txn(&self) -> Result<RoTxn<'_, WithoutTls>, StoreError> {
@@ -685,6 +819,17 @@ impl Store {
         mutation: Mutation,
         record: Option<Record>,
     ) -> Result<Outcome, StoreError> {
+        self.mutate_as(mutation, None, record).await
+    }
+
+    /// `mutate` for a role: what it puts becomes the role's, within the
+    /// role's limits (`quota_exceeded` past them).
+    pub async fn mutate_as(
+        &self,
+        mutation: Mutation,
+        owner: Option<Owner>,
+        record: Option<Record>,
+    ) -> Result<Outcome, StoreError> {
         if let Err(e) = self.check_mutation(&mutation) {
             // Refused before the writer: the record says so, through the journal.
             if let Some(mut r) = record {
@@ -693,15 +838,24 @@ impl Store {
             }
             return Err(e);
         }
-        self.submit(Work::Mutate(mutation), record).await
+        self.submit(Work::Mutate(mutation), record, owner).await
     }
 
     /// Seals the audit journal into LMDB now (and prunes by the retention).
     pub async fn flush_audit(&self) -> Result<(), StoreError> {
-        self.submit(Work::Flush, None).await.map(|_| ())
+        self.submit(Work::Flush, None, None).await.map(|_| ())
     }
 
-    async fn submit(&self, work: Work, record: Option<Record>) -> Result<Outcome, StoreError> {
+    async fn submit(
+        &self,
+        work: Work,
+        record: Option<Record>,
+        owner: Option<Owner>,
+    ) -> Result<Outcome, StoreError> {
+        let bytes = match &work {
+            Work::Mutate(m) => m.value_bytes(),
+            Work::Flush => 0,
+        };
         let sender = self
             .inner
             .jobs
@@ -714,6 +868,8 @@ impl Store {
             .send(Job {
                 work,
                 record,
+                owner,
+                bytes,
                 reply,
             })
             .await
@@ -760,6 +916,8 @@ impl Store {
             let _ = sender.try_send(Job {
                 work: Work::Flush,
                 record: None,
+                owner: None,
+                bytes: 0,
                 reply,
             });
         }
@@ -1048,13 +1206,79 @@ fn read_meta(
     }
 }
 
-fn split_record<'a>(key: &str, raw: &'a [u8]) -> Result<(u64, u64, &'a [u8]), StoreError> {
-    if raw.len() < 16 {
-        return Err(StoreError::Corrupt {
-            what: format!("record of {key} is {} bytes", raw.len()),
-        });
+/// Reads the per-role usage counters (`usage/<role>` in `meta`).
+fn read_counters(
+    txn: &RoTxn<'_>,
+    meta: Database<Bytes, Bytes>,
+) -> Result<BTreeMap<String, RoleUsage>, StoreError> {
+    let read_err = |source| StoreError::Read { source };
+    let mut out = BTreeMap::new();
+    for item in meta.prefix_iter(txn, quota::META_USAGE).map_err(read_err)? {
+        let (k, v) = item.map_err(read_err)?;
+        let role = std::str::from_utf8(&k[quota::META_USAGE.len()..]).map_err(|_| {
+            StoreError::Corrupt {
+                what: "a usage counter's role is not UTF-8".into(),
+            }
+        })?;
+        let u = RoleUsage::decode(v).ok_or_else(|| StoreError::Corrupt {
+            what: format!("usage counter of role {role}"),
+        })?;
+        out.insert(role.to_string(), u);
     }
-    Ok((decode_u64(&raw[..8])?, decode_u64(&raw[8..16])?, &raw[16..]))
+    Ok(out)
+}
+
+/// Data, history and audit pages, into `usage`.
+fn measure(txn: &RoTxn, dbs: Dbs, usage: &mut Usage) -> Result<(), heed::Error> {
+    usage.history_bytes = quota::db_bytes(dbs.changes, txn)?;
+    usage.data_bytes =
+        usage.history_bytes + quota::db_bytes(dbs.kv, txn)? + quota::db_bytes(dbs.meta, txn)?;
+    usage.audit_bytes = quota::db_bytes(dbs.audit, txn)?;
+    Ok(())
+}
+
+/// Between the revisions and the value of a record, this byte opens (and
+/// closes) the owner's role name; role names are letters, digits, `-`, `_`.
+const OWNER_TAG: u8 = 0;
+
+/// A `kv` record, split.
+struct Stored<'a> {
+    create_revision: u64,
+    revision: u64,
+    owner: Option<&'a str>,
+    json: &'a [u8],
+}
+
+fn parse_record<'a>(key: &str, raw: &'a [u8]) -> Result<Stored<'a>, StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        what: format!("record of {key} ({} bytes)", raw.len()),
+    };
+    if raw.len() < 16 {
+        return Err(corrupt());
+    }
+    let rest = &raw[16..];
+    let (owner, json) = match rest.first() {
+        Some(&OWNER_TAG) => {
+            let end = rest[1..]
+                .iter()
+                .position(|b| *b == OWNER_TAG)
+                .ok_or_else(corrupt)?;
+            let owner = std::str::from_utf8(&rest[1..1 + end]).map_err(|_| corrupt())?;
+            (Some(owner), &rest[2 + end..])
+        }
+        _ => (None, rest),
+    };
+    Ok(Stored {
+        create_revision: decode_u64(&raw[..8])?,
+        revision: decode_u64(&raw[8..16])?,
+        owner,
+        json,
+    })
+}
+
+fn split_record<'a>(key: &str, raw: &'a [u8]) -> Result<(u64, u64, &'a [u8]), StoreError> {
+    let s = parse_record(key, raw)?;
+    Ok((s.create_revision, s.revision, s.json))
 }
 
 fn decode_entry(key: &str, raw: &[u8]) -> Result<Entry, StoreError> {

@@ -9,6 +9,7 @@ fn open(dir: &Path) -> Store {
         max_txn_ops: 16,
         history: 1000,
         audit: None,
+        quota: QuotaOptions::default(),
     })
     .unwrap()
 }
@@ -305,6 +306,7 @@ async fn watch_compaction_is_an_error() {
         max_txn_ops: 16,
         history: 3,
         audit: None,
+        quota: QuotaOptions::default(),
     })
     .unwrap();
     for i in 0..10 {
@@ -390,7 +392,9 @@ async fn a_failed_commit_still_records_every_mutation_it_carried() {
             max_records: None,
             max_age: None,
             journal_reserve: 0,
+            max_bytes: None,
         }),
+        quota: QuotaOptions::default(),
     })
     .unwrap();
     let big = "x".repeat(8000);
@@ -427,4 +431,237 @@ async fn a_failed_commit_still_records_every_mutation_it_carried() {
         }
     }
     assert!(found, "no record of the mutation whose commit failed");
+}
+
+fn quota_store(dir: &Path, quota: QuotaOptions, audit: Option<AuditOptions>) -> Store {
+    Store::open(StoreOptions {
+        path: dir.join("q"),
+        map_size: 64 << 20,
+        max_value_bytes: 64 << 10,
+        max_txn_ops: 16,
+        history: 100_000,
+        audit,
+        quota,
+    })
+    .unwrap()
+}
+
+fn owner(role: &str, max_bytes: Option<u64>, max_keys: Option<u64>) -> Owner {
+    let bound = |m: Option<u64>, f: &str| {
+        m.map(|max| RoleBound {
+            max,
+            rule: format!("p.toml:1: roles.{role}.limits.{f} = {max}"),
+        })
+    };
+    Owner {
+        role: Arc::from(role),
+        limits: Arc::new(RoleLimits {
+            max_bytes: bound(max_bytes, "max_store_bytes"),
+            max_keys: bound(max_keys, "max_keys"),
+        }),
+    }
+}
+
+#[tokio::test]
+async fn the_data_quota_refuses_writes_but_not_deletes_and_clears_when_usage_falls() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = quota_store(
+        dir.path(),
+        QuotaOptions {
+            max_store_bytes: Some(2 << 20),
+            history_bytes: Some(512 << 10),
+            batch_bytes: 1 << 20,
+        },
+        None,
+    );
+    let value = json!("v".repeat(16 << 10));
+    let mut stored = 0;
+    let err = loop {
+        match s
+            .mutate(put(&format!("/fill/{stored}"), value.clone()), None)
+            .await
+        {
+            Ok(_) => stored += 1,
+            Err(e) => break e,
+        }
+        assert!(stored < 1000, "the quota never refused");
+    };
+    assert_eq!(err.code(), "quota_exceeded", "{err}");
+    assert!(err.to_string().contains("gateway.max_store_bytes"), "{err}");
+    let u = s.usage();
+    assert!(u.data_bytes <= 2 << 20, "{u:?}");
+    assert_eq!(u.alarms[0].quota, "gateway.max_store_bytes");
+    assert_eq!(u.alarms[0].level, "exceeded");
+    // Reads and deletes (plain and compare-and-swap) go on.
+    assert!(s.get(&key("/fill/0")).unwrap().is_some());
+    let rev = s.get(&key("/fill/1")).unwrap().unwrap().revision;
+    s.mutate(
+        Mutation::Delete(Delete {
+            key: key("/fill/1"),
+            if_revision: Some(rev),
+        }),
+        None,
+    )
+    .await
+    .unwrap();
+    for i in (0..stored).filter(|i| *i != 1) {
+        let d = Mutation::Delete(Delete {
+            key: key(&format!("/fill/{i}")),
+            if_revision: None,
+        });
+        s.mutate(d, None).await.unwrap();
+    }
+    // The next write succeeds, without a reopen.
+    s.mutate(put("/after", json!(1)), None).await.unwrap();
+    let u = s.usage();
+    assert!(u.alarms.is_empty(), "{u:?}");
+}
+
+#[tokio::test]
+async fn a_role_owns_what_it_last_wrote_within_its_limits_and_counters_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = quota_store(dir.path(), QuotaOptions::default(), None);
+    let a = owner("a", None, Some(3));
+    let b = owner("b", Some(100), None);
+    for i in 0..3 {
+        s.mutate_as(put(&format!("/a/{i}"), json!(i)), Some(a.clone()), None)
+            .await
+            .unwrap();
+    }
+    // Over max_keys: refused; an overwrite of its own key is not a new key.
+    let e = s
+        .mutate_as(put("/a/3", json!(3)), Some(a.clone()), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), "quota_exceeded");
+    assert!(
+        e.to_string().contains("roles.a.limits.max_keys (p.toml:1:"),
+        "{e}"
+    );
+    s.mutate_as(put("/a/0", json!("again")), Some(a.clone()), None)
+        .await
+        .unwrap();
+    // Another role is unaffected; its overwrite of a's key makes it b's.
+    s.mutate_as(put("/a/2", json!("b's now")), Some(b.clone()), None)
+        .await
+        .unwrap();
+    let roles = s.usage().roles;
+    assert_eq!(roles["a"].keys, 2);
+    assert_eq!(roles["b"].keys, 1);
+    assert_eq!(
+        roles["b"].bytes,
+        ("/a/2".len() + "\"b's now\"".len()) as u64
+    );
+    // b's byte bound: a write that takes it past 100 bytes is refused.
+    let e = s
+        .mutate_as(put("/b/big", json!("x".repeat(100))), Some(b.clone()), None)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("role b's bytes"), "{e}");
+    // So a can write one more key; a delete by anyone credits the owner.
+    s.mutate_as(put("/a/3", json!(3)), Some(a.clone()), None)
+        .await
+        .unwrap();
+    s.mutate(
+        Mutation::Delete(Delete {
+            key: key("/a/2"),
+            if_revision: None,
+        }),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.get(&key("/a/3")).unwrap().unwrap().value, json!(3));
+    s.close();
+    drop(s);
+    let s = quota_store(dir.path(), QuotaOptions::default(), None);
+    let roles = s.usage().roles;
+    assert_eq!(roles["a"].keys, 3);
+    assert!(!roles.contains_key("b"), "b owns nothing: {roles:?}");
+    // Listing and reading strip the owner tag.
+    let page = s
+        .scan(&Prefix::root(), None, 10, 1 << 20, &|_| true)
+        .unwrap();
+    assert_eq!(page.items[0].value, json!("again"));
+}
+
+#[tokio::test]
+async fn the_audit_is_pruned_by_size_behind_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = quota_store(
+        dir.path(),
+        QuotaOptions::default(),
+        Some(AuditOptions {
+            max_records: None,
+            max_age: None,
+            max_bytes: Some(1 << 20),
+            journal_reserve: 0,
+        }),
+    );
+    for i in 0..3000 {
+        let mut r = Record::new("call");
+        r.detail = Some(json!({"i": i, "pad": "p".repeat(1000)}));
+        r.ok();
+        s.audit(r).unwrap();
+        if i % 500 == 0 {
+            s.flush_audit().await.unwrap();
+        }
+    }
+    s.flush_audit().await.unwrap();
+    let u = s.usage();
+    assert!(u.audit_bytes <= 1 << 20, "{u:?}");
+    assert!(u.audit_pruned > 0, "{u:?}");
+    s.close();
+    drop(s);
+    // The chain that remains starts at a checkpoint and verifies.
+    let reader = AuditReader::open(&dir.path().join("q"), 64 << 20).unwrap();
+    let mut v = crate::audit::Verifier::default();
+    let mut bad = None;
+    reader
+        .scan(0, |seq, raw| {
+            if let Err(e) = v.push(seq, raw) {
+                bad = Some(e);
+            }
+            bad.is_none()
+        })
+        .unwrap();
+    assert_eq!(bad, None);
+    let verified = v.finish().unwrap();
+    assert!(verified < 3000, "{verified}");
+}
+
+#[tokio::test]
+async fn the_watch_history_is_compacted_by_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = quota_store(
+        dir.path(),
+        QuotaOptions {
+            max_store_bytes: None,
+            history_bytes: Some(256 << 10),
+            batch_bytes: 0,
+        },
+        None,
+    );
+    for i in 0..200 {
+        s.mutate(put("/one", json!({"i": i, "pad": "p".repeat(8000)})), None)
+            .await
+            .unwrap();
+    }
+    let u = s.usage();
+    assert!(u.history_bytes <= 256 << 10, "{u:?}");
+    let err = s
+        .watch(
+            &Prefix::root(),
+            0,
+            Duration::ZERO,
+            ReplyBounds {
+                items: 10,
+                bytes: 1 << 20,
+            },
+            &|_| true,
+            std::future::pending(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "compacted");
 }

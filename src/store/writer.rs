@@ -6,23 +6,38 @@
 //! for the callers it just answered when there are several. Callers hear back
 //! only after that commit returned, so an acknowledged mutation is on disk.
 
-use heed::types::Bytes;
-use heed::{Database, Env, PutFlags, RwTxn, WithoutTls};
+use heed::{Env, PutFlags, RwTxn, WithoutTls};
 use tokio::sync::{mpsc, watch};
 
+use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::quota::{self, Deltas, Event, Events, Owner, RoleUsage, Unit};
 use super::{
-    decode_u64, disk_full, free_bytes, get_entry, AuditOptions, Check, Dbs, Delete, DeleteOutcome,
-    Job, Key, Mutation, Op, OpResult, Outcome, Put, PutOutcome, StoreError, Txn, TxnOutcome, Work,
-    JOURNAL_SEAL_MAX_BYTES, META_COMPACTED, META_JOURNAL_SEALED, META_JOURNAL_SEALED_AT,
-    META_REVISION,
+    decode_u64, disk_full, free_bytes, get_entry, parse_record, AuditOptions, Check, Dbs, Delete,
+    DeleteOutcome, Job, Key, Mutation, Op, OpResult, Outcome, Put, PutOutcome, QuotaOptions, Space,
+    StoreError, Txn, TxnOutcome, Work, JOURNAL_SEAL_MAX_BYTES, META_COMPACTED, META_JOURNAL_SEALED,
+    META_JOURNAL_SEALED_AT, META_REVISION, OWNER_TAG,
 };
 use crate::audit::journal::{Pos, Taken};
 use crate::audit::{AuditError, Chain, Drafts, Journal, Record};
+
+/// Entries one prune or one history compaction looks at, so that neither
+/// stalls the writer for long; the next commit goes on where it stopped.
+const MAX_PRUNE_SCAN: usize = 200_000;
+
+/// What a committed batch changed, for the writer's state and the alarm.
+struct Applied {
+    revision: u64,
+    compacted: u64,
+    counters: BTreeMap<String, RoleUsage>,
+    events: Events,
+    pruned: u64,
+    usage: super::Usage,
+}
 
 /// Journal records being sealed in a batch, and where in the journal they end.
 struct Sealing<'a> {
@@ -98,6 +113,11 @@ pub(super) struct Writer {
     pub path: PathBuf,
     /// When a full disk was last logged.
     pub no_space_logged: Option<Instant>,
+    pub quota: QuotaOptions,
+    pub page_size: u64,
+    /// Each role's usage as committed.
+    pub counters: BTreeMap<String, RoleUsage>,
+    pub space: Arc<Mutex<Space>>,
 }
 
 impl Writer {
@@ -113,12 +133,12 @@ impl Writer {
                     None => break,
                 }
             }
-            self.drain(&mut batch);
-            if batch.len() < gather.expect {
+            let mut full = self.drain(&mut batch);
+            if batch.len() < gather.expect && !full {
                 let deadline = Instant::now() + gather.window;
-                while batch.len() < gather.expect && Instant::now() < deadline {
+                while batch.len() < gather.expect && !full && Instant::now() < deadline {
                     std::thread::sleep(GATHER_POLL);
-                    self.drain(&mut batch);
+                    full = self.drain(&mut batch);
                 }
             }
             let jobs = batch.len();
@@ -139,11 +159,20 @@ impl Writer {
         while self.commit_batch(&mut batch, true) {}
     }
 
-    fn drain(&mut self, batch: &mut Vec<Job>) {
-        while batch.len() < MAX_BATCH {
+    /// Takes what is queued, up to a batch's bounds; true when one is reached.
+    fn drain(&mut self, batch: &mut Vec<Job>) -> bool {
+        let budget = self.quota.batch_bytes;
+        let mut bytes: usize = batch.iter().map(|j| j.bytes).sum();
+        loop {
+            if batch.len() >= MAX_BATCH || (budget > 0 && bytes >= budget) {
+                return true;
+            }
             match self.jobs.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+                Ok(job) => {
+                    bytes += job.bytes;
+                    batch.push(job);
+                }
+                Err(_) => return false,
             }
         }
     }
@@ -215,13 +244,15 @@ impl Writer {
             refused.as_ref(),
             &mut results,
         ) {
-            Ok((revision, compacted)) => {
-                self.revision = revision;
-                self.compacted = compacted;
+            Ok(applied) => {
+                self.revision = applied.revision;
+                self.compacted = applied.compacted;
                 self.chain = chain;
                 if let (Some(j), Some(through)) = (&self.journal, through) {
                     j.retire(through);
                 }
+                let revision = applied.revision;
+                self.publish_space(applied);
                 // Publish before replying so that a client that hears "ok" and then
                 // watches sees a revision at least this new.
                 self.published.send_replace(revision);
@@ -309,6 +340,96 @@ impl Writer {
             .put_with_flags(wtxn, PutFlags::APPEND, &seq.to_be_bytes(), stored)
     }
 
+    /// After a commit: the new figures, the alarms, and the log lines of
+    /// those raised or cleared. Before the replies, so that a caller refused
+    /// for a quota finds the alarm raised when it looks.
+    fn publish_space(&mut self, applied: Applied) {
+        self.counters = applied.counters;
+        let map_used = (self.env.info().last_page_number as u64 + 1) * self.page_size;
+        let mut space = match self.space.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        let u = &mut space.usage;
+        u.data_bytes = applied.usage.data_bytes;
+        u.history_bytes = applied.usage.history_bytes;
+        u.audit_bytes = applied.usage.audit_bytes;
+        u.map_used_bytes = map_used;
+        u.audit_pruned += applied.pruned;
+        if space.counters != self.counters {
+            space.counters = self.counters.clone();
+        }
+        space.refresh(&applied.events);
+    }
+
+    /// Pages of the data databases (`kv`, `changes`, `meta`), in bytes.
+    fn data_bytes(&self, txn: &heed::RoTxn) -> Result<u64, heed::Error> {
+        Ok(quota::db_bytes(self.dbs.kv, txn)?
+            + quota::db_bytes(self.dbs.changes, txn)?
+            + quota::db_bytes(self.dbs.meta, txn)?)
+    }
+
+    /// May this mutation, already applied in its nested transaction, commit?
+    /// A write is refused when it would leave usage past a limit without
+    /// reducing it: so at the limit only writes that shrink usage pass, and
+    /// deletes (which never count as writes) always do. Returns the refused
+    /// quota's id with the error.
+    fn admit(
+        &self,
+        owner: Option<&Owner>,
+        deltas: &Deltas,
+        counters: &BTreeMap<String, RoleUsage>,
+        data: Option<(u64, u64)>,
+    ) -> Result<(), (String, StoreError)> {
+        if let Some(o) = owner {
+            let now = counters.get(&*o.role).copied().unwrap_or_default();
+            let (db, dk) = deltas.of(&o.role);
+            let mut next = now;
+            next.add(db, dk);
+            for (unit, bound, before, after, what) in [
+                (
+                    Unit::Bytes,
+                    &o.limits.max_bytes,
+                    now.bytes,
+                    next.bytes,
+                    "bytes",
+                ),
+                (Unit::Keys, &o.limits.max_keys, now.keys, next.keys, "keys"),
+            ] {
+                let Some(b) = bound else { continue };
+                if after > b.max && after >= before {
+                    return Err((
+                        quota::role_quota_id(&o.role, unit),
+                        StoreError::QuotaExceeded {
+                            what: format!("role {}'s {what}", o.role),
+                            quota: format!("{} ({})", quota::role_quota_id(&o.role, unit), b.rule),
+                            before,
+                            after,
+                            limit: b.max,
+                            unit: what,
+                        },
+                    ));
+                }
+            }
+        }
+        if let (Some(max), Some((before, after))) = (self.quota.max_store_bytes, data) {
+            if after > max && after >= before {
+                return Err((
+                    quota::STORE_QUOTA.into(),
+                    StoreError::QuotaExceeded {
+                        what: "store data (keys, values and watch history, in LMDB pages)".into(),
+                        quota: quota::STORE_QUOTA.into(),
+                        before,
+                        after,
+                        limit: max,
+                        unit: "bytes",
+                    },
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn apply_batch(
         &self,
         batch: &mut [Job],
@@ -317,7 +438,7 @@ impl Writer {
         flushing: bool,
         refused: Option<&StoreError>,
         results: &mut Vec<Result<Outcome, StoreError>>,
-    ) -> Result<(u64, u64), heed::Error> {
+    ) -> Result<Applied, heed::Error> {
         let mut wtxn = self.env.write_txn()?;
         let audited = self.journal.is_some();
         // One buffer for every record's stored form in this batch.
@@ -339,6 +460,10 @@ impl Writer {
                 .put(&mut wtxn, META_JOURNAL_SEALED_AT, &through.encode())?;
         }
         let mut revision = self.revision;
+        let mut counters = self.counters.clone();
+        let mut events = Events::default();
+        // Data pages as of the last mutation, when it was measured.
+        let mut data: Option<u64> = None;
         for job in batch.iter_mut() {
             let Work::Mutate(mutation) = &job.work else {
                 results.push(Ok(Outcome::Flushed));
@@ -350,14 +475,64 @@ impl Writer {
                     what: what.clone(),
                 })
             } else {
+                let writes = mutation.writes();
+                let before = match (self.quota.max_store_bytes, writes) {
+                    (Some(_), true) => Some(match data {
+                        Some(d) => d,
+                        None => self.data_bytes(&wtxn)?,
+                    }),
+                    _ => None,
+                };
+                let owner = job.owner.as_ref();
+                let mut deltas = Deltas::default();
                 let mut child = self.env.nested_write_txn(&mut wtxn)?;
-                match apply(&mut child, self.dbs, mutation, revision) {
+                match apply(
+                    &mut child,
+                    self.dbs,
+                    mutation,
+                    revision,
+                    owner.map(|o| &o.role),
+                    &mut deltas,
+                ) {
                     Ok((outcome, changed)) => {
-                        child.commit()?;
-                        if changed {
-                            revision += 1;
+                        let measured = match before {
+                            Some(b) => Some((b, self.data_bytes(&child)?)),
+                            None => None,
+                        };
+                        let admitted = if writes {
+                            self.admit(owner, &deltas, &counters, measured)
+                        } else {
+                            Ok(())
+                        };
+                        match admitted {
+                            Ok(()) => {
+                                child.commit()?;
+                                deltas.apply(&mut counters);
+                                data = measured.map(|(_, after)| after);
+                                if writes {
+                                    if self.quota.max_store_bytes.is_some() {
+                                        events.push(quota::STORE_QUOTA.into(), Event::Admitted);
+                                    }
+                                    if let Some(o) = owner {
+                                        for unit in [Unit::Bytes, Unit::Keys] {
+                                            events.push(
+                                                quota::role_quota_id(&o.role, unit),
+                                                Event::Admitted,
+                                            );
+                                        }
+                                    }
+                                }
+                                if changed {
+                                    revision += 1;
+                                }
+                                Ok(outcome)
+                            }
+                            Err((quota, e)) => {
+                                child.abort();
+                                events.push(quota, Event::Refused);
+                                Err(e)
+                            }
                         }
-                        Ok(outcome)
                     }
                     Err(e) => {
                         child.abort();
@@ -377,9 +552,20 @@ impl Writer {
             }
             results.push(result);
         }
-        if flushing {
-            self.prune(&mut wtxn, chain, &mut stored)?;
+        // The counters change with the data, in the same transaction.
+        for (role, u) in &counters {
+            if self.counters.get(role) == Some(u) {
+                continue;
+            }
+            let mut k = quota::META_USAGE.to_vec();
+            k.extend_from_slice(role.as_bytes());
+            if *u == RoleUsage::default() {
+                self.dbs.meta.delete(&mut wtxn, &k)?;
+            } else {
+                self.dbs.meta.put(&mut wtxn, &k, &u.encode())?;
+            }
         }
+        counters.retain(|_, u| *u != RoleUsage::default());
         let mut compacted = self.compacted;
         if revision != self.revision {
             self.dbs
@@ -398,27 +584,98 @@ impl Writer {
                     .put(&mut wtxn, META_COMPACTED, &compacted.to_be_bytes())?;
             }
         }
+        compacted = self.compact_history_by_size(&mut wtxn, revision, compacted)?;
+        let mut pruned = 0;
+        if audited {
+            let audit_bytes = quota::db_bytes(self.dbs.audit, &wtxn)?;
+            let over = self
+                .audit
+                .as_ref()
+                .and_then(|a| a.max_bytes)
+                .is_some_and(|max| audit_bytes > max);
+            if flushing || over {
+                pruned = self.prune(&mut wtxn, chain, &mut stored, audit_bytes)?;
+            }
+        }
+        let mut usage = super::Usage::default();
+        super::measure(&wtxn, self.dbs, &mut usage)?;
         wtxn.commit()?;
-        Ok((revision, compacted))
+        Ok(Applied {
+            revision,
+            compacted,
+            counters,
+            events,
+            pruned,
+            usage,
+        })
     }
 
-    /// Retention: drops the oldest records past `max_records` or `max_age`,
-    /// then seals a checkpoint naming the last dropped record's seq and hash, so
-    /// the chain that remains still verifies.
+    /// The watch history by size: past `history_bytes`, the oldest revisions
+    /// go (down to 90% of it; never the newest), as compaction by count
+    /// does. A watcher behind them gets `compacted` and re-reads.
+    fn compact_history_by_size(
+        &self,
+        wtxn: &mut RwTxn,
+        revision: u64,
+        compacted: u64,
+    ) -> Result<u64, heed::Error> {
+        let Some(max) = self.quota.history_bytes else {
+            return Ok(compacted);
+        };
+        let used = quota::db_bytes(self.dbs.changes, wtxn)?;
+        if used <= max {
+            return Ok(compacted);
+        }
+        let target = max - max / 10;
+        let mut freed = 0u64;
+        let mut cut = None;
+        for item in self.dbs.changes.iter(wtxn)?.take(MAX_PRUNE_SCAN) {
+            let (k, raw) = item?;
+            let Ok(rev) = decode_u64(k) else { break };
+            if rev >= revision {
+                break;
+            }
+            freed += quota::entry_cost(raw.len(), self.page_size);
+            cut = Some(rev);
+            if used.saturating_sub(freed) <= target {
+                break;
+            }
+        }
+        let Some(cut) = cut else {
+            return Ok(compacted);
+        };
+        let upto = cut.to_be_bytes();
+        let range = (
+            std::ops::Bound::Unbounded,
+            std::ops::Bound::Included(&upto[..]),
+        );
+        self.dbs.changes.delete_range(wtxn, &range)?;
+        let compacted = compacted.max(cut);
+        self.dbs
+            .meta
+            .put(wtxn, META_COMPACTED, &compacted.to_be_bytes())?;
+        Ok(compacted)
+    }
+
+    /// Retention: drops the oldest records past `max_records`, `max_age` or
+    /// `max_bytes` (then down to 90% of it), and seals a checkpoint naming
+    /// the last dropped record's seq and hash, so the chain that remains
+    /// still verifies. Returns how many records it dropped.
     fn prune(
         &self,
         wtxn: &mut RwTxn,
         chain: &mut Chain,
         stored: &mut Vec<u8>,
-    ) -> Result<(), heed::Error> {
+        audit_bytes: u64,
+    ) -> Result<u64, heed::Error> {
         let Some(opts) = &self.audit else {
-            return Ok(());
+            return Ok(0);
         };
         let Some((first, _)) = self.dbs.audit.first(wtxn)? else {
-            return Ok(());
+            return Ok(0);
         };
         let Ok(first) = decode_u64(first) else {
-            return Ok(());
+            return Ok(0);
         };
         let mut cut = 0u64;
         if let Some(max) = opts.max_records {
@@ -442,13 +699,27 @@ impl Writer {
                 cut = cut.max(decode_u64(k).unwrap_or(0));
             }
         }
+        if let Some(max) = opts.max_bytes.filter(|m| audit_bytes > *m) {
+            // Down to 90%, so that pruning (and its checkpoint record) comes
+            // once per tenth of the bound rather than at every commit.
+            let target = max - max / 10;
+            let mut freed = 0u64;
+            for item in self.dbs.audit.iter(wtxn)?.take(MAX_PRUNE_SCAN) {
+                let (k, raw) = item?;
+                freed += quota::entry_cost(raw.len(), self.page_size);
+                cut = cut.max(decode_u64(k).unwrap_or(0));
+                if audit_bytes.saturating_sub(freed) <= target {
+                    break;
+                }
+            }
+        }
         // Never prune the newest record: the checkpoint must follow something.
         let cut = cut.min(chain.seq.saturating_sub(1));
         if cut < first {
-            return Ok(());
+            return Ok(0);
         }
         let Some(last_raw) = self.dbs.audit.get(wtxn, &cut.to_be_bytes())? else {
-            return Ok(());
+            return Ok(0);
         };
         let last_hash = serde_json::from_slice::<Record>(last_raw)
             .map(|r| r.hash)
@@ -467,9 +738,11 @@ impl Writer {
             "pruned_records": pruned,
             "max_records": opts.max_records,
             "max_age_s": opts.max_age.map(|a| a.as_secs()),
+            "max_bytes": opts.max_bytes,
         }));
         checkpoint.ok();
-        self.seal_record(wtxn, chain, &checkpoint, stored)
+        self.seal_record(wtxn, chain, &checkpoint, stored)?;
+        Ok(pruned as u64)
     }
 }
 
@@ -490,8 +763,37 @@ fn expect_revision(key: &Key, expected: Option<u64>, actual: u64) -> Result<(), 
     }
 }
 
-fn current_revision(txn: &RwTxn, kv: Database<Bytes, Bytes>, key: &Key) -> Result<u64, StoreError> {
-    Ok(get_entry(txn, kv, key.as_bytes())?.map_or(0, |e| e.revision))
+/// What a key holds before a put or delete: its revisions, and who owns how
+/// many of its bytes.
+struct Previous {
+    revision: u64,
+    create_revision: u64,
+    owner: Option<(Arc<str>, i64)>,
+}
+
+fn previous(txn: &RwTxn, ctx: &Ctx<'_>, key: &Key) -> Result<Option<Previous>, StoreError> {
+    let Some(raw) = ctx
+        .dbs
+        .kv
+        .get(txn, key.as_bytes())
+        .map_err(|source| StoreError::Read { source })?
+    else {
+        return Ok(None);
+    };
+    let s = parse_record(key.as_str(), raw)?;
+    let owner = s.owner.map(|o| {
+        // The common case (a role rewriting its own key) shares the Arc.
+        let role = match ctx.owner {
+            Some(me) if &**me == o => me.clone(),
+            _ => Arc::from(o),
+        };
+        (role, quota::entry_size(key.as_bytes(), s.json))
+    });
+    Ok(Some(Previous {
+        revision: s.revision,
+        create_revision: s.create_revision,
+        owner,
+    }))
 }
 
 struct Ctx<'a> {
@@ -499,6 +801,9 @@ struct Ctx<'a> {
     /// The revision this mutation commits at, if it changes anything.
     next: u64,
     events: &'a mut Changes,
+    /// The role it writes for: it owns what it puts.
+    owner: Option<&'a Arc<str>>,
+    deltas: &'a mut Deltas,
 }
 
 /// The `changes` record of one revision, written as it happens: the JSON
@@ -549,13 +854,27 @@ fn put(txn: &mut RwTxn, ctx: &mut Ctx<'_>, op: &Put) -> Result<PutOutcome, Store
         if_revision,
     } = op;
     let if_revision = *if_revision;
-    let existing = get_entry(txn, ctx.dbs.kv, key.as_bytes())?;
+    let existing = previous(txn, ctx, key)?;
     let previous = existing.as_ref().map(|e| e.revision);
     expect_revision(key, if_revision, previous.unwrap_or(0))?;
-    let create_revision = existing.map_or(ctx.next, |e| e.create_revision);
-    let mut record = Vec::with_capacity(16 + value.len());
+    let create_revision = existing.as_ref().map_or(ctx.next, |e| e.create_revision);
+    if let Some((role, size)) = existing.and_then(|e| e.owner) {
+        ctx.deltas.add(&role, -size, -1);
+    }
+    // Role names are letters, digits, '-' and '_' (the policy checks), so the
+    // tag's closing NUL cannot occur inside one; anything else stays unowned.
+    let owner = ctx.owner.filter(|o| !o.as_bytes().contains(&OWNER_TAG));
+    let tag = owner.map_or(0, |o| o.len() + 2);
+    let mut record = Vec::with_capacity(16 + tag + value.len());
     record.extend_from_slice(&create_revision.to_be_bytes());
     record.extend_from_slice(&ctx.next.to_be_bytes());
+    if let Some(o) = owner {
+        record.push(OWNER_TAG);
+        record.extend_from_slice(o.as_bytes());
+        record.push(OWNER_TAG);
+        ctx.deltas
+            .add(o, quota::entry_size(key.as_bytes(), value.json()), 1);
+    }
     record.extend_from_slice(value.json());
     ctx.dbs
         .kv
@@ -573,14 +892,18 @@ fn put(txn: &mut RwTxn, ctx: &mut Ctx<'_>, op: &Put) -> Result<PutOutcome, Store
 fn delete(txn: &mut RwTxn, ctx: &mut Ctx<'_>, op: &Delete) -> Result<DeleteOutcome, StoreError> {
     let Delete { key, if_revision } = op;
     let if_revision = *if_revision;
-    let actual = current_revision(txn, ctx.dbs.kv, key)?;
+    let existing = previous(txn, ctx, key)?;
+    let actual = existing.as_ref().map_or(0, |e| e.revision);
     expect_revision(key, if_revision, actual)?;
-    if actual == 0 {
+    let Some(existing) = existing else {
         return Ok(DeleteOutcome {
             key: key.to_string(),
             deleted: false,
             revision: ctx.next - 1,
         });
+    };
+    if let Some((role, size)) = existing.owner {
+        ctx.deltas.add(&role, -size, -1);
     }
     ctx.dbs.kv.delete(txn, key.as_bytes()).map_err(write_err)?;
     ctx.events.delete(ctx.next, key);
@@ -627,12 +950,16 @@ fn apply(
     dbs: Dbs,
     mutation: &Mutation,
     current: u64,
+    owner: Option<&Arc<str>>,
+    deltas: &mut Deltas,
 ) -> Result<(Outcome, bool), StoreError> {
     let mut events = Changes::default();
     let mut ctx = Ctx {
         dbs,
         next: current + 1,
         events: &mut events,
+        owner,
+        deltas,
     };
     let outcome = match mutation {
         Mutation::Put(p) => Outcome::Put(put(txn, &mut ctx, p)?),
