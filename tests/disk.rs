@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Client, Gateway, BIN, CODER};
+use common::{Client, Gateway, CODER};
 use serde_json::{json, Value};
 
 /// The tmpfs under the store: small enough to fill in a moment.
@@ -111,39 +111,6 @@ fn assert_no_space(r: &Value, path: &Path) {
     );
 }
 
-fn cli(g: &Gateway, args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
-        .arg("--config")
-        .arg(&g.config)
-        .output()
-        .unwrap()
-}
-
-fn export(g: &Gateway) -> Vec<Value> {
-    let out = cli(g, &["audit", "export"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn assert_verifies(g: &Gateway) {
-    let out = cli(g, &["audit", "verify"]);
-    assert!(
-        out.status.success(),
-        "audit verify: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Restarts on a disk with space, checks every acknowledged write is there,
 /// stops, and checks the served reads are in a chain that verifies.
 fn check_after(s: &mut SmallDisk, acknowledged: &[(String, Value)], reads_served: usize) {
@@ -158,7 +125,7 @@ fn check_after(s: &mut SmallDisk, acknowledged: &[(String, Value)], reads_served
     }
     drop(c);
     assert!(s.g.stop().success());
-    let records = export(&s.g);
+    let records = s.g.audit_export();
     let reads = records
         .iter()
         .filter(|r| r["tool"] == "kv_get" && r["outcome"]["status"] == "ok")
@@ -168,7 +135,7 @@ fn check_after(s: &mut SmallDisk, acknowledged: &[(String, Value)], reads_served
         "{reads} kv_get records for {reads_served} reads served and {} checked",
         acknowledged.len()
     );
-    assert_verifies(&s.g);
+    s.g.assert_audit_verifies();
 }
 
 #[test]
@@ -361,10 +328,11 @@ fn past_the_reserve_a_restart_fails_with_no_space_and_starts_once_space_is_freed
     assert_eq!(c.ok("kv_get", json!({"key": "/k"}))["value"], 1);
     drop(c);
     assert!(s.g.stop().success());
-    let reads = export(&s.g)
-        .iter()
-        .filter(|r| r["tool"] == "kv_get" && r["outcome"]["status"] == "ok")
-        .count();
+    let reads =
+        s.g.audit_export()
+            .iter()
+            .filter(|r| r["tool"] == "kv_get" && r["outcome"]["status"] == "ok")
+            .count();
     assert!(reads > served, "{reads} records for {served} reads served");
-    assert_verifies(&s.g);
+    s.g.assert_audit_verifies();
 }

@@ -9,12 +9,11 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::io::{ErrorKind, Write};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Client, Gateway, BIN};
+use common::{Client, Gateway};
 use serde_json::{json, Value};
 
 const AGENTS: &str = "[agents.flood]\nrole = \"flood\"\n[agents.other]\nrole = \"coder\"\n";
@@ -49,24 +48,6 @@ fn put_line(id: u64) -> Vec<u8> {
     let mut line = m.to_string().into_bytes();
     line.push(b'\n');
     line
-}
-
-fn export(g: &Gateway) -> Vec<Value> {
-    let out = Command::new(BIN)
-        .args(["audit", "export", "--config"])
-        .arg(&g.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 /// Bytes of the audit log as exported (canonical JSON, one line each).
@@ -196,7 +177,7 @@ fn refusal_floods_are_counted_in_full_and_bounded_in_size() {
         &format!("{AGENTS}\n[audit]\nsummary_interval = \"1s\"\n"),
         POLICY,
     );
-    let before = export(&g);
+    let before = g.audit_export();
     let mut flood = Client::connect(&g.socket("flood"));
     let mut other = Client::connect(&g.socket("other"));
     let mut refused = 0u64;
@@ -223,7 +204,7 @@ fn refusal_floods_are_counted_in_full_and_bounded_in_size() {
     other.ok("kv_put", json!({"key": "/o", "value": 1}));
     flood.ok("kv_put", json!({"key": "/flood/ok", "value": 1}));
     g.stop();
-    let after = export(&g);
+    let after = g.audit_export();
     let new = &after[before.len()..];
     let grew = audit_bytes(new);
     let largest = new.iter().map(|r| r.to_string().len()).max().unwrap();
@@ -270,16 +251,7 @@ fn refusal_floods_are_counted_in_full_and_bounded_in_size() {
     assert!(new
         .iter()
         .any(|r| r["agent"] == "flood" && r["keys"] == json!(["/flood/ok"])));
-    let out = Command::new(BIN)
-        .args(["audit", "verify", "--config"])
-        .arg(&g.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    g.assert_audit_verifies();
 }
 
 #[test]
@@ -366,7 +338,7 @@ fn a_flood_of_refused_connections_is_summarised_in_the_audit_and_the_log() {
     let mut other = Client::connect(&g.socket("other"));
     other.ok("kv_put", json!({"key": "/o", "value": 1}));
     g.stop();
-    let records = export(&g);
+    let records = g.audit_export();
     let one_by_one = records
         .iter()
         .filter(|r| r["event"] == "connection_refused" && r["agent"] == "flood")

@@ -7,10 +7,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Client, Gateway, BIN};
+use common::{Client, Gateway};
 use serde_json::{json, Value};
 
 /// A gateway on a config of our own (`[gateway]` body after the paths, then
@@ -292,17 +291,7 @@ fn a_flood_of_audited_calls_keeps_the_audit_under_its_bound_and_data_writes_work
     drop(c);
     assert!(g.stop().success());
     // What remains verifies from its checkpoint.
-    let out = Command::new(BIN)
-        .args(["audit", "verify", "--config"])
-        .arg(&g.config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    g.assert_audit_verifies();
 }
 
 #[test]
