@@ -866,23 +866,32 @@ mod tests {
 
     #[test]
     fn watchdog_bounds_are_validated() {
-        let base = "[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"p\"\nmap_size = \"64MiB\"\n";
+        let base =
+            "[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"p\"\nmap_size = \"64MiB\"\n";
         let path = Path::new("/etc/cordon/c.toml");
         let c = Config::parse(base, path).unwrap();
         assert_eq!(
-            (c.gateway.watchdog_interval_ms, c.gateway.watchdog_timeout_ms),
+            (
+                c.gateway.watchdog_interval_ms,
+                c.gateway.watchdog_timeout_ms
+            ),
             (1000, 5000)
         );
         let e = Config::parse(&format!("{base}watchdog_interval_ms = 0\n"), path).unwrap_err();
-        assert!(e.to_string().contains("watchdog_interval_ms must be at least 1"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("watchdog_interval_ms must be at least 1"),
+            "{e}"
+        );
         let e = Config::parse(
             &format!("{base}watchdog_interval_ms = 2000\nwatchdog_timeout_ms = 1999\n"),
             path,
         )
         .unwrap_err();
         assert!(
-            e.to_string()
-                .contains("watchdog_timeout_ms (1999) must be at least gateway.watchdog_interval_ms (2000)"),
+            e.to_string().contains(
+                "watchdog_timeout_ms (1999) must be at least gateway.watchdog_interval_ms (2000)"
+            ),
             "{e}"
         );
         // Controls: equal bounds, and 0 (disabled) with any interval.

@@ -439,14 +439,14 @@ fn run_status(path: PathBuf, json: bool) -> anyhow::Result<()> {
         serde_json::json!({"error": "the gateway is not answering (see gateway state)"})
     } else {
         match cordon::gateway::admin::request_blocking(
-        &config.admin_socket(),
-        &serde_json::json!({"op": "status"}),
-        std::time::Duration::from_secs(2),
-    ) {
-        Ok(s) if s["ok"] == true => s["store"].clone(),
-        Ok(s) => serde_json::json!({"error": s["error"]}),
-        Err(e) => serde_json::json!({"error": e.to_string()}),
-    }
+            &config.admin_socket(),
+            &serde_json::json!({"op": "status"}),
+            std::time::Duration::from_secs(2),
+        ) {
+            Ok(s) if s["ok"] == true => s["store"].clone(),
+            Ok(s) => serde_json::json!({"error": s["error"]}),
+            Err(e) => serde_json::json!({"error": e.to_string()}),
+        }
     };
     if json {
         println!("{answer}");

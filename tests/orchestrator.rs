@@ -1341,7 +1341,9 @@ fn a_frozen_gateway_is_killed_by_the_watchdog_and_restarted() {
     // Past the bound: SIGKILLed (a stopped process dies too), reaped, and a
     // new gateway serves.
     let s = d.until("a new gateway", |s| {
-        s["gateway"]["state"] == "running" && s["gateway"]["pid"].is_i64() && s["gateway"]["pid"] != old
+        s["gateway"]["state"] == "running"
+            && s["gateway"]["pid"].is_i64()
+            && s["gateway"]["pid"] != old
     });
     eprintln!(
         "FIGURES watchdog: SIGSTOP to a new gateway serving {:?} (bound 4 s, interval 200 ms, backoff 500 ms)",
@@ -1349,7 +1351,10 @@ fn a_frozen_gateway_is_killed_by_the_watchdog_and_restarted() {
     );
     assert_eq!(s["gateway"]["watchdog"]["restarts"], 1, "{s}");
     assert_eq!(s["gateway"]["restarts"], 1, "{s}");
-    assert!(gone(old), "the old gateway {old} is still there (or a zombie)");
+    assert!(
+        gone(old),
+        "the old gateway {old} is still there (or a zombie)"
+    );
     let err = std::fs::read_to_string(d.dir.join("up.err")).unwrap();
     assert!(
         err.contains("gateway has not answered its watchdog for"),
@@ -1418,7 +1423,9 @@ fn a_gateway_that_exits_is_restarted_with_its_exit_in_the_next_start_record() {
     let old = s["gateway"]["pid"].as_i64().unwrap();
     kill_process(Pid::from_raw(old as i32).unwrap(), Signal::KILL).unwrap();
     let s = d.until("a new gateway", |s| {
-        s["gateway"]["state"] == "running" && s["gateway"]["pid"].is_i64() && s["gateway"]["pid"] != old
+        s["gateway"]["state"] == "running"
+            && s["gateway"]["pid"].is_i64()
+            && s["gateway"]["pid"] != old
     });
     assert_eq!(s["gateway"]["restarts"], 1, "{s}");
     assert_eq!(s["gateway"]["watchdog"]["restarts"], 0, "{s}");

@@ -101,7 +101,10 @@ pub async fn run(config: Config) -> Result<(), GatewayError> {
 pub enum Restart {
     /// The watchdog killed the previous gateway: no answer to its pings for
     /// `unanswered_ms`.
-    Watchdog { previous_pid: i32, unanswered_ms: u64 },
+    Watchdog {
+        previous_pid: i32,
+        unanswered_ms: u64,
+    },
     /// The previous gateway exited (or could not be started) by itself.
     Exited {
         previous_pid: Option<i32>,
@@ -116,11 +119,15 @@ impl Restart {
             Restart::Watchdog {
                 previous_pid,
                 unanswered_ms,
-            } => serde_json::json!({"reason": "watchdog", "previous_pid": previous_pid, "unanswered_ms": unanswered_ms}),
+            } => {
+                serde_json::json!({"reason": "watchdog", "previous_pid": previous_pid, "unanswered_ms": unanswered_ms})
+            }
             Restart::Exited {
                 previous_pid,
                 status,
-            } => serde_json::json!({"reason": "exited", "previous_pid": previous_pid, "status": status}),
+            } => {
+                serde_json::json!({"reason": "exited", "previous_pid": previous_pid, "status": status})
+            }
         }
     }
 }

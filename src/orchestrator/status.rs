@@ -198,7 +198,9 @@ mod tests {
             "unanswered_s": 3.2, "restarts": 2, "watchdog": {"restarts": 1}}});
         let t = table(&s);
         assert!(
-            t.contains("gateway: pid 7, unresponsive (no answer for 3.2s), restarts 2 (1 by the watchdog)"),
+            t.contains(
+                "gateway: pid 7, unresponsive (no answer for 3.2s), restarts 2 (1 by the watchdog)"
+            ),
             "{t}"
         );
         assert_eq!(human_bytes(512), "512B");
