@@ -41,6 +41,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::id::{self, Id};
 use super::session::Session;
 use super::transport::{self, Incoming, Writer};
 use super::HANDSHAKE_TIMEOUT;
@@ -71,6 +72,11 @@ const MAX_BATCH: usize = 64;
 /// When the session is closed under them, how long ended calls get to send
 /// their replies (shutdown gives sessions 3 s in all).
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(1);
+/// A closing session answers what its peer sends until the peer has been
+/// quiet this long (the peer is expected to stop on the first -32013)...
+const DRAIN_QUIET: Duration = Duration::from_millis(250);
+/// ...or this long at most (shutdown gives sessions 3 s in all).
+const DRAIN_MAX: Duration = Duration::from_millis(1500);
 
 const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
 const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
@@ -85,9 +91,10 @@ const MAX_SUBSCRIPTIONS: usize = 8;
 struct Envelope<'a> {
     #[serde(borrow, default)]
     jsonrpc: Option<Cow<'a, str>>,
-    /// `Some(Null)` is an explicit `"id": null` (invalid for a request).
-    #[serde(default, deserialize_with = "present")]
-    id: Option<Value>,
+    /// `Some("null")` is an explicit `"id": null` (invalid for a request).
+    /// Raw: an id is echoed exactly, whatever its size (see `id`).
+    #[serde(borrow, default, deserialize_with = "id::present_raw")]
+    id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     method: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
@@ -98,14 +105,10 @@ struct Envelope<'a> {
     error: Option<&'a RawValue>,
 }
 
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(d).map(Some)
-}
-
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct CancelledParams {
-    request_id: Value,
+    request_id: Id,
 }
 
 /// Under which protocol one request is answered.
@@ -130,9 +133,8 @@ enum Reply {
     Task(BoxFuture<'static, Option<Vec<u8>>>, usize),
 }
 
-/// Calls in flight that a `notifications/cancelled` may end, by request id
-/// (its JSON text).
-type Pending = Arc<Mutex<HashMap<String, Cancel>>>;
+/// Calls in flight that a `notifications/cancelled` may end, by request id.
+type Pending = Arc<Mutex<HashMap<Id, Cancel>>>;
 
 /// Ends a waiting call. `by_client` tells a client's cancellation (no reply,
 /// as the spec says) from the session closing (the reply is still sent).
@@ -157,7 +159,7 @@ struct Conn {
     advertised: Vec<&'static str>,
     /// Open 2026-07-28 `subscriptions/listen` requests that accepted
     /// `toolsListChanged`, by request id.
-    subscriptions: Vec<Value>,
+    subscriptions: Vec<Id>,
     /// The messages being handled are the items of a batch (2025-03-26).
     in_batch: bool,
 }
@@ -193,14 +195,31 @@ pub async fn serve(session: Session, stream: UnixStream, token: CancellationToke
     loop {
         // Every wait of one step (for a line, a token of the agent's rate, a
         // reply slot, a peer that does not read) ends when the session does.
-        let step = tokio::select! {
-            biased;
-            _ = token.cancelled() => break,
-            _ = &mut handshake, if !established => {
-                tracing::info!(agent = %agent, conn = conn_id, "session closed: no initialize or 2026-07-28 request within {HANDSHAKE_TIMEOUT:?}");
-                break;
+        let step = {
+            let step = conn.step(
+                &mut reader,
+                &mut policy_changes,
+                &mut watching_policy,
+                &slots,
+                &calls,
+                &token,
+            );
+            tokio::pin!(step);
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => {
+                    // A message already read is still answered (a step waiting
+                    // for the next line ends at once); one stuck on a peer that
+                    // does not read gets a bound.
+                    let _ = tokio::time::timeout(FLUSH_TIMEOUT, &mut step).await;
+                    break;
+                }
+                _ = &mut handshake, if !established => {
+                    tracing::info!(agent = %agent, conn = conn_id, "session closed: no initialize or 2026-07-28 request within {HANDSHAKE_TIMEOUT:?}");
+                    break;
+                }
+                s = &mut step => s,
             }
-            s = conn.step(&mut reader, &mut policy_changes, &mut watching_policy, &slots, &calls) => s,
         };
         if !step {
             break;
@@ -208,14 +227,24 @@ pub async fn serve(session: Session, stream: UnixStream, token: CancellationToke
         established |= conn.legacy.is_some() || conn.stateless;
     }
     // The session is being closed (the agent stopped, shutdown): end what
-    // waits. On a plain end of stream, calls in flight still answer (a
-    // client may half-close and wait for its replies).
-    if token.is_cancelled() {
+    // waits, and answer what the peer already sent. On a plain end of
+    // stream, calls in flight still answer (a client may half-close and
+    // wait for its replies) unless the peer closed entirely.
+    let closing = token.is_cancelled();
+    if closing {
         conn.cancel_all();
+        conn.drain(&mut reader).await;
     }
     calls.close();
     tokio::select! {
         _ = calls.wait() => {}
+        _ = reader.hung_up(), if !closing => {
+            // Nobody to answer: waiting calls (watches) end now, and with
+            // them the connection's slot. Writes still commit and finish.
+            tracing::debug!(agent = %agent, conn = conn_id, "peer closed the connection: ending its waiting calls");
+            conn.cancel_all();
+            let _ = tokio::time::timeout(FLUSH_TIMEOUT, calls.wait()).await;
+        }
         _ = token.cancelled() => {
             // Waiting calls end at once; their replies still go out.
             conn.cancel_all();
@@ -249,9 +278,13 @@ impl Conn {
         watching_policy: &mut bool,
         slots: &Arc<Semaphore>,
         calls: &TaskTracker,
+        token: &CancellationToken,
     ) -> bool {
         let writer = self.writer.clone();
         let incoming = tokio::select! {
+            biased;
+            // Nothing new is taken once the session closes (`drain` answers it).
+            _ = token.cancelled() => return false,
             changed = policy_changes.changed(), if *watching_policy => {
                 match changed {
                     Ok(()) => self.policy_changed().await,
@@ -308,6 +341,52 @@ impl Conn {
         true
     }
 
+    /// The session is closing: every request the peer already sent (or
+    /// sends while it is told) gets the retryable -32013, until it has been
+    /// quiet for `DRAIN_QUIET`, ends its stream, or `DRAIN_MAX` is up. A
+    /// client that stops sending when it sees the error therefore has every
+    /// request answered; nothing is run.
+    async fn drain(&mut self, reader: &mut transport::LineReader) {
+        let message = if self.session.shared.shutdown.is_cancelled() {
+            "gateway is shutting down: retry when it is back"
+        } else {
+            "session closed: the agent's run ended"
+        };
+        let _ = tokio::time::timeout(DRAIN_MAX, async {
+            loop {
+                let line = match tokio::time::timeout(DRAIN_QUIET, reader.next()).await {
+                    Err(_) | Ok(None) => return,
+                    Ok(Some(Incoming::Oversized)) => None,
+                    Ok(Some(Incoming::Line(line))) => Some(line),
+                };
+                let e = ErrorData::new(super::codes::SHUTTING_DOWN, message, None);
+                let reply = match line.as_deref().map(serde_json::from_slice::<Envelope>) {
+                    Some(Ok(env)) => match (env.id.map(Id::parse), env.method.as_deref()) {
+                        // A notification, or a response: nothing to answer.
+                        (None, Some("tools/call")) => {
+                            self.session
+                                .refused_call(tool_name(env.params).as_deref(), e);
+                            None
+                        }
+                        (None, _) | (_, None) => None,
+                        (Some(id), method) => {
+                            Some(self.invalid(id.as_ref(), method, env.params, e))
+                        }
+                    },
+                    // A batch, a line that does not parse, an oversized one.
+                    Some(Err(_)) | None => {
+                        let id = line.as_deref().and_then(id::scan);
+                        Some(error_line(id.as_ref(), e.code, &e.message, None))
+                    }
+                };
+                if let Some(reply) = reply {
+                    self.write(reply).await;
+                }
+            }
+        })
+        .await;
+    }
+
     /// Every message takes a token of the agent's message rate; past it, the
     /// reader waits before handling it (and reads nothing meanwhile).
     async fn throttle(&self) {
@@ -335,9 +414,11 @@ impl Conn {
                 self.write(line.to_vec()).await;
             }
             for id in &self.subscriptions {
-                let note = json!({"jsonrpc": "2.0", "method": "notifications/tools/list_changed",
-                    "params": {"_meta": {META_SUBSCRIPTION: id}}});
-                write(&self.writer, to_vec(&note)).await;
+                let note = format!(
+                    r#"{{"jsonrpc":"2.0","method":"notifications/tools/list_changed","params":{{"_meta":{}}}}}"#,
+                    subscription_meta(id)
+                );
+                write(&self.writer, note.into_bytes()).await;
             }
         }
     }
@@ -346,44 +427,86 @@ impl Conn {
     fn one(&mut self, line: &[u8]) -> Reply {
         match serde_json::from_slice::<Envelope>(line) {
             Ok(env) => self.handle(env),
-            Err(e) => Reply::Now(unparsed(line, &e)),
+            Err(e) => Reply::Now(self.unparsed(line, &e)),
         }
+    }
+
+    /// The error for a message refused before its method ran; a `tools/call`
+    /// among them is recorded like any refused call (SECURITY.md: every
+    /// tools/call has a record, within the agent's refusal budget).
+    fn invalid(
+        &self,
+        id: Option<&Id>,
+        method: Option<&str>,
+        params: Option<&RawValue>,
+        e: ErrorData,
+    ) -> Vec<u8> {
+        let e = if method == Some("tools/call") {
+            self.session.refused_call(tool_name(params).as_deref(), e)
+        } else {
+            e
+        };
+        error_line(id, e.code, &e.message, e.data.as_ref())
+    }
+
+    /// The reply to a line that is not a JSON-RPC message: a parse error, or
+    /// an invalid request, answered with its id whenever the id can be read
+    /// (`id::scan` reads it past a syntax error or nesting too deep). A line
+    /// that names `tools/call` is recorded as a refused call: it cannot be
+    /// parsed to tell, and a record too many is the safe side.
+    fn unparsed(&self, line: &[u8], e: &serde_json::Error) -> Vec<u8> {
+        let id = id::scan(line);
+        let e = if e.is_syntax() || e.is_eof() {
+            ErrorData::new(ErrorCode::PARSE_ERROR, format!("Parse error: {e}"), None)
+        } else {
+            ErrorData::new(
+                ErrorCode::INVALID_REQUEST,
+                format!("Invalid Request: {e}"),
+                None,
+            )
+        };
+        let e = if names_call(line) {
+            self.session.refused_call(None, e)
+        } else {
+            e
+        };
+        error_line(id.as_ref(), e.code, &e.message, e.data.as_ref())
+    }
+
+    /// A batch refused whole: each `tools/call` in it gets its record.
+    fn refuse_batch(&self, items: &[&RawValue], e: ErrorData) -> Reply {
+        for item in items {
+            if let Ok(env) = serde_json::from_str::<Envelope>(item.get()) {
+                if env.method.as_deref() == Some("tools/call") {
+                    self.session
+                        .refused_call(tool_name(env.params).as_deref(), e.clone());
+                }
+            }
+        }
+        Reply::Now(error_line(None, e.code, &e.message, e.data.as_ref()))
     }
 
     /// A JSON-RPC batch: served only under 2025-03-26, answered as one array.
     fn batch(&mut self, line: &[u8]) -> Reply {
         let items = match serde_json::from_slice::<Vec<&RawValue>>(line) {
             Ok(items) => items,
-            Err(e) if e.is_syntax() || e.is_eof() => {
-                return Reply::Now(error_line(
-                    None,
-                    ErrorCode::PARSE_ERROR,
-                    &format!("Parse error: {e}"),
-                    None,
-                ))
-            }
-            Err(e) => {
-                return Reply::Now(error_line(
-                    None,
-                    ErrorCode::INVALID_REQUEST,
-                    &format!("Invalid Request: {e}"),
-                    None,
-                ))
-            }
+            Err(e) => return Reply::Now(self.unparsed(line, &e)),
         };
         if self.legacy != Some(BATCHES) {
             let message = format!(
                 "Invalid Request: JSON-RPC batches are accepted only in protocol {BATCHES} (this session: {})",
                 self.legacy.unwrap_or("not initialized")
             );
-            return Reply::Now(error_line(None, ErrorCode::INVALID_REQUEST, &message, None));
+            let e = ErrorData::new(ErrorCode::INVALID_REQUEST, message, None);
+            return self.refuse_batch(&items, e);
         }
         if items.is_empty() || items.len() > MAX_BATCH {
             let message = format!(
                 "Invalid Request: a batch holds 1 to {MAX_BATCH} messages, not {}",
                 items.len()
             );
-            return Reply::Now(error_line(None, ErrorCode::INVALID_REQUEST, &message, None));
+            let e = ErrorData::new(ErrorCode::INVALID_REQUEST, message, None);
+            return self.refuse_batch(&items, e);
         }
         let mut now = Vec::new();
         let mut later = Vec::new();
@@ -437,22 +560,26 @@ impl Conn {
     }
 
     fn handle(&mut self, env: Envelope<'_>) -> Reply {
-        let id = match &env.id {
+        let id = match env.id {
             None => None,
-            Some(id) if transport::is_id(id) => Some(id.clone()),
-            Some(other) => {
-                let message =
-                    format!("Invalid Request: id must be a string or an integer, not {other}");
-                return Reply::Now(error_line(None, ErrorCode::INVALID_REQUEST, &message, None));
-            }
+            Some(raw) => match Id::parse(raw) {
+                Some(id) => Some(id),
+                None => {
+                    let shown: String = raw.get().chars().take(64).collect();
+                    let message =
+                        format!("Invalid Request: id must be a string or an integer, not {shown}");
+                    let e = ErrorData::new(ErrorCode::INVALID_REQUEST, message, None);
+                    return Reply::Now(self.invalid(None, env.method.as_deref(), env.params, e));
+                }
+            },
         };
         if env.jsonrpc.as_deref() != Some("2.0") {
-            return Reply::Now(error_line(
-                id.as_ref(),
+            let e = ErrorData::new(
                 ErrorCode::INVALID_REQUEST,
                 "Invalid Request: jsonrpc must be \"2.0\"",
                 None,
-            ));
+            );
+            return Reply::Now(self.invalid(id.as_ref(), env.method.as_deref(), env.params, e));
         }
         let Some(method) = env.method.as_deref() else {
             if id.is_some() && (env.result.is_some() || env.error.is_some()) {
@@ -473,6 +600,16 @@ impl Conn {
             match method {
                 "notifications/initialized" => self.initialized = self.legacy.is_some(),
                 "notifications/cancelled" => self.cancelled(params),
+                // A call sent as a notification is not run (it could not
+                // be answered), but it is a tools/call: it has a record.
+                "tools/call" => {
+                    let e = ErrorData::new(
+                        ErrorCode::INVALID_REQUEST,
+                        "Invalid Request: tools/call without an id (a notification) is not run",
+                        None,
+                    );
+                    self.session.refused_call(tool_name(params).as_deref(), e);
+                }
                 _ => {}
             }
             return Reply::None;
@@ -628,14 +765,14 @@ impl Conn {
         Ok(result)
     }
 
-    fn list(&mut self, id: &Value, params: Option<&RawValue>) -> Result<Reply, ErrorData> {
+    fn list(&mut self, id: &Id, params: Option<&RawValue>) -> Result<Reply, ErrorData> {
         let p: PaginatedRequestParams = parse_params(params)?;
         let era = self.era(p.meta.as_ref())?;
         let (names, tools) = self.session.tools_json();
         self.advertised = names;
         let mut out = Vec::with_capacity(tools.len() + 128);
         out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
-        push_json(&mut out, id);
+        out.extend_from_slice(id.json().as_bytes());
         out.extend_from_slice(b",\"result\":{\"tools\":");
         out.extend_from_slice(&tools);
         if era == Era::Stateless {
@@ -647,7 +784,7 @@ impl Conn {
         Ok(Reply::Now(out))
     }
 
-    fn call(&mut self, id: &Value, params: Option<&RawValue>) -> Result<Reply, ErrorData> {
+    fn call(&mut self, id: &Id, params: Option<&RawValue>) -> Result<Reply, ErrorData> {
         // A call refused before its tool runs is audited like any other
         // (SECURITY.md: every tools/call has a record).
         let p: CallToolRequestParams = match required_params(params) {
@@ -680,7 +817,7 @@ impl Conn {
         }
         // Cancellable by the client; a cancelled request gets no reply.
         let cancel = Cancel::default();
-        let key = id.to_string();
+        let key = id.clone();
         self.pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -731,7 +868,7 @@ impl Conn {
     /// A 2026-07-28 notification stream: acknowledged at once, then open
     /// until the client cancels it or the session ends. Only tool-list
     /// changes are offered (the gateway has no prompts or resources).
-    fn listen(&mut self, id: &Value, params: Option<&RawValue>) -> Result<Reply, ErrorData> {
+    fn listen(&mut self, id: &Id, params: Option<&RawValue>) -> Result<Reply, ErrorData> {
         #[derive(Deserialize)]
         struct Listen {
             #[serde(rename = "_meta")]
@@ -777,31 +914,34 @@ impl Conn {
         if tools {
             accepted["toolsListChanged"] = json!(true);
         }
-        let ack = json!({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
-            "params": {"notifications": accepted, "_meta": {META_SUBSCRIPTION: id}}});
+        let ack = format!(
+            r#"{{"jsonrpc":"2.0","method":"notifications/subscriptions/acknowledged","params":{{"notifications":{accepted},"_meta":{}}}}}"#,
+            subscription_meta(id)
+        );
         if !tools {
             // Nothing to send, ever: acknowledge and end it.
-            let mut out = to_vec(&ack);
+            let mut out = ack.into_bytes();
             out.push(b'\n');
-            out.extend_from_slice(&result_line(
-                id,
-                &json!({"resultType": "complete", "_meta": {META_SUBSCRIPTION: id}}),
-            ));
+            let done = format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"result":{{"resultType":"complete","_meta":{}}}}}"#,
+                subscription_meta(id)
+            );
+            out.extend_from_slice(done.as_bytes());
             return Ok(Reply::Now(out));
         }
-        Ok(Reply::Now(to_vec(&ack)))
+        Ok(Reply::Now(ack.into_bytes()))
     }
 
     /// Whether a request with this id is still waiting for its reply (a
     /// call in a task, or an open subscription): a second one would make
     /// the replies, and a cancellation, ambiguous.
-    fn in_flight(&self, id: &Value) -> bool {
+    fn in_flight(&self, id: &Id) -> bool {
         if self.subscriptions.contains(id) {
             return true;
         }
         let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         // Most calls find nothing waiting: no key to build then.
-        !pending.is_empty() && pending.contains_key(&id.to_string())
+        !pending.is_empty() && pending.contains_key(id)
     }
 
     fn cancelled(&mut self, params: Option<&RawValue>) {
@@ -810,10 +950,9 @@ impl Conn {
             return;
         };
         self.subscriptions.retain(|id| *id != p.request_id);
-        let key = p.request_id.to_string();
         let pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(c) = pending.get(&key) {
-            tracing::debug!(agent = %self.session.id.agent, conn = self.session.id.conn, request = %key, "cancelled by the client");
+        if let Some(c) = pending.get(&p.request_id) {
+            tracing::debug!(agent = %self.session.id.agent, conn = self.session.id.conn, request = %p.request_id, "cancelled by the client");
             c.by_client.store(true, Ordering::Release);
             c.token.cancel();
         }
@@ -838,6 +977,11 @@ impl Lane {
             Some(Tool::Put | Tool::Delete | Tool::Txn) | None => Lane::Task,
         }
     }
+}
+
+/// `{"io.modelcontextprotocol/subscriptionId": ID}`, with the id exact.
+fn subscription_meta(id: &Id) -> String {
+    format!(r#"{{"{META_SUBSCRIPTION}":{id}}}"#)
 }
 
 /// The tool a malformed `tools/call` names, where it names one, for its
@@ -880,7 +1024,7 @@ where
     }
 }
 
-fn call_line(id: &Value, r: Result<CallToolResponse, ErrorData>, era: Era) -> Vec<u8> {
+fn call_line(id: &Id, r: Result<CallToolResponse, ErrorData>, era: Era) -> Vec<u8> {
     match r {
         Ok(response) => {
             let mut result = ServerResult::from(response);
@@ -963,10 +1107,10 @@ fn push_json(out: &mut Vec<u8>, v: &impl serde::Serialize) {
     let _ = serde_json::to_writer(&mut *out, v);
 }
 
-fn result_line(id: &Value, result: &impl serde::Serialize) -> Vec<u8> {
+fn result_line(id: &Id, result: &impl serde::Serialize) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
-    push_json(&mut out, id);
+    out.extend_from_slice(id.json().as_bytes());
     out.extend_from_slice(b",\"result\":");
     push_json(&mut out, result);
     out.push(b'}');
@@ -976,7 +1120,7 @@ fn result_line(id: &Value, result: &impl serde::Serialize) -> Vec<u8> {
 /// A JSON-RPC error response (without its newline). `id` None is written as
 /// null: the id could not be read.
 pub fn error_line(
-    id: Option<&Value>,
+    id: Option<&Id>,
     code: ErrorCode,
     message: &str,
     data: Option<&Value>,
@@ -985,28 +1129,18 @@ pub fn error_line(
     if let Some(d) = data {
         error["data"] = d.clone();
     }
-    to_vec(&json!({"jsonrpc": "2.0", "id": id.unwrap_or(&Value::Null), "error": error}))
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(b"{\"jsonrpc\":\"2.0\",\"id\":");
+    out.extend_from_slice(id.map_or("null", Id::json).as_bytes());
+    out.extend_from_slice(b",\"error\":");
+    push_json(&mut out, &error);
+    out.push(b'}');
+    out
 }
 
-/// The reply to a line that is not a JSON-RPC message: a parse error, or an
-/// invalid request answered with its id when the id can be read.
-fn unparsed(line: &[u8], e: &serde_json::Error) -> Vec<u8> {
-    if e.is_syntax() || e.is_eof() {
-        return error_line(
-            None,
-            ErrorCode::PARSE_ERROR,
-            &format!("Parse error: {e}"),
-            None,
-        );
-    }
-    let id = transport::usable_id(line);
-    let id = (!id.is_null()).then_some(id);
-    error_line(
-        id.as_ref(),
-        ErrorCode::INVALID_REQUEST,
-        &format!("Invalid Request: {e}"),
-        None,
-    )
+/// Whether a line that could not be parsed names `tools/call` anywhere.
+fn names_call(line: &[u8]) -> bool {
+    memchr::memmem::find(line, b"\"tools/call\"").is_some()
 }
 
 /// How long a refused connection is kept open answering its requests, so the
@@ -1036,7 +1170,7 @@ pub async fn refuse(stream: UnixStream, message: String, max: usize) {
             };
             let id = match serde_json::from_slice::<Envelope>(&line) {
                 Ok(env) if env.id.is_none() => continue,
-                Ok(env) => env.id.filter(transport::is_id),
+                Ok(env) => env.id.and_then(Id::parse),
                 Err(_) => None,
             };
             write(&writer, error_line(id.as_ref(), code, &message, None)).await;

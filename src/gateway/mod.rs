@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod codes;
 mod conn;
 mod guard;
+mod id;
 pub mod roots;
 mod session;
 pub mod tools;

@@ -168,6 +168,53 @@ pub fn split(
 }
 
 impl LineReader {
+    /// Resolves when the peer has closed the connection entirely (not just
+    /// its write side): what is still being answered can then go nowhere.
+    /// A half-closed peer (`shutdown(SHUT_WR)`) still reads its replies, so
+    /// end of stream alone does not say this.
+    ///
+    /// The kernel reports the full close as POLLHUP on our end. The socket
+    /// is watched through a duplicate descriptor with its own registration,
+    /// so clearing its readiness never touches the reader's or the writer's.
+    pub async fn hung_up(&self) {
+        use std::os::fd::AsFd;
+        use tokio::io::unix::AsyncFd;
+        use tokio::io::Interest;
+        let stream: &UnixStream = self.reader.get_ref().as_ref();
+        let watched = stream.as_fd().try_clone_to_owned().ok().and_then(|fd| {
+            // SAFETY: the AsyncFd owns `fd` (an OwnedFd, closed only when
+            // dropped), so its raw descriptor stays open and the same for
+            // the AsyncFd's whole life.
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.ok()
+        });
+        let Some(watched) = watched else {
+            // Cannot watch (out of descriptors): never report a hang-up; the
+            // calls still end, just not early.
+            return std::future::pending().await;
+        };
+        loop {
+            let Ok(mut ready) = watched.readable().await else {
+                return std::future::pending().await;
+            };
+            let mut fds = [rustix::event::PollFd::new(
+                watched.get_ref(),
+                rustix::event::PollFlags::empty(),
+            )];
+            let zero = rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            if rustix::event::poll(&mut fds, Some(&zero)).is_ok()
+                && fds[0].revents().contains(rustix::event::PollFlags::HUP)
+            {
+                return;
+            }
+            // Readable at end of stream without a hang-up: wait for the
+            // socket's next state change.
+            ready.clear_ready();
+        }
+    }
+
     /// The next non-blank line; None at end of stream or on a read error.
     pub async fn next(&mut self) -> Option<Incoming> {
         loop {
@@ -224,14 +271,6 @@ impl Drop for Unsent<'_> {
 /// A JSON-RPC request id cordon accepts (and echoes): a string or an integer.
 pub fn is_id(id: &Value) -> bool {
     id.is_string() || id.is_i64() || id.is_u64()
-}
-
-pub fn usable_id(line: &[u8]) -> Value {
-    serde_json::from_slice::<Value>(line)
-        .ok()
-        .and_then(|v| v.get("id").cloned())
-        .filter(is_id)
-        .unwrap_or(Value::Null)
 }
 
 #[cfg(test)]
