@@ -67,6 +67,12 @@ fn default_history() -> u64 {
 fn default_grace_ms() -> u64 {
     10_000
 }
+fn default_watchdog_interval_ms() -> u64 {
+    1000
+}
+fn default_watchdog_timeout_ms() -> u64 {
+    5000
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -103,6 +109,14 @@ pub struct GatewayConfig {
     /// How long shutdown waits for in-flight calls before closing connections.
     #[serde(default = "default_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// Under `cordon up`: how often the orchestrator asks the gateway's admin
+    /// socket a `ping` (it touches nothing but the socket).
+    #[serde(default = "default_watchdog_interval_ms")]
+    pub watchdog_interval_ms: u64,
+    /// Under `cordon up`: a gateway that has answered no ping for this long
+    /// is killed (SIGKILL) and restarted. 0 disables the watchdog.
+    #[serde(default = "default_watchdog_timeout_ms")]
+    pub watchdog_timeout_ms: u64,
     /// How often a waiting `kv_watch` whose request has a progress token gets
     /// `notifications/progress`, so that clients which reset their request
     /// timeout on progress (the TypeScript SDK's default is 60 s) keep it.
@@ -616,6 +630,17 @@ impl Config {
         if g.watch_history == 0 {
             return Err(self.invalid("gateway.watch_history must be at least 1".into()));
         }
+        if g.watchdog_interval_ms == 0 {
+            return Err(self.invalid(
+                "gateway.watchdog_interval_ms must be at least 1 (to disable the watchdog, set gateway.watchdog_timeout_ms = 0)".into(),
+            ));
+        }
+        if g.watchdog_timeout_ms != 0 && g.watchdog_timeout_ms < g.watchdog_interval_ms {
+            return Err(self.invalid(format!(
+                "gateway.watchdog_timeout_ms ({}) must be at least gateway.watchdog_interval_ms ({}): the bound must cover one probe (0 disables the watchdog)",
+                g.watchdog_timeout_ms, g.watchdog_interval_ms
+            )));
+        }
         if self.gateway.watch_progress_ms < 100 {
             return Err(self.invalid(
                 "gateway.watch_progress_ms must be at least 100 (a notification per wait this often)"
@@ -837,6 +862,51 @@ mod tests {
         // Control: a uid outside the range is accepted.
         let c = Config::parse(&format!("{base}uid = 62000\n"), &path).unwrap();
         assert_eq!(c.agents["a"].uid, Some(61000));
+    }
+
+    #[test]
+    fn watchdog_bounds_are_validated() {
+        let base =
+            "[gateway]\nstore = \"s\"\nruntime_dir = \"r\"\npolicy = \"p\"\nmap_size = \"64MiB\"\n";
+        let path = Path::new("/etc/cordon/c.toml");
+        let c = Config::parse(base, path).unwrap();
+        assert_eq!(
+            (
+                c.gateway.watchdog_interval_ms,
+                c.gateway.watchdog_timeout_ms
+            ),
+            (1000, 5000)
+        );
+        let e = Config::parse(&format!("{base}watchdog_interval_ms = 0\n"), path).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("watchdog_interval_ms must be at least 1"),
+            "{e}"
+        );
+        let e = Config::parse(
+            &format!("{base}watchdog_interval_ms = 2000\nwatchdog_timeout_ms = 1999\n"),
+            path,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "watchdog_timeout_ms (1999) must be at least gateway.watchdog_interval_ms (2000)"
+            ),
+            "{e}"
+        );
+        // Controls: equal bounds, and 0 (disabled) with any interval.
+        let c = Config::parse(
+            &format!("{base}watchdog_interval_ms = 2000\nwatchdog_timeout_ms = 2000\n"),
+            path,
+        )
+        .unwrap();
+        assert_eq!(c.gateway.watchdog_timeout_ms, 2000);
+        let c = Config::parse(
+            &format!("{base}watchdog_interval_ms = 2000\nwatchdog_timeout_ms = 0\n"),
+            path,
+        )
+        .unwrap();
+        assert_eq!(c.gateway.watchdog_timeout_ms, 0);
     }
 
     #[test]

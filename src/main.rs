@@ -30,6 +30,15 @@ enum LogFormat {
     Json,
 }
 
+/// Why `cordon up` restarted the gateway (`cordon gateway --restart-reason`).
+#[derive(Clone, Copy, ValueEnum)]
+enum RestartReason {
+    /// Killed by the watchdog: it did not answer its pings in time.
+    Watchdog,
+    /// It exited by itself, or could not be started.
+    Exited,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve the store as MCP tools on one Unix socket per configured agent.
@@ -44,6 +53,19 @@ enum Command {
         /// Started by `cordon up`: serve an agent only once its root process is registered.
         #[arg(long, hide = true)]
         managed: bool,
+        /// With --managed: why `cordon up` started this gateway in place of an
+        /// earlier one (recorded in its `gateway_start` audit record).
+        #[arg(long, hide = true, value_enum, requires = "managed")]
+        restart_reason: Option<RestartReason>,
+        /// The earlier gateway's pid.
+        #[arg(long, hide = true, requires = "restart_reason")]
+        previous_pid: Option<i32>,
+        /// Watchdog: how long the earlier gateway had not answered.
+        #[arg(long, hide = true, requires = "restart_reason")]
+        unanswered_ms: Option<u64>,
+        /// Exited: how the earlier gateway ended ("signal 9").
+        #[arg(long, hide = true, requires = "restart_reason")]
+        previous_status: Option<String>,
     },
     /// Relay stdin/stdout to a gateway socket (what an agent's MCP client runs).
     ///
@@ -281,9 +303,26 @@ fn init_logging(format: LogFormat) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Gateway { config, managed } => {
+        Command::Gateway {
+            config,
+            managed,
+            restart_reason,
+            previous_pid,
+            unanswered_ms,
+            previous_status,
+        } => {
             init_logging(cli.log_format);
-            run_gateway(config, managed)
+            let restart = restart_reason.map(|r| match r {
+                RestartReason::Watchdog => gateway::Restart::Watchdog {
+                    previous_pid: previous_pid.unwrap_or(0),
+                    unanswered_ms: unanswered_ms.unwrap_or(0),
+                },
+                RestartReason::Exited => gateway::Restart::Exited {
+                    previous_pid,
+                    status: previous_status.unwrap_or_else(|| "unknown".into()),
+                },
+            });
+            run_gateway(config, managed, restart)
         }
         Command::Bridge { socket } => run_bridge(socket),
         Command::Up { config } => {
@@ -347,13 +386,17 @@ fn error_chain(e: &anyhow::Error) -> String {
     out
 }
 
-fn run_gateway(path: PathBuf, managed: bool) -> anyhow::Result<()> {
+fn run_gateway(
+    path: PathBuf,
+    managed: bool,
+    restart: Option<gateway::Restart>,
+) -> anyhow::Result<()> {
     let config = config::Config::load(&path)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(gateway::run_with(config, managed))?;
+    runtime.block_on(gateway::run_with(config, managed, restart))?;
     Ok(())
 }
 
@@ -391,14 +434,19 @@ fn run_status(path: PathBuf, json: bool) -> anyhow::Result<()> {
         orchestrator::control::request(&config.up_socket(), &serde_json::json!({"op": "status"}))?;
     // The store's space and its alarms come from the gateway itself; a
     // gateway that does not answer in time is shown as such.
-    answer["store"] = match cordon::gateway::admin::request_blocking(
-        &config.admin_socket(),
-        &serde_json::json!({"op": "status"}),
-        std::time::Duration::from_secs(2),
-    ) {
-        Ok(s) if s["ok"] == true => s["store"].clone(),
-        Ok(s) => serde_json::json!({"error": s["error"]}),
-        Err(e) => serde_json::json!({"error": e.to_string()}),
+    answer["store"] = if answer["gateway"]["state"] == "unresponsive" {
+        // The watchdog already knows it does not answer: do not wait on it.
+        serde_json::json!({"error": "the gateway is not answering (see gateway state)"})
+    } else {
+        match cordon::gateway::admin::request_blocking(
+            &config.admin_socket(),
+            &serde_json::json!({"op": "status"}),
+            std::time::Duration::from_secs(2),
+        ) {
+            Ok(s) if s["ok"] == true => s["store"].clone(),
+            Ok(s) => serde_json::json!({"error": s["error"]}),
+            Err(e) => serde_json::json!({"error": e.to_string()}),
+        }
     };
     if json {
         println!("{answer}");

@@ -33,6 +33,11 @@ impl Deployment {
     /// `[gateway]` on a temp dir with `policy` (a policy file's text), plus `agents`.
     /// `@DIR@` in `agents` stands for the deployment's directory.
     fn new(policy: &str, agents: &str) -> Deployment {
+        Deployment::with_gateway("", policy, agents)
+    }
+
+    /// As `new`, with `gateway` (lines) added to its `[gateway]` table.
+    fn with_gateway(gateway: &str, policy: &str, agents: &str) -> Deployment {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         let agents = agents.replace("@DIR@", &dir.display().to_string());
@@ -43,7 +48,7 @@ impl Deployment {
         let config = dir.join("cordon.toml");
         std::fs::write(
             &config,
-            format!("[gateway]\nstore = \"state/store\"\nruntime_dir = \"state/run\"\npolicy = \"policy.toml\"\nmap_size = \"64MiB\"\n\n{agents}"),
+            format!("[gateway]\nstore = \"state/store\"\nruntime_dir = \"state/run\"\npolicy = \"policy.toml\"\nmap_size = \"64MiB\"\n{gateway}\n{agents}"),
         )
         .unwrap();
         Deployment {
@@ -104,6 +109,17 @@ impl Deployment {
             .success()
             .then(|| serde_json::from_slice(&out.stdout).ok())
             .flatten()
+    }
+
+    /// The orchestrator's own status over its control socket, without the
+    /// gateway's part that `cordon status` adds (a frozen gateway would
+    /// make each round wait for its timeout).
+    fn control_status(&self) -> Value {
+        cordon::orchestrator::control::request(
+            &self.dir.join("state/run/up.sock"),
+            &serde_json::json!({"op": "status"}),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.logs()))
     }
 
     fn agent(&self, status: &Value, name: &str) -> Value {
@@ -1230,4 +1246,200 @@ fn the_gateways_log_is_bounded_and_never_stalls_the_gateway() {
         .filter(|r| r["agent"] == "worker" && r["tool"] == "kv_put" && r["decision"] == "allow")
         .count();
     assert_eq!(allowed, 100);
+}
+
+/// The watchdog's bounds in the tests below: a probe every 200 ms, killed
+/// after 4 s without an answer (wide enough that a status poll sees it).
+const WATCHDOG: &str = "watchdog_interval_ms = 200\nwatchdog_timeout_ms = 4000\n";
+
+/// An agent that makes one call through the gateway, then waits for
+/// `@DIR@/go` (written by the test) and makes another with `cordon script`.
+fn two_call_agent(d: &Deployment) {
+    std::fs::write(
+        d.dir.join("before.toml"),
+        "[[step]]\ntool = \"kv_put\"\nargs = { key = \"/before\", value = 1 }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.dir.join("after.toml"),
+        "[[step]]\ntool = \"kv_put\"\nargs = { key = \"/after\", value = 2 }\n[[step]]\ntool = \"kv_get\"\nargs = { key = \"/before\" }\n",
+    )
+    .unwrap();
+}
+
+fn two_call_agents() -> String {
+    format!("[agents.a]\nrole = \"worker\"\ncommand = [\"/bin/sh\", \"-c\", \"{{cordon}} script @DIR@/before.toml || exit 1; echo waiting; while [ ! -e @DIR@/go ]; do sleep 0.05; done; exec {{cordon}} script @DIR@/after.toml\"]\nrestart = \"never\"\n{SHARED_UID}")
+}
+
+/// The agent made its first call and waits for `go`.
+fn first_call_done(d: &Deployment) -> bool {
+    d.events("a")
+        .iter()
+        .any(|e| e["kind"] == "output" && e["text"] == "waiting")
+}
+
+/// The agent's one run (never restarted) made both calls of `after.toml`.
+fn after_calls_succeeded(d: &Deployment) {
+    let events = d.events("a");
+    let results: Vec<&Value> = events.iter().filter(|e| e["kind"] == "result").collect();
+    assert_eq!(results.len(), 2, "{events:?}");
+    assert!(
+        results
+            .iter()
+            .all(|r| r["is_error"] == false && r["run"] == 1),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "call" && e["outcome"] == "allow" && e["key"] == "/after"),
+        "{events:?}"
+    );
+    let out = std::fs::read_to_string(d.dir.join("up.out")).unwrap();
+    assert!(out.contains("all succeeded"), "{out}");
+}
+
+#[test]
+fn a_frozen_gateway_is_killed_by_the_watchdog_and_restarted() {
+    let d = Deployment::with_gateway(WATCHDOG, ALLOW_ALL, &two_call_agents());
+    two_call_agent(&d);
+    let mut up = d.up();
+    let s = d.until("the first call done and the gateway answering", |s| {
+        first_call_done(&d) && s["gateway"]["watchdog"]["answered"].as_u64() >= Some(1)
+    });
+    assert_eq!(s["gateway"]["watchdog"]["restarts"], 0, "{s}");
+    let old = s["gateway"]["pid"].as_i64().unwrap();
+    let old_pid = Pid::from_raw(old as i32).unwrap();
+    kill_process(old_pid, Signal::STOP).unwrap();
+    let frozen = Instant::now();
+
+    // While frozen, the orchestrator says so, and `cordon status` (which
+    // then does not wait on the gateway) shows it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let s = loop {
+        let s = d.control_status();
+        if s["gateway"]["state"] == "unresponsive" {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never unresponsive: {s}\n{}",
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(s["gateway"]["pid"], old, "{s}");
+    assert!(s["gateway"]["unanswered_s"].as_f64().is_some(), "{s}");
+    let out = d.cordon(&["status"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains(&format!("gateway: pid {old}, unresponsive (no answer for")),
+        "{table}\n{}",
+        d.logs()
+    );
+
+    // Past the bound: SIGKILLed (a stopped process dies too), reaped, and a
+    // new gateway serves.
+    let s = d.until("a new gateway", |s| {
+        s["gateway"]["state"] == "running"
+            && s["gateway"]["pid"].is_i64()
+            && s["gateway"]["pid"] != old
+    });
+    eprintln!(
+        "FIGURES watchdog: SIGSTOP to a new gateway serving {:?} (bound 4 s, interval 200 ms, backoff 500 ms)",
+        frozen.elapsed()
+    );
+    assert_eq!(s["gateway"]["watchdog"]["restarts"], 1, "{s}");
+    assert_eq!(s["gateway"]["restarts"], 1, "{s}");
+    assert!(
+        gone(old),
+        "the old gateway {old} is still there (or a zombie)"
+    );
+    let err = std::fs::read_to_string(d.dir.join("up.err")).unwrap();
+    assert!(
+        err.contains("gateway has not answered its watchdog for"),
+        "{err}"
+    );
+
+    // The agent, still the same run, calls through the new gateway.
+    assert_eq!(d.agent(&s, "a")["state"], "running", "{s}");
+    // Its last call ends it, and with it the deployment (successfully).
+    std::fs::write(d.dir.join("go"), "").unwrap();
+    assert!(wait(&mut up).success(), "{}", d.logs());
+    after_calls_succeeded(&d);
+    // The new gateway's start record says why it started, and the chain
+    // (written by both gateways) verifies.
+    let starts: Vec<Value> = d
+        .audit(&["query", "--event", "gateway_start", "--format", "jsonl"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert!(starts[0]["detail"].get("restart").is_none(), "{starts:?}");
+    let restart = &starts[1]["detail"]["restart"];
+    assert_eq!(restart["reason"], "watchdog", "{starts:?}");
+    assert_eq!(restart["previous_pid"], old, "{starts:?}");
+    assert!(
+        restart["unanswered_ms"].as_u64().unwrap() >= 4000,
+        "{starts:?}"
+    );
+    d.audit(&["verify"]);
+}
+
+#[test]
+fn a_healthy_gateway_is_never_restarted_by_the_watchdog() {
+    // Control for the test above: the same bounds, no freeze. Past enough
+    // answered probes to span the bound twice, nothing was restarted.
+    let d = Deployment::with_gateway(WATCHDOG, ALLOW_ALL, &two_call_agents());
+    two_call_agent(&d);
+    let mut up = d.up();
+    let s = d.until("the first call done", |s| {
+        s["gateway"]["pid"].is_i64() && first_call_done(&d)
+    });
+    let pid = s["gateway"]["pid"].clone();
+    let s = d.until("40 answered probes (8 s)", |s| {
+        s["gateway"]["watchdog"]["answered"].as_u64() >= Some(40)
+    });
+    assert_eq!(s["gateway"]["watchdog"]["restarts"], 0, "{s}");
+    assert_eq!(s["gateway"]["restarts"], 0, "{s}");
+    assert_eq!(s["gateway"]["pid"], pid, "{s}");
+    assert_eq!(s["gateway"]["state"], "running", "{s}");
+    assert_eq!(s["gateway"]["watchdog"]["enabled"], true, "{s}");
+    std::fs::write(d.dir.join("go"), "").unwrap();
+    assert!(wait(&mut up).success(), "{}", d.logs());
+    after_calls_succeeded(&d);
+    let starts = d.audit(&["query", "--event", "gateway_start", "--format", "jsonl"]);
+    assert_eq!(starts.lines().count(), 1, "{starts}");
+}
+
+#[test]
+fn a_gateway_that_exits_is_restarted_with_its_exit_in_the_next_start_record() {
+    let d = Deployment::with_gateway(WATCHDOG, ALLOW_ALL, &two_call_agents());
+    two_call_agent(&d);
+    let mut up = d.up();
+    let s = d.until("the first call done", |s| {
+        s["gateway"]["pid"].is_i64() && first_call_done(&d)
+    });
+    let old = s["gateway"]["pid"].as_i64().unwrap();
+    kill_process(Pid::from_raw(old as i32).unwrap(), Signal::KILL).unwrap();
+    let s = d.until("a new gateway", |s| {
+        s["gateway"]["state"] == "running"
+            && s["gateway"]["pid"].is_i64()
+            && s["gateway"]["pid"] != old
+    });
+    assert_eq!(s["gateway"]["restarts"], 1, "{s}");
+    assert_eq!(s["gateway"]["watchdog"]["restarts"], 0, "{s}");
+    std::fs::write(d.dir.join("go"), "").unwrap();
+    assert!(wait(&mut up).success(), "{}", d.logs());
+    after_calls_succeeded(&d);
+    let starts: Vec<Value> = d
+        .audit(&["query", "--event", "gateway_start", "--format", "jsonl"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    let restart = &starts[1]["detail"]["restart"];
+    assert_eq!(restart["reason"], "exited", "{starts:?}");
+    assert_eq!(restart["previous_pid"], old, "{starts:?}");
+    assert_eq!(restart["status"], "signal 9", "{starts:?}");
 }

@@ -8,6 +8,9 @@
 //!   messages it sent past its rate, which waited, and refusals it made past
 //!   its audit budget, which were summarised; `store`: its space, each
 //!   role's usage, and `alarms`, the quotas near or past their limit)
+//! - `{"op": "ping"}` → `{"ok": true}`: the watchdog of `cordon up` asks this on
+//!   an interval; it touches nothing but this socket (not the store), so it
+//!   answers as long as the gateway's runtime does.
 //! - `{"op": "agent_root", "agent": NAME, "pid": N | null}` → `{"ok": true}`: from
 //!   `cordon up`: the agent's root process (or none: not running); from then on
 //!   a connecting peer must descend from it. Accepted only from the gateway's
@@ -136,6 +139,7 @@ fn answer(
     roots: &super::roots::Roots,
 ) -> Value {
     match req.get("op").and_then(Value::as_str) {
+        Some("ping") => json!({"ok": true}),
         Some("agent_root") => {
             // The uid check above admits every process of the gateway's uid,
             // agents sharing it included; the root of an agent is the
@@ -201,7 +205,7 @@ fn answer(
             })
         }
         Some(other) => {
-            json!({"ok": false, "error": format!("unknown op {other:?} (ops: policy_reload, status, agent_root)")})
+            json!({"ok": false, "error": format!("unknown op {other:?} (ops: ping, policy_reload, status, agent_root)")})
         }
         None => json!({"ok": false, "error": "missing \"op\""}),
     }

@@ -91,13 +91,56 @@ struct Listener {
 /// Runs the gateway until SIGTERM or SIGINT, then shuts down in order: stop
 /// accepting, let in-flight calls finish, close sessions, commit, remove sockets.
 pub async fn run(config: Config) -> Result<(), GatewayError> {
-    run_with(config, false).await
+    run_with(config, false, None).await
+}
+
+/// Why `cordon up` started this gateway in place of an earlier one. Only the
+/// gateway writes the audit chain, so the orchestrator hands the reason over
+/// (arguments of `cordon gateway --managed`) and the `gateway_start` record
+/// carries it as `detail.restart`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Restart {
+    /// The watchdog killed the previous gateway: no answer to its pings for
+    /// `unanswered_ms`.
+    Watchdog {
+        previous_pid: i32,
+        unanswered_ms: u64,
+    },
+    /// The previous gateway exited (or could not be started) by itself.
+    Exited {
+        previous_pid: Option<i32>,
+        /// "exit 3", "signal 9", "not started".
+        status: String,
+    },
+}
+
+impl Restart {
+    pub fn detail(&self) -> serde_json::Value {
+        match self {
+            Restart::Watchdog {
+                previous_pid,
+                unanswered_ms,
+            } => {
+                serde_json::json!({"reason": "watchdog", "previous_pid": previous_pid, "unanswered_ms": unanswered_ms})
+            }
+            Restart::Exited {
+                previous_pid,
+                status,
+            } => {
+                serde_json::json!({"reason": "exited", "previous_pid": previous_pid, "status": status})
+            }
+        }
+    }
 }
 
 /// `managed`: started by `cordon up`, which registers each agent's root pid
 /// over the admin socket (`agent_root`); until then, and whenever the agent is
 /// not running, its socket serves nobody (see `roots`).
-pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError> {
+pub async fn run_with(
+    config: Config,
+    managed: bool,
+    restart: Option<Restart>,
+) -> Result<(), GatewayError> {
     let config = Arc::new(config);
     // Every session runs under a child of this token (through its agent's
     // token when managed): cancelled last at shutdown.
@@ -184,6 +227,9 @@ pub async fn run_with(config: Config, managed: bool) -> Result<(), GatewayError>
             "config": config.path.display().to_string(),
             "agents": config.agents.keys().collect::<Vec<_>>(),
         }));
+        if let (Some(restart), Some(serde_json::Value::Object(d))) = (&restart, &mut r.detail) {
+            d.insert("restart".into(), restart.detail());
+        }
         r.policy_sha256 = Some(policy.hash.clone());
         r.ok();
         store

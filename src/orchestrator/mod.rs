@@ -100,6 +100,20 @@ pub enum Msg {
         status: std::io::Result<std::process::ExitStatus>,
     },
     GatewayDue,
+    /// The watchdog's ping was answered.
+    GatewayAnswered {
+        generation: u64,
+    },
+    /// A ping got no answer within the watchdog's interval (the watchdog
+    /// keeps waiting for it up to its bound).
+    GatewaySilent {
+        generation: u64,
+    },
+    /// No ping answered for the watchdog's bound: kill and restart.
+    GatewayUnresponsive {
+        generation: u64,
+        unanswered: Duration,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,6 +186,23 @@ struct GatewayProc {
     restarts: u32,
     backoff: Duration,
     running: bool,
+    /// Asks the running gateway to SIGKILL it (its wait task holds the
+    /// child, so the signal can never reach a reused pid, and reaps it).
+    kill: Option<oneshot::Sender<()>>,
+    /// The running generation's watchdog task.
+    watchdog: Option<tokio::task::JoinHandle<()>>,
+    /// When the running gateway last answered (its ready line counts).
+    last_answer: Option<Instant>,
+    /// A ping of the running gateway is overdue.
+    silent: bool,
+    /// Pings answered, over every generation.
+    answered: u64,
+    /// Restarts the watchdog caused.
+    watchdog_restarts: u32,
+    /// The running generation was killed by the watchdog.
+    killed_by_watchdog: bool,
+    /// Why the next gateway starts, for its `gateway_start` audit record.
+    next_start: Option<crate::gateway::Restart>,
 }
 
 /// Longest wait for the gateway's admin socket to answer.
@@ -293,6 +324,14 @@ pub async fn up(config: Config, options: Options) -> Result<bool, OrchestratorEr
             restarts: 0,
             backoff: Duration::from_millis(500),
             running: false,
+            kill: None,
+            watchdog: None,
+            last_answer: None,
+            silent: false,
+            answered: 0,
+            watchdog_restarts: 0,
+            killed_by_watchdog: false,
+            next_start: None,
         },
         gateway_log: Arc::new(
             sink(
@@ -382,8 +421,29 @@ impl Up {
         cmd.arg("gateway")
             .arg("--config")
             .arg(&self.config.path)
-            .arg("--managed")
-            .stdin(Stdio::null())
+            .arg("--managed");
+        match &self.gateway.next_start {
+            Some(crate::gateway::Restart::Watchdog {
+                previous_pid,
+                unanswered_ms,
+            }) => {
+                cmd.arg("--restart-reason=watchdog")
+                    .arg(format!("--previous-pid={previous_pid}"))
+                    .arg(format!("--unanswered-ms={unanswered_ms}"));
+            }
+            Some(crate::gateway::Restart::Exited {
+                previous_pid,
+                status,
+            }) => {
+                cmd.arg("--restart-reason=exited")
+                    .arg(format!("--previous-status={status}"));
+                if let Some(p) = previous_pid {
+                    cmd.arg(format!("--previous-pid={p}"));
+                }
+            }
+            None => {}
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log));
         {
@@ -451,13 +511,37 @@ impl Up {
         self.gateway.generation += 1;
         self.gateway.pid = child.id().and_then(|p| i32::try_from(p).ok());
         self.gateway.running = true;
+        self.gateway.next_start = None;
+        self.gateway.killed_by_watchdog = false;
+        self.gateway.silent = false;
+        self.gateway.last_answer = Some(Instant::now());
         tracing::info!(pid = self.gateway.pid, "gateway ready");
         let generation = self.gateway.generation;
         let tx = self.tx.clone();
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        self.gateway.kill = Some(kill_tx);
         tokio::spawn(async move {
-            let status = child.wait().await;
+            let status = tokio::select! {
+                s = child.wait() => s,
+                Ok(()) = kill_rx => {
+                    // Not reaped yet (we hold the child), so neither its pid
+                    // nor its group can have been reused. SIGKILL also ends
+                    // a SIGSTOPped process; the group takes whatever it
+                    // started along.
+                    if let Some(pid) = child
+                        .id()
+                        .and_then(|p| i32::try_from(p).ok())
+                        .and_then(rustix::process::Pid::from_raw)
+                    {
+                        let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+                    }
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
             let _ = tx.send(Msg::GatewayExited { generation, status });
         });
+        self.gateway.watchdog = self.spawn_watchdog(generation);
         // A restarted gateway learns the agents that are still running.
         for a in &self.agents {
             if let (Some(pid), State::Running | State::Stopping) = (a.pid, a.state) {
@@ -482,6 +566,61 @@ impl Up {
             }
         }
         Ok(())
+    }
+
+    /// Pings the gateway of `generation` every `watchdog_interval_ms` and
+    /// tells the main loop what it heard. A task of its own: a hung gateway
+    /// hangs this task's probe, never the supervisor. `None`: disabled.
+    fn spawn_watchdog(&self, generation: u64) -> Option<tokio::task::JoinHandle<()>> {
+        let g = &self.config.gateway;
+        if g.watchdog_timeout_ms == 0 {
+            return None;
+        }
+        let interval = Duration::from_millis(g.watchdog_interval_ms);
+        let bound = Duration::from_millis(g.watchdog_timeout_ms);
+        let path = self.config.admin_socket();
+        let tx = self.tx.clone();
+        Some(tokio::spawn(async move {
+            let ping = |path: PathBuf| async move {
+                admin::request(&path, &json!({"op": "ping"}))
+                    .await
+                    .is_ok_and(|a| a["ok"] == true)
+            };
+            let mut last = Instant::now();
+            loop {
+                tokio::time::sleep(interval).await;
+                let probe = ping(path.clone());
+                tokio::pin!(probe);
+                // A slow answer within the bound still counts: only the
+                // bound decides, the interval only says when to worry.
+                let answered = match tokio::time::timeout(interval, &mut probe).await {
+                    Ok(a) => a,
+                    Err(_) => {
+                        let _ = tx.send(Msg::GatewaySilent { generation });
+                        let rest = bound.saturating_sub(last.elapsed());
+                        tokio::time::timeout(rest, probe).await.unwrap_or(false)
+                    }
+                };
+                if answered {
+                    last = Instant::now();
+                    if tx.send(Msg::GatewayAnswered { generation }).is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                let unanswered = last.elapsed();
+                if unanswered >= bound {
+                    let _ = tx.send(Msg::GatewayUnresponsive {
+                        generation,
+                        unanswered,
+                    });
+                    return;
+                }
+                if tx.send(Msg::GatewaySilent { generation }).is_err() {
+                    return;
+                }
+            }
+        }))
     }
 
     async fn register(&self, agent: &str, pid: Option<i32>) -> Result<(), String> {
@@ -662,11 +801,31 @@ impl Up {
                 if generation != self.gateway.generation {
                     return;
                 }
+                let previous_pid = self.gateway.pid;
                 self.gateway.running = false;
                 self.gateway.pid = None;
+                self.gateway.kill = None;
+                self.gateway.silent = false;
+                if let Some(w) = self.gateway.watchdog.take() {
+                    w.abort();
+                }
                 if self.shutting_down {
                     return;
                 }
+                // A kill by the watchdog keeps its own reason; a start that
+                // failed keeps the reason it was started for.
+                let not_started = status.is_err() && self.gateway.next_start.is_some();
+                if !self.gateway.killed_by_watchdog && !not_started {
+                    let text = match &status {
+                        Ok(s) => exit_text(s).0,
+                        Err(e) => e.to_string(),
+                    };
+                    self.gateway.next_start = Some(crate::gateway::Restart::Exited {
+                        previous_pid,
+                        status: text,
+                    });
+                }
+                self.gateway.killed_by_watchdog = false;
                 tracing::error!(status = ?status.ok(), backoff = ?self.gateway.backoff, "gateway exited; restarting it");
                 let tx = self.tx.clone();
                 let delay = self.gateway.backoff;
@@ -675,6 +834,63 @@ impl Up {
                     tokio::time::sleep(delay).await;
                     let _ = tx.send(Msg::GatewayDue);
                 });
+            }
+            Msg::GatewayAnswered { generation } => {
+                if generation == self.gateway.generation && self.gateway.running {
+                    if self.gateway.silent {
+                        tracing::warn!(
+                            pid = self.gateway.pid,
+                            "gateway answers its watchdog again"
+                        );
+                    }
+                    self.gateway.silent = false;
+                    self.gateway.last_answer = Some(Instant::now());
+                    self.gateway.answered += 1;
+                }
+            }
+            Msg::GatewaySilent { generation } => {
+                if generation == self.gateway.generation
+                    && self.gateway.running
+                    && !self.gateway.silent
+                {
+                    self.gateway.silent = true;
+                    tracing::warn!(
+                        pid = self.gateway.pid,
+                        unanswered = ?self.gateway.last_answer.map(|t| t.elapsed()),
+                        bound_ms = self.config.gateway.watchdog_timeout_ms,
+                        "gateway does not answer its watchdog"
+                    );
+                }
+            }
+            Msg::GatewayUnresponsive {
+                generation,
+                unanswered,
+            } => {
+                if generation != self.gateway.generation
+                    || !self.gateway.running
+                    || self.shutting_down
+                {
+                    return;
+                }
+                let Some(kill) = self.gateway.kill.take() else {
+                    return;
+                };
+                let previous_pid = self.gateway.pid.unwrap_or(0);
+                let unanswered_ms = u64::try_from(unanswered.as_millis()).unwrap_or(u64::MAX);
+                tracing::error!(
+                    pid = previous_pid,
+                    unanswered_ms,
+                    bound_ms = self.config.gateway.watchdog_timeout_ms,
+                    "gateway has not answered its watchdog for {unanswered:?}: SIGKILL, then restart"
+                );
+                self.gateway.killed_by_watchdog = true;
+                self.gateway.watchdog_restarts += 1;
+                self.gateway.next_start = Some(crate::gateway::Restart::Watchdog {
+                    previous_pid,
+                    unanswered_ms,
+                });
+                // Its exit arrives as GatewayExited: the usual restart path.
+                let _ = kill.send(());
             }
             Msg::GatewayDue => {
                 if self.shutting_down || self.gateway.running {
@@ -815,6 +1031,10 @@ impl Up {
 
     async fn stop_gateway(&mut self, rx: &mut mpsc::UnboundedReceiver<Msg>) {
         self.shutting_down = true;
+        // A gateway slow to drain is not hung: the watchdog stops here.
+        if let Some(w) = self.gateway.watchdog.take() {
+            w.abort();
+        }
         let Some(pid) = self.gateway.pid.and_then(rustix::process::Pid::from_raw) else {
             return;
         };
@@ -955,8 +1175,23 @@ impl Up {
             "agents": agents,
             "gateway": {
                 "pid": self.gateway.pid,
-                "state": if self.gateway.running { "running" } else { "down" },
+                "state": match (self.gateway.running, self.gateway.silent) {
+                    (true, false) => "running",
+                    (true, true) => "unresponsive",
+                    (false, _) => "down",
+                },
+                // Seconds since it last answered, while it does not answer.
+                "unanswered_s": self.gateway.last_answer
+                    .filter(|_| self.gateway.running && self.gateway.silent)
+                    .map(|t| (t.elapsed().as_secs_f64() * 10.0).round() / 10.0),
                 "restarts": self.gateway.restarts,
+                "watchdog": {
+                    "enabled": self.config.gateway.watchdog_timeout_ms > 0,
+                    "interval_ms": self.config.gateway.watchdog_interval_ms,
+                    "timeout_ms": self.config.gateway.watchdog_timeout_ms,
+                    "answered": self.gateway.answered,
+                    "restarts": self.gateway.watchdog_restarts,
+                },
                 "dropped_bytes": self.gateway_log.counters.dropped_bytes.load(Relaxed),
                 "dropped_lines": self.gateway_log.counters.dropped_lines.load(Relaxed),
                 "log": self.gateway_log.status(),

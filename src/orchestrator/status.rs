@@ -107,12 +107,18 @@ pub fn table(status: &Value) -> String {
         out.push('\n');
     }
     if let Some(g) = status.get("gateway") {
+        let state = match g["unanswered_s"].as_f64() {
+            Some(s) => format!("{} (no answer for {s:.1}s)", cell(&g["state"])),
+            None => cell(&g["state"]),
+        };
         out.push_str(&format!(
-            "gateway: pid {}, {}, restarts {}",
+            "gateway: pid {}, {state}, restarts {}",
             cell(&g["pid"]),
-            cell(&g["state"]),
             cell(&g["restarts"])
         ));
+        if let Some(n) = g["watchdog"]["restarts"].as_u64().filter(|n| *n > 0) {
+            out.push_str(&format!(" ({n} by the watchdog)"));
+        }
         let d = dropped(g);
         if d != "-" {
             out.push_str(&format!(", log dropped {d}"));
@@ -188,6 +194,15 @@ mod tests {
             "{t}"
         );
         assert!(t.ends_with("restarts 0\n"), "{t}");
+        let s = serde_json::json!({"agents": [], "gateway": {"pid": 7, "state": "unresponsive",
+            "unanswered_s": 3.2, "restarts": 2, "watchdog": {"restarts": 1}}});
+        let t = table(&s);
+        assert!(
+            t.contains(
+                "gateway: pid 7, unresponsive (no answer for 3.2s), restarts 2 (1 by the watchdog)"
+            ),
+            "{t}"
+        );
         assert_eq!(human_bytes(512), "512B");
     }
 
