@@ -226,7 +226,10 @@ fn sigterm_under_load_answers_every_request_and_keeps_every_acknowledged_write()
     let mut c = g.client();
     for key in &acked {
         let got = c.ok("kv_get", json!({"key": key}));
-        assert!(got["revision"].is_u64(), "acknowledged {key} is lost: {got}");
+        assert!(
+            got["revision"].is_u64(),
+            "acknowledged {key} is lost: {got}"
+        );
     }
     eprintln!(
         "{} writes acknowledged, {} requests told the gateway is stopping",
