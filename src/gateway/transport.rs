@@ -173,9 +173,12 @@ impl LineReader {
     /// A half-closed peer (`shutdown(SHUT_WR)`) still reads its replies, so
     /// end of stream alone does not say this.
     ///
-    /// The kernel reports the full close as POLLHUP on our end. The socket
-    /// is watched through a duplicate descriptor with its own registration,
-    /// so clearing its readiness never touches the reader's or the writer's.
+    /// The kernel reports the full close as EPOLLHUP on our end, which tokio
+    /// shows as write-closed readiness. The socket is watched through a
+    /// duplicate descriptor with its own registration, so clearing its
+    /// readiness never touches the reader's or the writer's. (Read-closed
+    /// readiness is sticky once end of stream was seen, so waiting on
+    /// readability would spin.)
     pub async fn hung_up(&self) {
         use std::os::fd::AsFd;
         use tokio::io::unix::AsyncFd;
@@ -185,7 +188,7 @@ impl LineReader {
             // SAFETY: the AsyncFd owns `fd` (an OwnedFd, closed only when
             // dropped), so its raw descriptor stays open and the same for
             // the AsyncFd's whole life.
-            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.ok()
+            unsafe { AsyncFd::register_with_interest(fd, Interest::WRITABLE) }.ok()
         });
         let Some(watched) = watched else {
             // Cannot watch (out of descriptors): never report a hang-up; the
@@ -193,25 +196,15 @@ impl LineReader {
             return std::future::pending().await;
         };
         loop {
-            let Ok(mut ready) = watched.readable().await else {
+            let Ok(mut ready) = watched.writable().await else {
                 return std::future::pending().await;
             };
-            let mut fds = [rustix::event::PollFd::new(
-                watched.get_ref(),
-                rustix::event::PollFlags::empty(),
-            )];
-            let zero = rustix::event::Timespec {
-                tv_sec: 0,
-                tv_nsec: 0,
-            };
-            if rustix::event::poll(&mut fds, Some(&zero)).is_ok()
-                && fds[0].revents().contains(rustix::event::PollFlags::HUP)
-            {
+            if ready.ready().is_write_closed() {
                 return;
             }
-            // Readable at end of stream without a hang-up: wait for the
-            // socket's next state change.
+            // Writable, still connected: wait for the socket's next event.
             ready.clear_ready();
+            tokio::task::yield_now().await;
         }
     }
 
