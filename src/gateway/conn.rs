@@ -361,18 +361,14 @@ impl Conn {
                 };
                 let e = ErrorData::new(super::codes::SHUTTING_DOWN, message, None);
                 let reply = match line.as_deref().map(serde_json::from_slice::<Envelope>) {
-                    Some(Ok(env)) => match (env.id.map(Id::parse), env.method.as_deref()) {
-                        // A notification, or a response: nothing to answer.
-                        (None, Some("tools/call")) => {
-                            self.session
-                                .refused_call(tool_name(env.params).as_deref(), e);
-                            None
-                        }
-                        (None, _) | (_, None) => None,
-                        (Some(id), method) => {
-                            Some(self.invalid(id.as_ref(), method, env.params, e))
-                        }
-                    },
+                    // Answered if it is a request (not a notification or a
+                    // response); a tools/call is recorded either way.
+                    Some(Ok(env)) => {
+                        let id = env.id.and_then(Id::parse);
+                        let method = env.method.as_deref();
+                        let reply = self.invalid(id.as_ref(), method, env.params, e);
+                        (env.id.is_some() && method.is_some()).then_some(reply)
+                    }
                     // A batch, a line that does not parse, an oversized one.
                     Some(Err(_)) | None => {
                         let id = line.as_deref().and_then(id::scan);
@@ -608,7 +604,8 @@ impl Conn {
                         "Invalid Request: tools/call without an id (a notification) is not run",
                         None,
                     );
-                    self.session.refused_call(tool_name(params).as_deref(), e);
+                    // Recorded; the error line is dropped (no reply).
+                    self.invalid(None, Some(method), params, e);
                 }
                 _ => {}
             }
